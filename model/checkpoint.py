@@ -1,0 +1,207 @@
+"""The model directory format and strict weight loading.
+
+A model directory holds:
+    config.json         Hugging Face GPT-2 config keys (model.config.GPT2Config)
+    model.safetensors   weights, Hugging Face state_dict names and layouts (the default), or
+    model.ckpt          the same tensors as a MindSpore checkpoint
+    tokenizer files     encoder.json + vocab.bpe (and/or vocab.json + merges.txt), when known
+
+Because names and layouts are Hugging Face's, `model.safetensors` written here is also a valid Hugging Face
+GPT-2 weights file. Loading is strict: a missing, unexpected or mis-shaped tensor is an error naming it.
+Writing is atomic: everything goes into a temporary sibling directory that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+
+import mindspore as ms
+import numpy as np
+
+from .config import GPT2Config
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+CKPT_NAME = "model.ckpt"
+WEIGHTS_FORMATS = {"safetensors": SAFETENSORS_NAME, "ckpt": CKPT_NAME}
+TOKENIZER_FILES = ("encoder.json", "vocab.bpe", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be loaded into the model (corrupt, missing/extra/mis-shaped tensors)."""
+
+
+def parameter_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter name of GPT2LMHeadModel(cfg) with its shape, in state_dict order (no MindSpore needed)."""
+    d, inner = cfg.n_embd, cfg.inner_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (cfg.vocab_size, d),
+        "transformer.wpe.weight": (cfg.n_positions, d),
+    }
+    for i in range(cfg.n_layer):
+        p = f"transformer.h.{i}."
+        shapes.update({
+            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
+            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
+            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
+            p + "mlp.c_fc.weight": (d, inner), p + "mlp.c_fc.bias": (inner,),
+            p + "mlp.c_proj.weight": (inner, d), p + "mlp.c_proj.bias": (d,),
+        })
+    shapes["transformer.ln_f.weight"] = (d,)
+    shapes["transformer.ln_f.bias"] = (d,)
+    return shapes
+
+
+def check_state_dict(state: Mapping[str, np.ndarray], cfg: GPT2Config, *, source: str = "weights") -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped tensor."""
+    expected = parameter_shapes(cfg)
+    missing = [k for k in expected if k not in state]
+    extra = sorted(k for k in state if k not in expected)
+    bad = [f"{k}: expected {expected[k]}, got {tuple(state[k].shape)}"
+           for k in expected if k in state and tuple(state[k].shape) != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors: {', '.join(extra)}")
+    if bad:
+        problems.append(f"wrong shapes: {'; '.join(bad)}")
+    if problems:
+        raise CheckpointError(f"{source} do not match the GPT-2 config ({cfg.n_layer} layers, n_embd "
+                              f"{cfg.n_embd}, vocab {cfg.vocab_size}): " + " | ".join(problems))
+
+
+def state_dict(model) -> dict[str, np.ndarray]:
+    """The model's parameters as numpy arrays under their Hugging Face names."""
+    return {p.name: p.asnumpy() for p in model.get_parameters()}
+
+
+def load_state_dict(model, state: Mapping[str, np.ndarray], *, source: str = "weights") -> None:
+    """Copy arrays into the model's parameters after checking names and shapes (float32 parameters)."""
+    check_state_dict(state, model.config, source=source)
+    for p in model.get_parameters():
+        p.set_data(ms.Tensor(np.ascontiguousarray(state[p.name], dtype=np.float32)))
+
+
+# ---- weight files ------------------------------------------------------------------------------------------
+
+def read_weights(path: str) -> dict[str, np.ndarray]:
+    """Read model.safetensors or model.ckpt into numpy arrays; a corrupt file is a CheckpointError."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
+
+            return load_file(path)
+        if path.endswith(".ckpt"):
+            return {k: v.asnumpy() for k, v in ms.load_checkpoint(path).items()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors and MindSpore raise several types for a damaged file
+        raise CheckpointError(f"cannot read weights file {path}: {type(e).__name__}: {e}") from None
+    raise CheckpointError(f"unknown weights file type {path}; expected .safetensors or .ckpt")
+
+
+def write_weights(state: Mapping[str, np.ndarray], path: str) -> None:
+    """Write model.safetensors (marked as PyTorch layout, which it is) or model.ckpt."""
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import save_file
+
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path, metadata={"format": "pt"})
+    elif path.endswith(".ckpt"):
+        ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in state.items()], path)
+    else:
+        raise ValueError(f"unknown weights file type {path}; expected .safetensors or .ckpt")
+
+
+def find_weights(path: str) -> str:
+    """The weights file of a model directory (model.safetensors preferred over model.ckpt)."""
+    for name in (SAFETENSORS_NAME, CKPT_NAME):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            return f
+    raise FileNotFoundError(f"no {SAFETENSORS_NAME} or {CKPT_NAME} in model directory {path}")
+
+
+# ---- model directories -------------------------------------------------------------------------------------
+
+def load_model_dir(cls, path: str | os.PathLike, *, compute_dtype="float32"):
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    cfg = GPT2Config.from_json(os.path.join(path, CONFIG_NAME))
+    weights = find_weights(path)
+    model = cls(cfg, compute_dtype=compute_dtype)
+    load_state_dict(model, read_weights(weights), source=weights)
+    return model
+
+
+def save_model_dir(model, path: str | os.PathLike, *, weights_format: str = "safetensors",
+                   tokenizer_dir: str | None = None) -> None:
+    write_model_dir(path, model.config, state_dict(model), weights_format=weights_format,
+                    tokenizer_dir=tokenizer_dir)
+
+
+def write_model_dir(path: str | os.PathLike, cfg: GPT2Config, state: Mapping[str, np.ndarray], *,
+                    weights_format: str = "safetensors", tokenizer_dir: str | None = None) -> None:
+    """Write config, weights and tokenizer files into a temporary directory, then rename it to `path`.
+
+    An existing directory at `path` is replaced only after the new one is complete.
+    """
+    if weights_format not in WEIGHTS_FORMATS:
+        raise ValueError(f"unknown weights format {weights_format!r}; use one of {', '.join(WEIGHTS_FORMATS)}")
+    check_state_dict(state, cfg, source="weights to save")
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        cfg.to_json(os.path.join(tmp, CONFIG_NAME))
+        write_weights(state, os.path.join(tmp, WEIGHTS_FORMATS[weights_format]))
+        copy_tokenizer_files(tmp, tokenizer_dir)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer_files(dst: str, tokenizer_dir: str | None) -> list[str]:
+    """Copy tokenizer files from `tokenizer_dir`; without one, save the project's GPT-2 tokenizer if present.
+
+    Returns the names written (empty when no tokenizer is available: the model directory is still valid).
+    """
+    if tokenizer_dir is not None:
+        names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
+        if not names:
+            raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in {tokenizer_dir}")
+        for n in names:
+            shutil.copyfile(os.path.join(tokenizer_dir, n), os.path.join(dst, n))
+        return names
+    try:
+        from tokenizer import GPT2Tokenizer  # the project's tokenizer package, built alongside this one
+    except ImportError:
+        return []
+    before = set(os.listdir(dst))
+    GPT2Tokenizer.from_pretrained("gpt2").save_pretrained(dst)
+    return sorted(set(os.listdir(dst)) - before)
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+    if not os.path.exists(path):
+        os.rename(tmp, path)
+        return
+    if not os.path.isdir(path):
+        raise FileExistsError(f"{path} exists and is not a directory")
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=os.path.dirname(path))
+    os.rmdir(old)
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

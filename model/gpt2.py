@@ -1,0 +1,300 @@
+"""GPT-2 as MindSpore Cells, with the Hugging Face parameter names.
+
+Parameter names equal the Hugging Face `GPT2LMHeadModel` state_dict keys (`transformer.h.0.attn.c_attn.weight`),
+and Conv1D weights are stored [in, out] as Hugging Face stores them, so importing weights is a copy. The LM head
+is tied to `transformer.wte.weight` (no parameter of its own).
+
+Two ways through the same blocks:
+- `GPT2LMHeadModel.construct`: the full causal forward for training (mean next-token loss) and evaluation
+  (logits for every position);
+- `GPT2Model.cached`: the step used by `model.inference.InferenceSession`, which writes this step's keys and
+  values into a 2-D KV cache and attends over the rows it gathers back (see inference.py for why 2-D).
+Neither knows about devices: the compute dtype is a constructor argument (see `model.runtime`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, One, Zero, initializer
+
+from .config import GPT2Config
+from .runtime import resolve_dtype
+
+# Additive bias for masked scores. Finite, so a fully masked row (a padding query) softmaxes to a uniform row
+# instead of NaN; exp(-1e9 - max) is exactly 0 in float32, so masked keys contribute nothing.
+MASK_VALUE = -1e9
+
+
+class Conv1D(nn.Cell):
+    """Hugging Face's Conv1D: y = x @ W + b with W stored [in, out]."""
+
+    def __init__(self, n_in: int, n_out: int, std: float, compute_dtype: ms.Type) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(std), (n_in, n_out), ms.float32), name="weight")
+        self.bias = Parameter(initializer(Zero(), (n_out,), ms.float32), name="bias")
+        self.compute_dtype = compute_dtype
+        self.cast_weights = compute_dtype != ms.float32
+
+    def construct(self, x):
+        # x (..., n_in) -> (..., n_out); MatMul wants 2-D operands.
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        w, b = self.weight, self.bias
+        if self.cast_weights:
+            w, b = ops.cast(w, self.compute_dtype), ops.cast(b, self.compute_dtype)
+        y = ops.matmul(x2, w) + b
+        return y.reshape(shape[:-1] + (w.shape[1],))
+
+
+class LayerNorm(nn.Cell):
+    """Layer norm over the last axis with HF names (`weight`, `bias`), computed in float32."""
+
+    def __init__(self, n: int, eps: float, compute_dtype: ms.Type) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer(One(), (n,), ms.float32), name="weight")
+        self.bias = Parameter(initializer(Zero(), (n,), ms.float32), name="bias")
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.compute_dtype = compute_dtype
+
+    def construct(self, x):
+        y, _, _ = self.norm(_cast(x, ms.float32), self.weight, self.bias)
+        return _cast(y, self.compute_dtype)
+
+
+class Embedding(nn.Cell):
+    """A lookup table named `weight` (HF `wte.weight`, `wpe.weight`)."""
+
+    def __init__(self, n: int, d: int, std: float) -> None:
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(std), (n, d), ms.float32), name="weight")
+
+    def construct(self, ids):
+        # ids (...) int32 -> (..., d)
+        return ops.gather(self.weight, ids, 0)
+
+
+def _cast(x, dtype):
+    # Cast only when the dtype differs (decided at compile time): float32 graphs get no no-op Cast kernels.
+    if x.dtype == dtype:
+        return x
+    return ops.cast(x, dtype)
+
+
+def _dropout(p: float) -> nn.Cell:
+    # nn.Dropout is the identity outside training; p == 0 skips it altogether.
+    return nn.Dropout(p=p) if p > 0 else nn.Identity()
+
+
+class GPT2Attention(nn.Cell):
+    def __init__(self, cfg: GPT2Config, layer_idx: int, compute_dtype: ms.Type) -> None:
+        super().__init__()
+        d = cfg.n_embd
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.head_dim
+        scale = 1.0
+        if cfg.scale_attn_weights:
+            scale /= math.sqrt(self.head_dim)
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer_idx + 1)
+        self.scale = scale
+        self.c_attn = Conv1D(d, 3 * d, cfg.initializer_range, compute_dtype)
+        # GPT-2 scales the residual projections' init by 1/sqrt(2 * n_layer).
+        self.c_proj = Conv1D(d, d, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), compute_dtype)
+        self.attn_dropout = _dropout(cfg.attn_pdrop)
+        self.resid_dropout = _dropout(cfg.resid_pdrop)
+        self.compute_dtype = compute_dtype
+        # q @ k^T without materialising k^T.
+        self.matmul_qk = ops.BatchMatMul(transpose_b=True)
+
+    def _heads(self, x):
+        # (B, T, d) -> (B, nh, T, hs)
+        b, t, _ = x.shape
+        return x.reshape(b, t, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
+
+    def _attend(self, q, k, v, bias):
+        # q (B, nh, Tq, hs); k, v (B, nh, Tk, hs); bias (B or 1, 1, Tq, Tk) additive -> (B, Tq, d)
+        att = self.matmul_qk(q, k)  # (B, nh, Tq, Tk)
+        att = _cast(att, ms.float32) * self.scale + bias
+        att = ops.softmax(att, axis=-1)
+        att = self.attn_dropout(_cast(att, self.compute_dtype))
+        y = ops.matmul(att, v)  # (B, nh, Tq, hs)
+        b, _, t, _ = y.shape
+        return y.transpose(0, 2, 1, 3).reshape(b, t, self.n_head * self.head_dim)
+
+    def construct(self, x, bias):
+        # x (B, T, d), bias (B or 1, 1, T, T) -> (B, T, d)
+        q, k, v = ops.split(self.c_attn(x), x.shape[-1], axis=2)
+        y = self._attend(self._heads(q), self._heads(k), self._heads(v), bias)
+        return self.resid_dropout(self.c_proj(y))
+
+    def cached(self, x, bias, k_cache, v_cache, write_rows, read_rows):
+        """Attention over the KV cache: write this step's K/V rows, then attend over the gathered context.
+
+        The caches are 2-D (rows, hs) Parameters with one row per (slot, head, position), so a gather yields
+        (B, nh, C, hs) directly, ready for the batched matmuls, without a transpose of the context.
+        x (B, T, d); bias (B, 1, T, C); write_rows (B*T*nh,) int32 rows for this step's tokens, token-major;
+        read_rows (B*nh*C,) int32 rows of each query row's context.
+        """
+        b, t, d = x.shape
+        nh, hs = self.n_head, self.head_dim
+        c = read_rows.shape[0] // (b * nh)
+        q, k, v = ops.split(self.c_attn(x), d, axis=2)
+        # Write first, so a token sees itself and the earlier tokens of its own chunk.
+        k_cache = ops.scatter_update(k_cache, write_rows, k.reshape(b * t * nh, hs))
+        v_cache = ops.scatter_update(v_cache, write_rows, v.reshape(b * t * nh, hs))
+        kc = ops.gather(k_cache, read_rows, 0).reshape(b, nh, c, hs)
+        vc = ops.gather(v_cache, read_rows, 0).reshape(b, nh, c, hs)
+        y = self._attend(self._heads(q), kc, vc, bias)
+        return self.c_proj(y)
+
+
+class GPT2MLP(nn.Cell):
+    def __init__(self, cfg: GPT2Config, compute_dtype: ms.Type) -> None:
+        super().__init__()
+        self.c_fc = Conv1D(cfg.n_embd, cfg.inner_dim, cfg.initializer_range, compute_dtype)
+        self.c_proj = Conv1D(
+            cfg.inner_dim, cfg.n_embd, cfg.initializer_range / math.sqrt(2 * cfg.n_layer), compute_dtype
+        )
+        # gelu_new / gelu_pytorch_tanh are the tanh approximation; "gelu" is exact erf.
+        self.approximate = "none" if cfg.activation_function == "gelu" else "tanh"
+        self.dropout = _dropout(cfg.resid_pdrop)
+
+    def construct(self, x):
+        h = ops.gelu(self.c_fc(x), approximate=self.approximate)
+        return self.dropout(self.c_proj(h))
+
+
+class GPT2Block(nn.Cell):
+    def __init__(self, cfg: GPT2Config, layer_idx: int, compute_dtype: ms.Type) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, compute_dtype)
+        self.attn = GPT2Attention(cfg, layer_idx, compute_dtype)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, compute_dtype)
+        self.mlp = GPT2MLP(cfg, compute_dtype)
+
+    def construct(self, x, bias):
+        x = x + self.attn(self.ln_1(x), bias)
+        return x + self.mlp(self.ln_2(x))
+
+    def cached(self, x, bias, k_cache, v_cache, write_rows, read_rows):
+        x = x + self.attn.cached(self.ln_1(x), bias, k_cache, v_cache, write_rows, read_rows)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Model(nn.Cell):
+    """Embeddings, blocks and the final layer norm: token ids -> final hidden states."""
+
+    def __init__(self, cfg: GPT2Config, compute_dtype: ms.Type) -> None:
+        super().__init__()
+        self.wte = Embedding(cfg.vocab_size, cfg.n_embd, cfg.initializer_range)
+        self.wpe = Embedding(cfg.n_positions, cfg.n_embd, 0.01)
+        self.drop = _dropout(cfg.embd_pdrop)
+        self.h = nn.CellList([GPT2Block(cfg, i, compute_dtype) for i in range(cfg.n_layer)])
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, compute_dtype)
+        self.compute_dtype = compute_dtype
+
+    def embed(self, input_ids, position_ids):
+        # (B, T) int32 each -> (B, T, d)
+        x = self.wte(input_ids) + self.wpe(position_ids)
+        return _cast(x, self.compute_dtype)
+
+    def construct(self, input_ids, attention_mask=None):
+        # input_ids (B, T) -> hidden (B, T, d) after ln_f
+        b, t = input_ids.shape
+        pos = ops.arange(t, dtype=ms.int32)
+        x = self.drop(self.embed(input_ids, ops.broadcast_to(pos.reshape(1, t), (b, t))))
+        # Causal: query i sees keys j <= i; an attention_mask (B, T) also hides padded keys.
+        allowed = pos.reshape(1, 1, t, 1) >= pos.reshape(1, 1, 1, t)  # (1, 1, T, T)
+        if attention_mask is not None:
+            allowed = ops.logical_and(allowed, (attention_mask > 0).reshape(b, 1, 1, t))
+        bias = ops.select(allowed, ops.zeros((), ms.float32), ops.full((), MASK_VALUE, dtype=ms.float32))
+        for block in self.h:
+            x = block(x, bias)
+        return self.ln_f(x)
+
+    def cached(self, input_ids, positions, k_caches, v_caches, write_rows, read_rows, context_pos):
+        """The step over the KV cache (see GPT2Attention.cached for the row layout).
+
+        input_ids, positions (B, T) int32, position -1 = padding; write_rows (B*T*nh,); read_rows (B*nh*C,);
+        context_pos (C,) = arange(C), the positions of the gathered context -> hidden (B, T, d) after ln_f.
+        """
+        b, t = input_ids.shape
+        c = context_pos.shape[0]
+        x = self.embed(input_ids, ops.maximum(positions, 0))
+        # Context row j of a slot holds position j: a query at position p sees j <= p (its own slot's past and
+        # this step's earlier tokens); stale rows of a reused slot lie beyond p and stay hidden.
+        allowed = context_pos.reshape(1, 1, 1, c) <= positions.reshape(b, 1, t, 1)  # (B, 1, T, C)
+        bias = ops.select(allowed, ops.zeros((), ms.float32), ops.full((), MASK_VALUE, dtype=ms.float32))
+        for i, block in enumerate(self.h):
+            x = block.cached(x, bias, k_caches[i], v_caches[i], write_rows, read_rows)
+        return self.ln_f(x)
+
+
+class GPT2LMHeadModel(nn.Cell):
+    """GPT-2 with the LM head tied to `transformer.wte.weight`.
+
+    Training mode: input_ids (B, seq_length + 1) -> mean next-token cross-entropy (MindFormers' convention:
+    positions [0, seq_length) predict positions [1, seq_length]); an optional attention_mask of the same shape
+    (1 = token, 0 = padding) hides padded keys and drops padded labels from the mean. Padding goes on the right.
+    Evaluation mode: input_ids (B, T) -> float32 logits (B, T, vocab).
+    """
+
+    def __init__(self, config: GPT2Config, *, compute_dtype: str | ms.Type = "float32") -> None:
+        super().__init__()
+        self.config = config
+        self.compute_dtype = resolve_dtype(compute_dtype)
+        self.transformer = GPT2Model(config, self.compute_dtype)
+        self.cast_weights = self.compute_dtype != ms.float32
+        # x @ wte^T without materialising the transpose of the (V, d) table each call.
+        self.matmul_nt = ops.MatMul(transpose_b=True)
+
+    def lm_logits(self, hidden):
+        # hidden (..., d) -> float32 logits (..., V) through the tied embedding.
+        shape = hidden.shape
+        w = self.transformer.wte.weight
+        if self.cast_weights:
+            w = ops.cast(w, self.compute_dtype)
+        logits = self.matmul_nt(hidden.reshape(-1, shape[-1]), w)
+        return _cast(logits, ms.float32).reshape(shape[:-1] + (w.shape[0],))
+
+    def construct(self, input_ids, attention_mask=None):
+        if self.training:
+            tokens, labels = input_ids[:, :-1], input_ids[:, 1:]
+            mask = None if attention_mask is None else attention_mask[:, :-1]
+            logits = self.lm_logits(self.transformer(tokens, mask))  # (B, T, V)
+            logp = ops.log_softmax(logits, axis=-1)
+            nll = -ops.gather_elements(logp, 2, labels.reshape(labels.shape + (1,))).squeeze(-1)  # (B, T)
+            if attention_mask is None:
+                return nll.mean()
+            weights = ops.cast(attention_mask[:, 1:] > 0, ms.float32)
+            return (nll * weights).sum() / ops.maximum(weights.sum(), 1.0)
+        return self.lm_logits(self.transformer(input_ids, attention_mask))
+
+    # ---- model directory -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, *, compute_dtype: str | ms.Type = "float32"
+    ) -> "GPT2LMHeadModel":
+        """Load a model directory (config.json + model.safetensors or model.ckpt); see model.checkpoint."""
+        from .checkpoint import load_model_dir
+
+        return load_model_dir(cls, path, compute_dtype=compute_dtype)
+
+    def save_pretrained(
+        self, path: str | os.PathLike, *, weights_format: str = "safetensors", tokenizer_dir: str | None = None
+    ) -> None:
+        """Write a model directory atomically; see model.checkpoint.save_model_dir."""
+        from .checkpoint import save_model_dir
+
+        save_model_dir(self, path, weights_format=weights_format, tokenizer_dir=tokenizer_dir)
+
+    def generate(self, prompt_ids, max_new_tokens: int, *, eos_token_id: int | None = None):
+        """Greedy generation through the compiled prefill/decode graphs; see InferenceSession.generate."""
+        from .inference import default_session
+
+        return default_session(self, prompt_ids).generate(prompt_ids, max_new_tokens, eos_token_id=eos_token_id)

@@ -1,0 +1,80 @@
+"""ASGI middleware in front of every route: optional bearer-token check and a request body size limit.
+
+Pure ASGI (no BaseHTTPMiddleware) so streaming responses and disconnect detection pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import AuthError, PayloadTooLargeError, error_response, is_openai_path
+
+# Liveness probes must work without credentials.
+OPEN_PATHS = frozenset({"/health"})
+
+
+class GuardMiddleware:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        openai = is_openai_path(path)
+        if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(scope):
+            resp = error_response(AuthError("Missing or invalid API key: send `Authorization: Bearer <key>`"),
+                                  openai=openai)
+            resp.headers["WWW-Authenticate"] = "Bearer"
+            await resp(scope, receive, send)
+            return
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            body = await self._read_body(receive)
+            if body is None:
+                too_large = PayloadTooLargeError(f"The request body exceeds {self.max_body_bytes} bytes")
+                await error_response(too_large, openai=openai)(scope, receive, send)
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        return False
+
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole body, or None when it is larger than the limit (checked as it arrives)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that first returns the buffered body, then defers to the real one (disconnect notices)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -1,0 +1,295 @@
+"""OpenAI-compatible routes (as vLLM serves them): POST /v1/completions and GET /v1/models.
+
+Prompts may be a string, a list of strings, token ids or a list of token-id lists; `n` completions each.
+`echo` + `logprobs` returns the prompt's token logprobs (the first is null), also with `max_tokens=0`, which is
+how lm-eval-harness scores text. Errors are 400 with an OpenAI error object naming the parameter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..config import Settings
+from ..engine import AsyncEngine, FinishReason, RequestOutput, RequestStream, TokenInfo
+from ..errors import ServingError, ValidationError
+from ..sampling_params import MAX_SEED, SamplingParams
+from .deps import encode, get_settings, ready_engine, token_text
+from .errors import NotFoundError, openai_body
+from .schemas import CompletionRequest
+from .streaming import ClientDisconnected, EngineStreamingResponse, merge, sse_event, until_disconnect
+
+router = APIRouter(prefix="/v1", tags=["OpenAI"])
+
+_CREATED = int(time.time())
+
+
+def _bad(msg: str, param: str) -> ValidationError:
+    return ValidationError(msg, param=param)
+
+
+@router.get("/models")
+async def models(request: Request, s: Settings = Depends(get_settings)) -> dict[str, Any]:
+    engine: AsyncEngine = request.app.state.engine
+    return {
+        "object": "list",
+        "data": [{
+            "id": s.model_name,
+            "object": "model",
+            "created": _CREATED,
+            "owned_by": "gpt2-mindspore-server",
+            "max_model_len": engine.config.max_total_tokens,
+        }],
+    }
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    text: str
+
+
+def _prompts(req: CompletionRequest, engine: AsyncEngine, s: Settings) -> list[_Prompt]:
+    p = req.prompt
+    if isinstance(p, str):
+        items: list[Any] = [p]
+    elif p and isinstance(p[0], int):
+        items = [p]
+    else:
+        items = list(p)
+    if not items:
+        raise _bad("`prompt` must not be an empty list", "prompt")
+    if len(items) > s.max_score_texts:
+        raise _bad(f"at most {s.max_score_texts} prompts per request, got {len(items)}", "prompt")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = encode(engine, item, param="prompt")
+            text = item
+        else:
+            ids = list(item)
+            bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+            if bad:
+                raise _bad(f"token ids in `prompt` must be in [0, {engine.vocab_size}), got {bad[:5]}", "prompt")
+            text = engine.tokenizer.decode(ids)
+        if not ids:
+            raise _bad("`prompt` cannot be empty", "prompt")
+        out.append(_Prompt(ids, text))
+    return out
+
+
+def _params(req: CompletionRequest, prompt_len: int, engine: AsyncEngine, s: Settings, seed: int | None) -> SamplingParams:
+    max_total = engine.config.max_total_tokens
+    if req.best_of is not None and req.best_of != req.n:
+        raise _bad("`best_of` different from `n` is not supported", "best_of")
+    if req.suffix is not None:
+        raise _bad("`suffix` is not supported", "suffix")
+    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
+        raise _bad(f"`temperature` must be in [0, 2], got {req.temperature}", "temperature")
+    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+        raise _bad(f"`top_p` must be in (0, 1], got {req.top_p}", "top_p")
+    if req.top_k is not None and req.top_k < -1:
+        raise _bad(f"`top_k` must be -1 (disabled) or >= 1, got {req.top_k}", "top_k")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(req, name)
+        if v is not None and not -2.0 <= v <= 2.0:
+            raise _bad(f"`{name}` must be in [-2, 2], got {v}", name)
+    for name in ("logprobs", "prompt_logprobs"):
+        v = getattr(req, name)
+        if v is not None and not 0 <= v <= s.max_top_n_tokens:
+            raise _bad(f"`{name}` must be in [0, {s.max_top_n_tokens}], got {v}", name)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise _bad(f"`seed` must be in [0, {MAX_SEED}], got {seed}", "seed")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > s.max_stop_sequences:
+        raise _bad(f"`stop` supports up to {s.max_stop_sequences} sequences, got {len(stop)}", "stop")
+    if any(not x for x in stop):
+        raise _bad("`stop` sequences must not be empty strings", "stop")
+    bias = []
+    for key, value in (req.logit_bias or {}).items():
+        if not key.isdigit() or not int(key) < engine.vocab_size:
+            raise _bad(f"`logit_bias` keys must be token ids in [0, {engine.vocab_size}), got {key!r}", "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise _bad(f"`logit_bias` values must be in [-100, 100], got {value}", "logit_bias")
+        bias.append((int(key), float(value)))
+    max_tokens = req.max_tokens if req.max_tokens is not None else max_total - prompt_len
+    if max_tokens < 0:
+        raise _bad(f"`max_tokens` must be >= 0, got {max_tokens}", "max_tokens")
+    if prompt_len + max_tokens > max_total:
+        raise _bad(
+            f"This model's maximum context length is {max_total} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the completion). "
+            "Please reduce the length of the prompt or completion.",
+            "prompt" if prompt_len >= max_total else "max_tokens",
+        )
+    if not 0 <= req.min_tokens <= max_tokens:
+        raise _bad(f"`min_tokens` must be in [0, max_tokens={max_tokens}], got {req.min_tokens}", "min_tokens")
+    prompt_logprobs = req.prompt_logprobs
+    if req.echo and req.logprobs is not None:
+        prompt_logprobs = max(prompt_logprobs or 0, req.logprobs)
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_k=max(0, req.top_k or 0),
+        top_p=1.0 if req.top_p is None else req.top_p,
+        min_p=req.min_p or 0.0,
+        typical_p=1.0 if req.typical_p is None else req.typical_p,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=tuple(bias),
+        seed=seed,
+        ignore_eos=req.ignore_eos,
+        min_new_tokens=req.min_tokens,
+        stop=tuple(stop),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        logprobs=req.logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+@dataclass
+class _Choice:
+    """One completion being assembled: its prompt, text so far and OpenAI logprobs lists."""
+
+    index: int
+    prompt: _Prompt
+    text: str = ""
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+    offset: int = 0
+    generated: int = 0
+    finish_reason: str | None = None
+
+
+def _add_tokens(engine: AsyncEngine, c: _Choice, toks: list[TokenInfo]) -> dict[str, Any]:
+    """Append tokens to the choice's logprobs lists; returns just the new part (for a stream chunk)."""
+    new: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t in toks:
+        s = token_text(engine, t.id)
+        top = None
+        if t.logprob is not None:
+            top = {token_text(engine, i): lp for i, lp in (t.top or [])}
+            top.setdefault(s, t.logprob)
+        for key, val in (("tokens", s), ("token_logprobs", t.logprob), ("top_logprobs", top),
+                         ("text_offset", c.offset)):
+            new[key].append(val)
+            getattr(c, key).append(val)
+        c.offset += len(s)
+    return new
+
+
+def _apply(engine: AsyncEngine, req: CompletionRequest, c: _Choice, out: RequestOutput, first: bool) -> tuple[str, dict | None]:
+    """Fold one engine output into a choice; returns (text delta, logprobs delta or None)."""
+    delta = ""
+    lp_delta: dict[str, list] | None = None
+    want = req.logprobs is not None
+    if first and req.echo:
+        delta += c.prompt.text
+        if want:
+            prompt = out.prompt or [TokenInfo(i, None) for i in c.prompt.ids]
+            lp_delta = _add_tokens(engine, c, prompt)
+        else:
+            c.offset += len(c.prompt.text)
+    delta += out.text
+    if want and out.tokens:
+        more = _add_tokens(engine, c, out.tokens)
+        lp_delta = more if lp_delta is None else {k: lp_delta[k] + more[k] for k in lp_delta}
+    c.text += delta
+    c.generated += len(out.tokens)
+    if out.final is not None:
+        c.finish_reason = "length" if out.final.finish_reason is FinishReason.LENGTH else "stop"
+    return delta, lp_delta
+
+
+def _logprobs_obj(c: _Choice) -> dict[str, Any]:
+    return {"tokens": c.tokens, "token_logprobs": c.token_logprobs, "top_logprobs": c.top_logprobs,
+            "text_offset": c.text_offset}
+
+
+@router.post("/completions")
+async def completions(
+    req: CompletionRequest, request: Request, engine: AsyncEngine = Depends(ready_engine),
+    s: Settings = Depends(get_settings),
+) -> Response:
+    if req.model is not None and req.model != s.model_name:
+        raise NotFoundError(f"The model `{req.model}` does not exist.")
+    if not 1 <= req.n <= s.max_n:
+        raise _bad(f"`n` must be in [1, {s.max_n}], got {req.n}", "n")
+    prompts = _prompts(req, engine, s)
+    choices, ids, params = [], [], []
+    for prompt in prompts:
+        for j in range(req.n):
+            seed = None if req.seed is None else req.seed + j
+            params.append(_params(req, len(prompt.ids), engine, s, seed))
+            ids.append(prompt.ids)
+            choices.append(_Choice(len(choices), prompt))
+    streams = engine.add_requests(ids, params)
+    cid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    usage_prompt = sum(len(p.ids) for p in prompts)
+    if req.stream:
+        return EngineStreamingResponse(_stream(engine, req, s, choices, streams, cid, created, usage_prompt), streams)
+    try:
+        outs = await until_disconnect(request, asyncio.gather(*(st.collect() for st in streams)))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        for st in streams:
+            st.abort()
+    body_choices = []
+    for c, stream_outs in zip(choices, outs):
+        for k, out in enumerate(stream_outs):
+            _apply(engine, req, c, out, first=k == 0)
+        body_choices.append({
+            "index": c.index,
+            "text": c.text,
+            "logprobs": _logprobs_obj(c) if req.logprobs is not None else None,
+            "finish_reason": c.finish_reason,
+        })
+    completion = sum(c.generated for c in choices)
+    return JSONResponse({
+        "id": cid,
+        "object": "text_completion",
+        "created": created,
+        "model": s.model_name,
+        "choices": body_choices,
+        "usage": {"prompt_tokens": usage_prompt, "completion_tokens": completion,
+                  "total_tokens": usage_prompt + completion},
+    })
+
+
+async def _stream(engine: AsyncEngine, req: CompletionRequest, s: Settings, choices: list[_Choice],
+                  streams: list[RequestStream], cid: str, created: int, usage_prompt: int) -> AsyncIterator[bytes]:
+    seen: set[int] = set()
+
+    def chunk(choice_list: list[dict[str, Any]], **extra: Any) -> bytes:
+        body = {"id": cid, "object": "text_completion", "created": created, "model": s.model_name,
+                "choices": choice_list, **extra}
+        return sse_event(body, space=True)
+
+    try:
+        async for i, out in merge(streams):
+            c = choices[i]
+            delta, lp = _apply(engine, req, c, out, first=i not in seen)
+            seen.add(i)
+            if not delta and lp is None and out.final is None:
+                continue  # nothing releasable yet (held-back stop-string prefix or partial character)
+            yield chunk([{"index": c.index, "text": delta, "logprobs": lp,
+                          "finish_reason": c.finish_reason if out.final is not None else None}])
+        if req.stream_options is not None and req.stream_options.include_usage:
+            completion = sum(c.generated for c in choices)
+            yield chunk([], usage={"prompt_tokens": usage_prompt, "completion_tokens": completion,
+                                   "total_tokens": usage_prompt + completion})
+    except ServingError as e:
+        yield sse_event(openai_body(e), space=True)
+    yield sse_event("[DONE]", space=True)

@@ -1,0 +1,178 @@
+"""Server settings in one place: defaults, then environment variables (GPT2_<NAME>), then command-line flags.
+
+`Settings` is what the process is told; `EngineConfig` is the part the engine needs once the model's own limits
+(context window, vocabulary) are known. Knows nothing of FastAPI or MindSpore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "GPT2_"
+DECODE_BATCHING = ("fixed", "bucketed")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None  # model directory: config.json, weights, tokenizer files
+    served_model_name: str | None = None  # the name clients use (`model` in /v1); default: the directory name
+    host: str = "127.0.0.1"  # loopback by default: exposing the server is a deliberate choice
+    port: int = 8000  # 0 picks a free port (printed on start)
+    max_batch_size: int = 16  # KV-cache slots = sequences decoding at once
+    max_queue: int = 64  # waiting requests beyond the running ones; more are refused with 429
+    queue_timeout: float | None = None  # seconds a request may wait for a slot before it fails (503)
+    max_total_tokens: int | None = None  # prompt + new tokens per request; default and cap: the context window
+    prefill_chunk: int = 256  # prompt tokens per prefill step: bounds how long a long prompt stalls the others
+    # "fixed": every decode step runs at max_batch_size rows, so greedy output never depends on what else runs.
+    # "bucketed": decode runs at the smallest power-of-two batch that fits; faster when few requests run, but a
+    # request's logits may then differ in the last bits with the load (and a near-tie can flip a greedy token).
+    decode_batching: str = "fixed"
+    warmup: bool = True  # compile the common step shapes before reporting healthy
+    compile_cache: str | None = None  # directory for MindSpore's compiled-graph cache (faster restarts)
+    compute_dtype: str = "float32"
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_n: int = 16  # OpenAI `n` (completions per prompt)
+    max_score_texts: int = 64
+    max_body_bytes: int = 2 * 1024 * 1024
+    shutdown_timeout: float = 30.0  # seconds running requests may take to finish on shutdown
+    api_key: str | None = dataclasses.field(default=None, repr=False)  # from GPT2_API_KEY only
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch_size", "prefill_chunk", "max_stop_sequences", "max_n", "max_score_texts", "max_body_bytes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 2:
+            raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
+        if self.queue_timeout is not None and self.queue_timeout <= 0:
+            raise ValueError(f"queue_timeout must be > 0, got {self.queue_timeout}")
+        if self.decode_batching not in DECODE_BATCHING:
+            raise ValueError(f"decode_batching must be one of {DECODE_BATCHING}, got {self.decode_batching!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).name if self.model else "gpt2"
+
+    @classmethod
+    def from_sources(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Defaults < environment (GPT2_MAX_BATCH_SIZE=...) < command line (--max-batch-size ...)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _parse(f, raw)
+        args = build_parser().parse_args(argv)
+        for name, value in vars(args).items():
+            if value is not None:
+                values[name] = value
+        return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = str(f.type)
+    try:
+        if "bool" in kind:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if "int" in kind:
+            return int(raw)
+        if "float" in kind:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gpt2-serve",
+        description="GPT-2 text-generation server (TGI- and OpenAI-compatible). "
+        f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION> (e.g. GPT2_MAX_QUEUE); "
+        "the API key is read from GPT2_API_KEY only.",
+    )
+    a = p.add_argument
+    a("--model", help="model directory (config.json, weights, tokenizer files)")
+    a("--served-model-name", help="model name reported to clients (default: the directory name)")
+    a("--host", help="bind address (default 127.0.0.1)")
+    a("--port", type=int, help="port (default 8000; 0 = any free port)")
+    a("--max-batch-size", type=int, help="KV-cache slots = sequences decoding together (default 16)")
+    a("--max-queue", type=int, help="waiting requests before new ones get 429 (default 64)")
+    a("--queue-timeout", type=float, help="seconds a request may wait for a slot (default: no limit)")
+    a("--max-total-tokens", type=int, help="prompt + generated tokens per request (default: the context window)")
+    a("--prefill-chunk", type=int, help="prompt tokens prefilled per step (default 256)")
+    a("--decode-batching", choices=DECODE_BATCHING, help="fixed (batch-invariant, default) or bucketed (faster alone)")
+    a("--warmup", action=argparse.BooleanOptionalAction, default=None, help="compile common shapes at start")
+    a("--compile-cache", help="directory for MindSpore's compiled-graph cache")
+    a("--compute-dtype", choices=("float32", "float16", "bfloat16"))
+    a("--max-stop-sequences", type=int)
+    a("--max-top-n-tokens", type=int)
+    a("--max-n", type=int)
+    a("--max-score-texts", type=int)
+    a("--max-body-bytes", type=int)
+    a("--shutdown-timeout", type=float, help="seconds running requests may finish on shutdown (default 30)")
+    a("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    return p
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server needs to know about a model directory before loading the weights."""
+
+    n_positions: int
+    vocab_size: int
+    eos_token_id: int
+
+    @classmethod
+    def from_dir(cls, model_dir: str) -> "ModelInfo":
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"{model_dir!r} is not a model directory: {path} is missing")
+        cfg = json.loads(path.read_text())
+        return cls(
+            n_positions=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))),
+            vocab_size=int(cfg.get("vocab_size", 50257)),
+            eos_token_id=int(cfg.get("eos_token_id", 50256)),
+        )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16
+    max_queue: int = 64
+    queue_timeout: float | None = None
+    max_total_tokens: int = 1024
+    prefill_chunk: int = 256
+    decode_batching: str = "fixed"
+    # Consecutive failed steps after which the engine declares itself dead (each failure fails its requests).
+    max_consecutive_failures: int = 3
+
+    @classmethod
+    def from_settings(cls, s: Settings, info: ModelInfo) -> "EngineConfig":
+        total = info.n_positions if s.max_total_tokens is None else s.max_total_tokens
+        if total > info.n_positions:
+            raise ValueError(f"max_total_tokens {total} exceeds the model's context window {info.n_positions}")
+        return cls(
+            max_batch_size=s.max_batch_size,
+            max_queue=s.max_queue,
+            queue_timeout=s.queue_timeout,
+            max_total_tokens=total,
+            prefill_chunk=min(s.prefill_chunk, total),
+            decode_batching=s.decode_batching,
+        )

@@ -1,0 +1,65 @@
+"""Loading a model directory into engine parts (tokenizer + model runner), with optional shape warm-up.
+
+Runs on the engine thread, so /health can answer 503 "Loading model" meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from ..config import EngineConfig, Settings
+from .engine import EngineParts
+from .model_runner import ModelRunner, load_session, warmup
+
+log = logging.getLogger("serving.engine")
+
+
+def batch_buckets(config: EngineConfig) -> tuple[int, ...]:
+    """Fixed decode only ever runs at 1 (prefill) or max_batch_size rows; bucketed uses powers of two."""
+    m = config.max_batch_size
+    if config.decode_batching == "fixed":
+        return tuple(sorted({1, m}))
+    out, b = [], 1
+    while b < m:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (m,)
+
+
+def chunk_buckets(config: EngineConfig) -> tuple[int, ...]:
+    c = config.prefill_chunk
+    return tuple(sorted({min(16, c), min(64, c), c}))
+
+
+def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], EngineParts]:
+    def load() -> EngineParts:
+        from tokenizer import GPT2Tokenizer
+
+        t0 = time.monotonic()
+        tok = GPT2Tokenizer.from_pretrained(settings.model)
+        session = load_session(
+            settings.model,
+            num_slots=config.max_batch_size,
+            max_seq_len=config.max_total_tokens,
+            batch_buckets=batch_buckets(config),
+            chunk_buckets=chunk_buckets(config),
+            compute_dtype=settings.compute_dtype,
+            compile_cache_dir=settings.compile_cache,
+        )
+        fixed = config.decode_batching == "fixed"
+        runner = ModelRunner(
+            session,
+            num_slots=config.max_batch_size,
+            eos_token_id=tok.eos_token_id,
+            decode_batch=config.max_batch_size if fixed else None,
+        )
+        log.info("model loaded in %.1f s", time.monotonic() - t0)
+        if settings.warmup:
+            t0 = time.monotonic()
+            n = warmup(session, decode_batches=(config.max_batch_size,) if fixed else batch_buckets(config))
+            log.info("compiled %d step shapes in %.1f s", n, time.monotonic() - t0)
+        return EngineParts(runner, tok)
+
+    return load

@@ -1,0 +1,181 @@
+"""Turns scheduled work into `InferenceSession.step` calls and sampled tokens: the one place that calls model/.
+
+`ModelRunner` works with any object that has the session's `step(token_ids, positions, slot_ids, logits_index)`
+(tests use a numpy fake); `load_session` builds the real MindSpore session from a model directory. Knows arrays
+and sequences; nothing of text, threads or HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .. import sampler
+from .outputs import TokenInfo
+from .scheduler import PrefillChunk
+from .sequence import Sequence
+
+
+class StepSession(Protocol):
+    def step(
+        self, token_ids: np.ndarray, positions: np.ndarray, slot_ids: np.ndarray, logits_index: np.ndarray | None
+    ) -> np.ndarray: ...
+
+
+@dataclass
+class ChunkResult:
+    # Logprobs of the prompt tokens this chunk predicts (prompt[start+1 : end+1]), when requested.
+    prompt: list[TokenInfo] | None = None
+    # The first generated token, when this chunk completes a generating prompt.
+    token: TokenInfo | None = None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        session: StepSession,
+        *,
+        num_slots: int,
+        eos_token_id: int,
+        special_ids: frozenset[int] = frozenset(),
+        decode_batch: int | None,
+    ) -> None:
+        """decode_batch: pad every decode step to this many rows (batch-invariant results); None = no padding."""
+        self.session = session
+        self.num_slots = num_slots
+        self.eos_token_id = eos_token_id
+        self.special_ids = special_ids | {eos_token_id}
+        self.decode_batch = decode_batch
+        assert decode_batch is None or decode_batch <= num_slots
+
+    # ---- prefill -------------------------------------------------------------------------------------------
+
+    def prefill(self, chunks: Seq[PrefillChunk]) -> list[ChunkResult]:
+        """One step over prompt chunks (one row each); all positions' logits only if a row wants prompt logprobs."""
+        r = len(chunks)
+        t = max(c.end - c.start for c in chunks)
+        ids = np.zeros((r, t), np.int32)
+        pos = np.full((r, t), -1, np.int32)
+        for i, c in enumerate(chunks):
+            n = c.end - c.start
+            ids[i, :n] = c.seq.prompt_ids[c.start : c.end]
+            pos[i, :n] = np.arange(c.start, c.end)
+        slots = np.array([c.seq.slot for c in chunks], np.int32)
+        last = np.array([c.end - c.start - 1 for c in chunks], np.int32)
+        all_logits = any(c.seq.wants_prompt_logprobs for c in chunks)
+        out = self.session.step(ids, pos, slots, None if all_logits else last)
+        last_logits = out[np.arange(r), last] if all_logits else out
+        results = [ChunkResult() for _ in chunks]
+        for i, c in enumerate(chunks):
+            if c.seq.wants_prompt_logprobs:
+                results[i].prompt = self._prompt_logprobs(c, out[i])
+        gen = [i for i, c in enumerate(chunks) if c.is_last and not c.seq.score_only]
+        if gen:
+            res = self._sample(last_logits[gen], [chunks[i].seq for i in gen])
+            for j, i in enumerate(gen):
+                results[i].token = res[j]
+        return results
+
+    def _prompt_logprobs(self, chunk: PrefillChunk, logits: np.ndarray) -> list[TokenInfo]:
+        seq = chunk.seq
+        first_target = chunk.start + 1
+        end_target = min(chunk.end, seq.num_prompt - 1)  # inclusive: the chunk's last position predicts it
+        n = end_target - first_target + 1
+        if n <= 0:
+            return []
+        lp = sampler.log_softmax(logits[:n])
+        targets = np.asarray(seq.prompt_ids[first_target : end_target + 1])
+        chosen = lp[np.arange(n), targets]
+        k = seq.params.prompt_logprobs or 0
+        top_ids, top_vals = sampler.top_n(lp, k) if k else (None, None)
+        infos = []
+        for j in range(n):
+            top = None if top_ids is None else list(zip(top_ids[j].tolist(), top_vals[j].tolist()))
+            tid = int(targets[j])
+            infos.append(TokenInfo(tid, float(chosen[j]), tid in self.special_ids, top))
+        return infos
+
+    # ---- decode --------------------------------------------------------------------------------------------
+
+    def decode(self, seqs: Seq[Sequence]) -> list[TokenInfo]:
+        """One decode step: every sequence feeds its last token at its next position."""
+        b = len(seqs)
+        rows = b if self.decode_batch is None else self.decode_batch
+        ids = np.zeros((rows, 1), np.int32)
+        pos = np.full((rows, 1), -1, np.int32)
+        slots = np.empty(rows, np.int32)
+        for i, s in enumerate(seqs):
+            ids[i, 0] = s.last_token
+            pos[i, 0] = s.num_cached
+            slots[i] = s.slot
+        if rows > b:
+            # Padding rows borrow slots no decoding sequence uses; position -1 means they write nothing.
+            used = set(slots[:b].tolist())
+            slots[b:] = [x for x in range(self.num_slots) if x not in used][: rows - b]
+        logits = self.session.step(ids, pos, slots, np.zeros(rows, np.int32))[:b]
+        return self._sample(logits, seqs)
+
+    # ---- sampling ------------------------------------------------------------------------------------------
+
+    def _sample(self, logits: np.ndarray, seqs: Seq[Sequence]) -> list[TokenInfo]:
+        rows = [
+            sampler.SamplingRow(s.params, s.prompt_ids, s.output_ids, s.rng, self._suppressed(s)) for s in seqs
+        ]
+        res = sampler.sample(np.ascontiguousarray(logits, np.float32), rows)
+        out = []
+        for i in range(len(seqs)):
+            tid = int(res.token_ids[i])
+            top = None
+            if res.top_ids[i] is not None:
+                top = list(zip(res.top_ids[i].tolist(), res.top_logprobs[i].tolist()))
+            out.append(TokenInfo(tid, float(res.logprobs[i]), tid in self.special_ids, top))
+        return out
+
+    def _suppressed(self, seq: Sequence) -> tuple[int, ...]:
+        p = seq.params
+        if seq.num_output >= p.min_new_tokens:
+            return ()
+        return p.stop_token_ids + (() if p.ignore_eos else (self.eos_token_id,))
+
+
+def load_session(
+    model_dir: str,
+    *,
+    num_slots: int,
+    max_seq_len: int,
+    batch_buckets: tuple[int, ...],
+    chunk_buckets: tuple[int, ...],
+    compute_dtype: str = "float32",
+    compile_cache_dir: str | None = None,
+):
+    """Build the MindSpore model and its compiled KV-cache session from a model directory (CPU)."""
+    from model import GPT2LMHeadModel, InferenceSession
+    from model.runtime import set_device
+
+    set_device("CPU", compile_cache_dir=compile_cache_dir)
+    model = GPT2LMHeadModel.from_pretrained(model_dir, compute_dtype=compute_dtype)
+    return InferenceSession(
+        model,
+        num_slots=num_slots,
+        max_seq_len=max_seq_len,
+        batch_buckets=batch_buckets,
+        chunk_buckets=chunk_buckets,
+    )
+
+
+def warmup(session, *, decode_batches: tuple[int, ...]) -> int:
+    """Compile the shapes most requests hit, so that first requests do not wait for compilation: decode at
+    every context bucket for the largest decode batch (the only one with fixed decode batching) and at the
+    smallest context for the others, and a first prefill chunk of each chunk bucket. Other shapes (later chunks
+    of long prompts, prompt logprobs, packed scoring) compile on first use."""
+    contexts = session.context_buckets
+    shapes = [(max(decode_batches), 1, cb) for cb in contexts]
+    shapes += [(b, 1, contexts[0]) for b in decode_batches if b != max(decode_batches)]
+    for tb in session.chunk_buckets:
+        cb = next(c for c in contexts if c >= tb)
+        shapes.append((1, tb, cb))
+    session.warmup(shapes)
+    return len(shapes)

@@ -1,0 +1,102 @@
+"""Per-request decoding parameters, validated once at admission.
+
+The engine's own rules only (ranges that make the sampler well defined); the stricter or different rules of
+each wire format (TGI rejects `temperature=0`, OpenAI allows it) live in the API layer that builds these.
+Knows nothing of HTTP, tokenizers or models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import ValidationError
+
+# numpy's Generator accepts any non-negative int; TGI's wire type is u64.
+MAX_SEED = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    # 0 means greedy: a true argmax over the (penalised) logits, no random draw at all.
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # nucleus over the whole vocabulary; 1 disables
+    min_p: float = 0.0  # drop tokens below min_p * p(best token); 0 disables
+    typical_p: float = 1.0  # locally typical sampling; 1 disables
+    # HF/CTRL-style multiplicative penalty on every token seen in the prompt or the output.
+    repetition_penalty: float = 1.0
+    # OpenAI-style additive penalties on tokens already generated (not the prompt).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    min_new_tokens: int = 0  # EOS and stop token ids are suppressed until this many tokens exist
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    # None: no logprobs; 0: the chosen token's logprob; n > 0: also the n most likely alternatives.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("max_new_tokens", self.max_new_tokens, lo=0)
+        _check_float("temperature", self.temperature, lo=0.0)
+        _check_int("top_k", self.top_k, lo=0)
+        _check_float("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
+        _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
+        _check_float("typical_p", self.typical_p, lo=0.0, lo_open=True, hi=1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
+        _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, lo=0, hi=MAX_SEED)
+        _check_int("min_new_tokens", self.min_new_tokens, lo=0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValidationError(
+                f"`min_new_tokens` ({self.min_new_tokens}) must be <= `max_new_tokens` ({self.max_new_tokens})",
+                param="min_new_tokens",
+            )
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise ValidationError(f"`stop` sequences must be non-empty strings, got {s!r}", param="stop")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, lo=0)
+        for tok, bias in self.logit_bias:
+            _check_int("logit_bias", tok, lo=0)
+            _check_float("logit_bias", bias, lo=-100.0, hi=100.0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, lo=0)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def needs_filtering(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0 or self.typical_p < 1.0
+
+
+def _check_int(name: str, value: object, *, lo: int | None = None, hi: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(f"`{name}` must be an integer, got {value!r}", param=name)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValidationError(f"`{name}` must be in [{lo}, {hi if hi is not None else 'inf'}], got {value}", param=name)
+
+
+def _check_float(
+    name: str, value: object, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValidationError(f"`{name}` must be a finite number, got {value!r}", param=name)
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    if too_low or (hi is not None and value > hi):
+        left = "(" if lo_open else "["
+        raise ValidationError(f"`{name}` must be in {left}{lo}, {hi if hi is not None else 'inf'}], got {value}", param=name)

@@ -1,0 +1,305 @@
+"""The engine thread + async streams against the numpy fake session (no MindSpore)."""
+
+import asyncio
+import dataclasses
+
+import numpy as np
+import pytest
+
+from serving import sampler
+from serving.config import EngineConfig
+from serving.engine import AsyncEngine, EngineState, FinishReason
+from serving.errors import EngineUnavailableError, OverloadedError, QueueTimeoutError, RequestFailedError
+from serving.sampling_params import SamplingParams
+from serving_helpers import EOS, FakeTokenizer, fake_greedy, fake_logits, fake_parts
+
+TOK = FakeTokenizer()
+CONFIG = EngineConfig(max_batch_size=4, max_queue=8, max_total_tokens=128, prefill_chunk=16)
+
+
+def run_engine(test, config=CONFIG, **session_kwargs):
+    """Run `await test(engine, box)` with a started fake engine, then shut it down."""
+
+    async def main():
+        loader, box = fake_parts(config, **session_kwargs)
+        engine = AsyncEngine(loader, config)
+        engine.start()
+        await engine.wait_ready(10)
+        try:
+            return await asyncio.wait_for(test(engine, box), 60)
+        finally:
+            await engine.shutdown(5)
+
+    return asyncio.run(main())
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_new_tokens=n, temperature=0.0, **kw)
+
+
+async def generate(engine, prompt, params):
+    outs = await engine.add_request(TOK.encode(prompt), params).collect()
+    return outs
+
+
+def test_greedy_matches_the_reference_and_reports_a_final():
+    async def t(engine, box):
+        outs = await generate(engine, "Hello world, this is a prompt longer than one chunk", greedy(12))
+        ids = [tok.id for o in outs for tok in o.tokens]
+        assert ids == fake_greedy(TOK.encode("Hello world, this is a prompt longer than one chunk"), 12)
+        final = outs[-1].final
+        assert final.finish_reason is FinishReason.LENGTH and final.generated_tokens == 12
+        assert final.text == "".join(o.text for o in outs) == TOK.decode(ids)
+        assert final.seed is None and final.prompt_tokens == 51
+
+    run_engine(t)
+
+
+def test_concurrent_requests_share_fixed_size_decode_steps_and_match_alone():
+    prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
+
+    async def t(engine, box):
+        results = await asyncio.gather(*(generate(engine, p, greedy(20)) for p in prompts))
+        for p, outs in zip(prompts, results):
+            assert [x.id for o in outs for x in o.tokens] == fake_greedy(TOK.encode(p), 20)
+        session = box["session"]
+        decode_shapes = {(b, t) for b, t, _ in session.calls if t == 1}
+        assert decode_shapes == {(4, 1)}  # always padded to max_batch_size
+        prefill_rows = {b for b, t, _ in session.calls if t > 1}
+        assert prefill_rows == {1}  # each prompt prefilled alone
+
+    run_engine(t)
+
+
+def test_bucketed_decode_runs_only_the_live_rows():
+    async def t(engine, box):
+        await generate(engine, "abc", greedy(3))
+        assert {b for b, t, _ in box["session"].calls if t == 1} == {1}
+
+    run_engine(t, config=dataclasses.replace(CONFIG, decode_batching="bucketed"))
+
+
+def test_eos_stops_unless_ignored():
+    prompt = "x"
+    ref = fake_greedy(TOK.encode(prompt), 60, eos_every=7)
+    assert EOS in ref  # the fake model does emit EOS for this prompt
+
+    async def t(engine, box):
+        outs = await generate(engine, prompt, greedy(60))
+        ids = [x.id for o in outs for x in o.tokens]
+        assert ids == ref and outs[-1].final.finish_reason is FinishReason.EOS
+        assert outs[-1].tokens[-1].special and "<|endoftext|>" not in outs[-1].final.text
+        outs = await generate(engine, prompt, greedy(len(ref) + 3, ignore_eos=True))
+        assert outs[-1].final.finish_reason is FinishReason.LENGTH
+        assert outs[-1].final.generated_tokens == len(ref) + 3
+
+    run_engine(t, eos_every=7)
+
+
+def test_stop_strings_are_cut_and_never_streamed():
+    prompt = "Tell me"
+    full = TOK.decode(fake_greedy(TOK.encode(prompt), 40))
+    stop = full[10:13]
+    cut = full[: full.index(stop)]
+
+    async def t(engine, box):
+        outs = await generate(engine, prompt, greedy(40, stop=(stop, "never-there")))
+        streamed = "".join(o.text for o in outs)
+        assert streamed == cut == outs[-1].final.text
+        assert outs[-1].final.finish_reason is FinishReason.STOP
+        # Held back: no intermediate event released text that later turned out to be the stop string.
+        acc = ""
+        for o in outs:
+            acc += o.text
+            assert stop not in acc
+
+    run_engine(t)
+
+
+def test_stop_token_ids_and_min_new_tokens():
+    prompt = "abc"
+    ref = fake_greedy(TOK.encode(prompt), 30)
+
+    async def t(engine, box):
+        stop_id = ref[5]
+        outs = await generate(engine, prompt, greedy(30, stop_token_ids=(stop_id,)))
+        ids = [x.id for o in outs for x in o.tokens]
+        assert ids == ref[: ref.index(stop_id) + 1]
+        assert outs[-1].final.finish_reason is FinishReason.STOP_TOKEN
+
+    run_engine(t)
+
+
+def test_seeded_sampling_is_reproducible_whatever_else_runs():
+    params = SamplingParams(max_new_tokens=15, temperature=1.5, top_k=20, seed=1234)
+
+    async def t(engine, box):
+        alone = await generate(engine, "seeded", params)
+        noise = [generate(engine, f"other {i}", SamplingParams(max_new_tokens=25, temperature=2.0)) for i in range(3)]
+        together, *_ = await asyncio.gather(generate(engine, "seeded", params), *noise)
+        ids = lambda outs: [x.id for o in outs for x in o.tokens]  # noqa: E731
+        assert ids(alone) == ids(together)
+        assert alone[-1].final.seed == 1234
+        unseeded = await generate(engine, "seeded", SamplingParams(max_new_tokens=3, temperature=1.0))
+        assert isinstance(unseeded[-1].final.seed, int)
+
+    run_engine(t)
+
+
+def test_prompt_logprobs_across_chunks_and_score():
+    prompt = "a prompt of more than sixteen bytes, so prefill takes several chunks"
+    ids = TOK.encode(prompt)
+    want = [None] + [float(sampler.log_softmax(fake_logits(ids[: i + 1])[None])[0, ids[i + 1]])
+                     for i in range(len(ids) - 1)]
+
+    async def t(engine, box):
+        outs = await generate(engine, prompt, greedy(2, prompt_logprobs=2))
+        got = [x.logprob for x in outs[0].prompt]
+        assert [x.id for x in outs[0].prompt] == ids
+        assert got[0] is None and np.allclose(got[1:], want[1:], atol=1e-5)
+        assert all(len(x.top) == 2 for x in outs[0].prompt[1:])
+        scored = await engine.score([ids, ids[:3], [5]])
+        assert np.allclose([x.logprob for x in scored[0][1:]], want[1:], atol=1e-5)
+        assert [x.logprob for x in scored[2]] == [None]
+        assert any(b > 1 for b, t, all_logits in box["session"].calls if all_logits)  # packed scoring pass
+
+    run_engine(t)
+
+
+def test_closing_a_stream_aborts_and_frees_the_slot_for_a_waiting_request():
+    config = dataclasses.replace(CONFIG, max_batch_size=1)
+
+    async def t(engine, box):
+        first = engine.add_request(TOK.encode("first"), greedy(100))
+        second = engine.add_request(TOK.encode("second"), greedy(3))
+        it = first.__aiter__()
+        await it.__anext__()
+        assert engine.num_waiting_and_running() == (1, 1)
+        await it.aclose()  # the client went away
+        outs = await asyncio.wait_for(second.collect(), 5)
+        assert outs[-1].final.generated_tokens == 3
+
+    run_engine(t, config=config, delay=0.01)
+
+
+def test_cancelling_a_consumer_task_aborts_the_request():
+    async def t(engine, box):
+        stream = engine.add_request(TOK.encode("cancel me"), greedy(100))
+
+        async def consume():
+            async for _ in stream:
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if engine.num_waiting_and_running() == (0, 0):
+                break
+            await asyncio.sleep(0.01)
+        assert engine.num_waiting_and_running() == (0, 0)
+
+    run_engine(t, delay=0.01)
+
+
+def test_full_queue_is_overloaded_and_queue_timeout_fails_waiting_requests():
+    config = dataclasses.replace(CONFIG, max_batch_size=1, max_queue=2, queue_timeout=0.3)
+
+    async def t(engine, box):
+        running = engine.add_request(TOK.encode("long"), greedy(100))
+        it = running.__aiter__()  # keep a reference: a collected iterator aborts its request
+        await it.__anext__()
+        waiting = [engine.add_request(TOK.encode(f"w{i}"), greedy(2)) for i in range(2)]
+        with pytest.raises(OverloadedError):
+            engine.add_request(TOK.encode("one too many"), greedy(2))
+        with pytest.raises(QueueTimeoutError):
+            await waiting[0].collect()
+        running.abort()
+
+    run_engine(t, config=config, delay=0.02)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving():
+    calls = {"n": 0}
+
+    def fail(ids, pos):
+        if 66 in ids and calls["n"] == 0:  # the first step containing "B" fails once
+            calls["n"] += 1
+            raise RuntimeError("injected")
+
+    async def t(engine, box):
+        with pytest.raises(RequestFailedError, match="injected"):
+            await generate(engine, "BBB", greedy(3))
+        assert engine.state is EngineState.READY
+        outs = await generate(engine, "AAA", greedy(3))
+        assert outs[-1].final.generated_tokens == 3
+
+    run_engine(t, fail=fail)
+
+
+def test_repeated_failures_kill_the_engine_and_fail_everything():
+    def fail(ids, pos):
+        raise RuntimeError("broken device")
+
+    async def t(engine, box):
+        for _ in range(3):
+            with pytest.raises((RequestFailedError, EngineUnavailableError)):
+                await generate(engine, "x", greedy(3))
+        for _ in range(100):
+            if engine.state is EngineState.DEAD:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.state is EngineState.DEAD and "consecutive" in engine.dead_reason
+        with pytest.raises(EngineUnavailableError):
+            engine.add_request([1], greedy(1))
+
+    run_engine(t, fail=fail)
+
+
+def test_a_model_that_fails_to_load_reports_dead():
+    async def main():
+        def loader():
+            raise FileNotFoundError("no weights")
+
+        engine = AsyncEngine(loader, CONFIG)
+        engine.start()
+        with pytest.raises(EngineUnavailableError, match="no weights"):
+            await engine.wait_ready(5)
+        assert engine.state is EngineState.DEAD
+
+    asyncio.run(main())
+
+
+def test_admission_limits():
+    async def t(engine, box):
+        from serving.errors import ValidationError
+
+        with pytest.raises(ValidationError, match="<= 128"):
+            engine.add_request([1] * 100, greedy(29))
+        with pytest.raises(ValidationError):
+            engine.add_request([], greedy(1))
+        with pytest.raises(ValidationError):
+            engine.add_request([300], greedy(1))
+        engine.add_request([1] * 100, greedy(28)).abort()
+
+    run_engine(t)
+
+
+def test_shutdown_lets_running_requests_finish_then_refuses():
+    async def main():
+        loader, _ = fake_parts(CONFIG, delay=0.01)
+        engine = AsyncEngine(loader, CONFIG)
+        engine.start()
+        await engine.wait_ready(5)
+        stream = engine.add_request(TOK.encode("finish me"), greedy(10))
+        collecting = asyncio.ensure_future(stream.collect())
+        await asyncio.sleep(0.02)
+        await engine.shutdown(5)
+        outs = await collecting
+        assert outs[-1].final.generated_tokens == 10
+        with pytest.raises(EngineUnavailableError):
+            engine.add_request([1], greedy(1))
+
+    asyncio.run(main())

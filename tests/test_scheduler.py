@@ -1,0 +1,163 @@
+"""Unit tests of the pure scheduler: admission, chunked prefill, slots, queue bound, timeouts, score packing."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serving.engine.scheduler import Scheduler, SchedulerConfig
+from serving.engine.sequence import FinishReason, Sequence, SequenceStatus
+from serving.errors import OverloadedError
+from serving.sampling_params import SamplingParams
+
+
+def seq(rid, n_prompt=4, max_new=3, t=0.0):
+    return Sequence(rid, list(range(1, n_prompt + 1)), SamplingParams(max_new_tokens=max_new), arrival_time=t)
+
+
+def score_seq(rid, n_prompt):
+    return Sequence(rid, [1] * n_prompt, SamplingParams(max_new_tokens=0, prompt_logprobs=0))
+
+
+def run_step(s: Scheduler, now=0.0):
+    """Schedule, then pretend the model ran: prefill chunks complete, decoded sequences get a token."""
+    out = s.schedule(now)
+    for c in out.prefill:
+        s.prefilled(c)
+        if c.is_last:
+            if c.seq.score_only:
+                s.finish(c.seq, FinishReason.LENGTH, now)
+            else:
+                c.seq.output_ids.append(7)
+    for q in out.decode:
+        s.decoded(q)
+        q.output_ids.append(7)
+        if q.num_output >= q.params.max_new_tokens:
+            s.finish(q, FinishReason.LENGTH, now)
+    return out
+
+
+def test_one_generating_prefill_per_step_then_decode():
+    s = Scheduler(SchedulerConfig(num_slots=4, max_waiting=10, prefill_chunk=8))
+    s.add([seq("a"), seq("b")])
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.prefill] == ["a"] and out.decode == []
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.prefill] == ["b"]
+    assert [q.request_id for q in out.decode] == ["a"]
+    out = run_step(s)
+    assert out.prefill == [] and [q.request_id for q in out.decode] == ["a", "b"]
+
+
+def test_long_prompt_is_chunked_and_others_keep_decoding():
+    s = Scheduler(SchedulerConfig(num_slots=2, max_waiting=10, prefill_chunk=8))
+    s.add([seq("short", 3, max_new=50)])
+    run_step(s)
+    s.add([seq("long", 20, max_new=2)])
+    chunks = []
+    for _ in range(3):
+        out = run_step(s)
+        chunks += [(c.start, c.end) for c in out.prefill]
+        assert [q.request_id for q in out.decode][:1] == ["short"]  # never stalled by the long prompt
+    assert chunks == [(0, 8), (8, 16), (16, 20)]
+    assert s.get("long").status is SequenceStatus.RUNNING and s.get("long").num_cached == 20
+
+
+def test_finished_sequence_frees_its_slot_for_a_waiting_one():
+    s = Scheduler(SchedulerConfig(num_slots=1, max_waiting=10, prefill_chunk=8))
+    a, b = seq("a", max_new=2), seq("b")
+    s.add([a, b])
+    run_step(s)  # a prefilled, first token
+    assert s.num_free_slots == 0 and s.num_waiting == 1
+    run_step(s)  # a decodes its 2nd token and finishes
+    assert a.is_finished and s.num_free_slots == 1
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.prefill] == ["b"] and b.slot == a.slot
+
+
+def test_abort_frees_slot_at_once_from_any_state():
+    s = Scheduler(SchedulerConfig(num_slots=2, max_waiting=10, prefill_chunk=2))
+    s.add([seq("run", 2, 100), seq("pre", 6, 100), seq("wait", 2, 100)])
+    run_step(s)
+    run_step(s)  # "pre" is mid-prefill, "wait" waits
+    assert s.get("pre").status is SequenceStatus.PREFILLING
+    for rid in ("wait", "pre", "run"):
+        q = s.abort(rid, 1.0)
+        assert q.finish_reason is FinishReason.ABORTED
+    assert s.num_free_slots == 2 and not s.has_work()
+    assert s.abort("unknown", 1.0) is None
+
+
+def test_queue_bound_counts_requests_that_will_wait_and_is_all_or_none():
+    s = Scheduler(SchedulerConfig(num_slots=1, max_waiting=2, prefill_chunk=8))
+    s.add([seq("a", max_new=100)])
+    run_step(s)  # "a" holds the only slot
+    with pytest.raises(OverloadedError):
+        s.add([seq("b"), seq("c"), seq("d")])
+    assert s.num_waiting == 0
+    s.add([seq("b"), seq("c")])
+    with pytest.raises(OverloadedError):
+        s.add([seq("d")])
+    # With a free slot, one more request is accepted: it will not wait for long.
+    s2 = Scheduler(SchedulerConfig(num_slots=2, max_waiting=0, prefill_chunk=8))
+    s2.add([seq("x"), seq("y")])
+    with pytest.raises(OverloadedError):
+        s2.add([seq("z")])
+
+
+def test_queue_timeout_drops_only_waiting_requests():
+    s = Scheduler(SchedulerConfig(num_slots=1, max_waiting=5, prefill_chunk=8, queue_timeout=1.0))
+    s.add([seq("a", max_new=100, t=0.0), seq("b", t=0.0), seq("c", t=0.9)])
+    run_step(s, now=0.1)
+    out = run_step(s, now=1.5)
+    assert [q.request_id for q in out.timed_out] == ["b"]
+    assert s.get("a") is not None and s.get("c") is not None
+    assert out.timed_out[0].finish_reason is FinishReason.TIMEOUT
+
+
+def test_score_only_prompts_are_packed_within_the_budget():
+    s = Scheduler(SchedulerConfig(num_slots=8, max_waiting=20, prefill_chunk=32))
+    s.add([score_seq(f"s{i}", 7) for i in range(6)] + [seq("g")])
+    out = run_step(s)
+    # 4 rows x 8 tokens would be 32: at most 4 rows of <= 8 tokens each (rows x longest <= budget).
+    assert len(out.prefill) == 4 and all(c.end - c.start == 7 for c in out.prefill)
+    out = run_step(s)
+    assert len(out.prefill) == 2
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.prefill] == ["g"]
+
+
+def test_a_long_score_prompt_goes_alone_in_chunks():
+    s = Scheduler(SchedulerConfig(num_slots=4, max_waiting=20, prefill_chunk=8))
+    s.add([score_seq("long", 20), score_seq("short", 2)])
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("long", 0, 8)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 9),
+    st.lists(st.tuples(st.integers(1, 30), st.integers(0, 6), st.booleans()), min_size=1, max_size=12),
+)
+def test_random_workloads_keep_invariants_and_finish(num_slots, chunk, reqs):
+    s = Scheduler(SchedulerConfig(num_slots=num_slots, max_waiting=100, prefill_chunk=chunk))
+    seqs = []
+    for i, (n, max_new, abort_early) in enumerate(reqs):
+        q = Sequence(str(i), [1] * n, SamplingParams(max_new_tokens=max_new))
+        seqs.append((q, abort_early))
+    s.add([q for q, _ in seqs])
+    for step in range(2000):
+        if not s.has_work():
+            break
+        out = run_step(s)
+        rows = out.prefill and sum(c.end - c.start for c in out.prefill)
+        assert not out.prefill or rows <= max(chunk, 1) * len(out.prefill)
+        holders = [q for q in s.prefilling + s.running]
+        slots = [q.slot for q in holders]
+        assert len(slots) == len(set(slots)) and len(holders) + s.num_free_slots == num_slots
+        assert len(out.decode) <= num_slots
+        for q, abort_early in seqs:
+            if abort_early and step == 3:
+                s.abort(q.request_id, 0.0)
+    assert not s.has_work() and s.num_free_slots == num_slots
+    assert all(q.is_finished for q, _ in seqs)

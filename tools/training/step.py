@@ -1,0 +1,283 @@
+"""The compiled training and evaluation steps: AdamW, gradient clipping and accumulation, loss scaling.
+
+Everything here runs inside MindSpore graphs (Cells called in GRAPH_MODE); the Python loop in trainer.py only
+feeds batches and the learning rate. Knows the model's training contract (`loss = model(input_ids)` in training
+mode, logits in evaluation mode) and nothing about files or data order.
+
+AdamW is written out rather than taken from `nn.AdamWeightDecay` (deprecated after 2.9, and without Adam's
+bias correction): this one matches `torch.optim.AdamW` step for step, takes the learning rate as a graph input
+(so the schedule is plain Python), and keeps its state in Parameters the checkpoint can save by name.
+"""
+
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+_adamw_update = ops.MultitypeFuncGraph("adamw_update")
+
+
+@_adamw_update.register(
+    "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Bool", "Tensor", "Tensor", "Tensor", "Tensor"
+)
+def _adamw_one(beta1, beta2, eps, lr, wd, bc1, bc2, decay, param, m, v, grad):
+    grad = ops.cast(grad, ms.float32)
+    m_new = beta1 * m + (1.0 - beta1) * grad
+    v_new = beta2 * v + (1.0 - beta2) * ops.square(grad)
+    update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + eps)
+    if decay:
+        # Decoupled weight decay (Loshchilov & Hutter), applied to the weights before this step's update.
+        new_param = param * (1.0 - lr * wd) - lr * update
+    else:
+        new_param = param - lr * update
+    ops.assign(m, m_new)
+    ops.assign(v, v_new)
+    ops.assign(param, new_param)
+    return True
+
+
+_square_sum = ops.MultitypeFuncGraph("square_sum")
+
+
+@_square_sum.register("Tensor")
+def _square_sum_one(g):
+    return ops.reduce_sum(ops.square(ops.cast(g, ms.float32)))
+
+
+_scale = ops.MultitypeFuncGraph("scale")
+
+
+@_scale.register("Tensor", "Tensor")
+def _scale_one(factor, g):
+    return g * ops.cast(factor, g.dtype)
+
+
+_add_to = ops.MultitypeFuncGraph("add_to")
+
+
+@_add_to.register("Tensor", "Tensor")
+def _add_to_one(acc, g):
+    ops.assign_add(acc, ops.cast(g, acc.dtype))
+    return True
+
+
+_zero = ops.MultitypeFuncGraph("zero")
+
+
+@_zero.register("Tensor")
+def _zero_one(acc):
+    ops.assign(acc, ops.zeros_like(acc))
+    return True
+
+
+def no_decay(name: str) -> bool:
+    """Biases, LayerNorm weights and the position table are not decayed (GPT-2/nanoGPT practice)."""
+    return name.endswith(".bias") or ".ln_" in name or name.startswith("transformer.ln_f") or ".wpe." in name
+
+
+class AdamW(nn.Cell):
+    """Adam with decoupled weight decay and bias correction, as `torch.optim.AdamW`."""
+
+    def __init__(
+        self,
+        params: list[Parameter],
+        *,
+        weight_decay: float,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        self.params = ParameterTuple(params)
+        self.exp_avg = self.params.clone(prefix="adam_m", init="zeros")
+        self.exp_avg_sq = self.params.clone(prefix="adam_v", init="zeros")
+        self.step = Parameter(Tensor(0.0, ms.float32), name="adam_step", requires_grad=False)
+        self.decay_flags = tuple(not no_decay(p.name) for p in params)
+        self.beta1 = Tensor(beta1, ms.float32)
+        self.beta2 = Tensor(beta2, ms.float32)
+        self.eps = Tensor(eps, ms.float32)
+        self.weight_decay = Tensor(weight_decay, ms.float32)
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, grads, lr):
+        step = self.step + 1.0
+        ops.assign(self.step, step)
+        bc1 = 1.0 - ops.pow(self.beta1, step)
+        bc2 = 1.0 - ops.pow(self.beta2, step)
+        update = ops.partial(_adamw_update, self.beta1, self.beta2, self.eps, lr, self.weight_decay, bc1, bc2)
+        return self.hyper_map(update, self.decay_flags, self.params, self.exp_avg, self.exp_avg_sq, grads)
+
+    def state(self) -> dict[str, Parameter]:
+        """Optimizer state by checkpoint name."""
+        out = {"optimizer.step": self.step}
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+            out[f"optimizer.exp_avg.{p.name}"] = m
+            out[f"optimizer.exp_avg_sq.{p.name}"] = v
+        return out
+
+
+class LossScale(nn.Cell):
+    """Dynamic loss scaling for float16: halve on overflow, double after `window` clean steps."""
+
+    def __init__(self, initial: float, window: int = 1000) -> None:
+        super().__init__()
+        self.value = Parameter(Tensor(initial, ms.float32), name="loss_scale.value", requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale.good_steps", requires_grad=False)
+        self.window = window
+
+    def construct(self, finite):
+        if finite:
+            good = self.good_steps + 1
+            if good >= self.window:
+                ops.assign(self.value, self.value * 2.0)
+                good = good * 0
+            ops.assign(self.good_steps, good)
+        else:
+            ops.assign(self.value, ops.maximum(self.value * 0.5, 1.0))
+            ops.assign(self.good_steps, self.good_steps * 0)
+        return finite
+
+
+def _global_norm(hyper_map, grads):
+    return ops.sqrt(ops.addn(hyper_map(_square_sum, grads)))
+
+
+class _LossAndGrad(nn.Cell):
+    """loss * scale and its gradients with respect to `weights`."""
+
+    def __init__(self, network: nn.Cell, weights: ParameterTuple) -> None:
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.weights = weights
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+
+    def construct(self, input_ids, scale):
+        loss = self.network(input_ids)
+        grads = self.grad(self.network, self.weights)(input_ids, ops.cast(scale, loss.dtype))
+        return loss, grads
+
+
+class AccumulateStep(nn.Cell):
+    """A micro-step that is not the last of its optimizer step: add the gradients to the buffers."""
+
+    def __init__(self, loss_and_grad: _LossAndGrad, buffers: ParameterTuple) -> None:
+        super().__init__(auto_prefix=False)
+        self.loss_and_grad = loss_and_grad
+        self.buffers = buffers
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, input_ids, scale):
+        loss, grads = self.loss_and_grad(input_ids, scale)
+        return ops.depend(loss, self.hyper_map(_add_to, self.buffers, grads))
+
+
+class UpdateStep(nn.Cell):
+    """The last micro-step: gradients (plus buffers) averaged, all-reduced, unscaled, clipped, applied.
+
+    Returns (mean loss over processes, gradient norm before clipping, whether the update was applied).
+    """
+
+    def __init__(
+        self,
+        loss_and_grad: _LossAndGrad,
+        optimizer: AdamW,
+        *,
+        accum_steps: int,
+        grad_clip: float,
+        world_size: int,
+        buffers: ParameterTuple | None,
+        loss_scale: LossScale | None,
+    ) -> None:
+        super().__init__(auto_prefix=False)
+        self.loss_and_grad = loss_and_grad
+        self.optimizer = optimizer
+        self.buffers = buffers
+        self.accum_steps = accum_steps
+        self.grad_clip = grad_clip
+        self.world_size = world_size
+        self.loss_scale = loss_scale
+        self.hyper_map = ops.HyperMap()
+        if world_size > 1:
+            self.grad_reducer = nn.DistributedGradReducer(optimizer.params, mean=True, degree=world_size)
+            self.all_reduce = ops.AllReduce()
+
+    def construct(self, input_ids, lr, scale):
+        loss, grads = self.loss_and_grad(input_ids, scale)
+        if self.buffers is not None:
+            grads = self.hyper_map(ops.add, grads, self.buffers)
+            grads = ops.depend(grads, self.hyper_map(_zero, self.buffers))
+        if self.world_size > 1:
+            grads = self.grad_reducer(grads)
+            loss = self.all_reduce(loss) / self.world_size
+        # Mean over micro-steps, and undo the loss scale, in one multiplication.
+        grads = self.hyper_map(ops.partial(_scale, 1.0 / (scale * self.accum_steps)), grads)
+        norm = _global_norm(self.hyper_map, grads)
+        finite = ops.isfinite(norm)
+        if self.loss_scale is not None:
+            finite = self.loss_scale(finite)
+        if self.grad_clip > 0:
+            factor = self.grad_clip / ops.maximum(norm, self.grad_clip)
+            grads = self.hyper_map(ops.partial(_scale, factor), grads)
+        if finite:
+            self.optimizer(grads, lr)
+        return loss, norm, finite
+
+
+class TrainStep:
+    """The compiled micro-step cells of one model and optimizer, called from the Python loop."""
+
+    def __init__(
+        self,
+        model: nn.Cell,
+        optimizer: AdamW,
+        *,
+        accum_steps: int = 1,
+        grad_clip: float = 1.0,
+        world_size: int = 1,
+        loss_scale: LossScale | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.loss_scale = loss_scale
+        loss_and_grad = _LossAndGrad(model, optimizer.params)
+        self.buffers = optimizer.params.clone(prefix="grad_accum", init="zeros") if accum_steps > 1 else None
+        self.accumulate = AccumulateStep(loss_and_grad, self.buffers) if accum_steps > 1 else None
+        self.update = UpdateStep(
+            loss_and_grad,
+            optimizer,
+            accum_steps=accum_steps,
+            grad_clip=grad_clip,
+            world_size=world_size,
+            buffers=self.buffers,
+            loss_scale=loss_scale,
+        )
+        self._one = Tensor(1.0, ms.float32)
+        for cell in (self.accumulate, self.update):
+            if cell is not None:
+                cell.set_train(True)
+
+    def _scale(self) -> Tensor:
+        return self.loss_scale.value if self.loss_scale is not None else self._one
+
+    def micro(self, input_ids: Tensor) -> Tensor:
+        self.accumulate.set_train(True)
+        return self.accumulate(input_ids, self._scale())
+
+    def last(self, input_ids: Tensor, lr: float) -> tuple[Tensor, Tensor, Tensor]:
+        self.update.set_train(True)
+        return self.update(input_ids, Tensor(lr, ms.float32), self._scale())
+
+
+class EvalStep(nn.Cell):
+    """Per-sample summed next-token negative log-likelihood, from the model's evaluation-mode logits."""
+
+    def __init__(self, model: nn.Cell) -> None:
+        super().__init__(auto_prefix=False)
+        self.model = model
+
+    def construct(self, input_ids):
+        # input_ids (B, T + 1) -> (B,) sum over the T predicted tokens
+        logits = self.model(input_ids[:, :-1])  # (B, T, V) float32
+        logp = ops.log_softmax(logits, axis=-1)
+        labels = input_ids[:, 1:]
+        nll = -ops.gather_elements(logp, 2, labels.reshape(labels.shape + (1,))).squeeze(-1)  # (B, T)
+        return nll.sum(axis=1)
