@@ -115,12 +115,13 @@ class GPT2Attention(nn.Cell):
         b, t, _ = x.shape
         return x.reshape(b, t, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
 
-    def _attend(self, q, k, v, bias):
+    def _attend(self, q, k, v, bias, dropout=True):
         # q (B, nh, Tq, hs); k, v (B, nh, Tk, hs); bias (B or 1, 1, Tq, Tk) additive -> (B, Tq, d)
         att = self.matmul_qk(q, k)  # (B, nh, Tq, Tk)
         att = _cast(att, ms.float32) * self.scale + bias
-        att = ops.softmax(att, axis=-1)
-        att = self.attn_dropout(_cast(att, self.compute_dtype))
+        att = _cast(ops.softmax(att, axis=-1), self.compute_dtype)
+        if dropout:
+            att = self.attn_dropout(att)
         y = ops.matmul(att, v)  # (B, nh, Tq, hs)
         b, _, t, _ = y.shape
         return y.transpose(0, 2, 1, 3).reshape(b, t, self.n_head * self.head_dim)
@@ -148,7 +149,8 @@ class GPT2Attention(nn.Cell):
         v_cache = ops.scatter_update(v_cache, write_rows, v.reshape(b * t * nh, hs))
         kc = ops.gather(k_cache, read_rows, 0).reshape(b, nh, c, hs)
         vc = ops.gather(v_cache, read_rows, 0).reshape(b, nh, c, hs)
-        y = self._attend(self._heads(q), kc, vc, bias)
+        # Inference never drops out, whatever the model's train flag.
+        y = self._attend(self._heads(q), kc, vc, bias, dropout=False)
         return self.c_proj(y)
 
 
@@ -164,8 +166,11 @@ class GPT2MLP(nn.Cell):
         self.dropout = _dropout(cfg.resid_pdrop)
 
     def construct(self, x):
-        h = ops.gelu(self.c_fc(x), approximate=self.approximate)
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.inference(x))
+
+    def inference(self, x):
+        # The MLP without dropout, for the KV-cache step.
+        return self.c_proj(ops.gelu(self.c_fc(x), approximate=self.approximate))
 
 
 class GPT2Block(nn.Cell):
@@ -182,7 +187,7 @@ class GPT2Block(nn.Cell):
 
     def cached(self, x, bias, k_cache, v_cache, write_rows, read_rows):
         x = x + self.attn.cached(self.ln_1(x), bias, k_cache, v_cache, write_rows, read_rows)
-        return x + self.mlp(self.ln_2(x))
+        return x + self.mlp.inference(self.ln_2(x))
 
 
 class GPT2Model(nn.Cell):

@@ -129,9 +129,8 @@ class InferenceSession:
         self.context_buckets = _buckets("context_buckets", context_buckets, _context_sizes(max_seq_len), max_seq_len)
         if self.context_buckets[-1] != max_seq_len:
             self.context_buckets = self.context_buckets + (max_seq_len,)
-        model.set_train(False)
+        # The step path has no dropout, so the model's train/eval flag is left as the caller set it.
         self._cell = _StepCell(model, num_slots, max_seq_len, model.compute_dtype)
-        self._cell.set_train(False)
         self._slot_stride = cfg.n_head * max_seq_len  # cache rows per slot
 
     @property

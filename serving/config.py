@@ -47,7 +47,9 @@ class Settings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        positive = ("max_batch_size", "prefill_chunk", "max_stop_sequences", "max_n", "max_score_texts", "max_body_bytes")
+        positive = (
+            "max_batch_size", "prefill_chunk", "max_stop_sequences", "max_n", "max_score_texts", "max_body_bytes"
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -162,6 +164,16 @@ class EngineConfig:
     decode_batching: str = "fixed"
     # Consecutive failed steps after which the engine declares itself dead (each failure fails its requests).
     max_consecutive_failures: int = 3
+
+    @property
+    def batch_buckets(self) -> tuple[int, ...]:
+        """Row counts a step is padded to: powers of two up to max_batch_size. With fixed decode batching the
+        decode steps are always padded to max_batch_size; the smaller buckets serve prefill and packed scoring."""
+        out, b = [], 1
+        while b < self.max_batch_size:
+            out.append(b)
+            b *= 2
+        return tuple(out) + (self.max_batch_size,)
 
     @classmethod
     def from_settings(cls, s: Settings, info: ModelInfo) -> "EngineConfig":

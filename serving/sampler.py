@@ -75,43 +75,48 @@ def filter_top_k_top_p_min_p(
     """
     b, v = logits.shape
     kk = np.where(top_k > 0, np.minimum(top_k, v), v)
-    k_needed = int(kk[top_k > 0].max()) if np.any(top_k > 0) else 0
-    k = min(v, max(_CANDIDATES, k_needed))
-    idx, keep = _filter_candidates(logits, k, kk, top_p, min_p)
-    mask = np.zeros((b, v), bool)
-    np.put_along_axis(mask, idx, keep, 1)
-    # Rows whose kept set may extend past the candidates (the last candidate is still kept): redo in full.
-    redo = np.flatnonzero(keep[:, -1]) if k < v else np.empty(0, np.int64)
+    # Look at the best k candidates first; only rows whose kept set may reach past them are redone in full.
+    k = int(kk[top_k > 0].max()) if np.any(top_k > 0) else 0
+    if np.any((top_k == 0) & ((top_p < 1.0) | (min_p > 0.0))):
+        k = max(k, _CANDIDATES)
+    k = min(max(k, 1), v)
+    idx, vals, keep = _filter_candidates(logits, k, kk, top_p, min_p)
+    out = np.full_like(logits, -np.inf)
+    np.put_along_axis(out, idx, np.where(keep, vals, -np.inf).astype(logits.dtype), 1)
+    redo = np.flatnonzero(keep[:, -1] & (kk > k))
     if redo.size:
-        full_idx, full_keep = _filter_candidates(logits[redo], v, kk[redo], top_p[redo], min_p[redo])
-        sub = np.zeros((redo.size, v), bool)
-        np.put_along_axis(sub, full_idx, full_keep, 1)
-        mask[redo] = sub
-    return np.where(mask, logits, -np.inf).astype(logits.dtype)
+        full_idx, full_vals, full_keep = _filter_candidates(logits[redo], v, kk[redo], top_p[redo], min_p[redo])
+        sub = np.full((redo.size, v), -np.inf, logits.dtype)
+        np.put_along_axis(sub, full_idx, np.where(full_keep, full_vals, -np.inf).astype(logits.dtype), 1)
+        out[redo] = sub
+    return out
 
 
 def _filter_candidates(
     logits: np.ndarray, k: int, kk: np.ndarray, top_p: np.ndarray, min_p: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids (B, k) in descending-logit order, keep mask (B, k)) over each row's k best tokens."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's k best tokens in descending order: (ids, logits, keep mask), all (B, k)."""
     b, v = logits.shape
     if k < v:
-        part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(logits, part, 1), axis=1, kind="stable")
+        part = np.argpartition(logits, v - k, axis=1)[:, v - k :]
+        order = np.argsort(-np.take_along_axis(logits, part, 1), axis=1)
         idx = np.take_along_axis(part, order, 1)
     else:
-        idx = np.argsort(-logits, axis=1, kind="stable")
-    s = np.take_along_axis(logits, idx, 1).astype(np.float64)
+        idx = np.argsort(-logits, axis=1)
+    vals = np.take_along_axis(logits, idx, 1)
     keep = np.arange(k)[None, :] < kk[:, None]
-    s = np.where(keep, s, -np.inf)
+    s = np.where(keep, vals, -np.inf).astype(np.float64)
     # Normalise over the top-k set, or over the whole vocabulary when top-k is off.
-    lse = np.where(kk < v, _lse64(s), _lse64(logits.astype(np.float64)))
+    lse = _lse64(s)
+    full = kk >= v
+    if full.any():
+        lse[full] = logsumexp(logits[full])
     p = np.exp(s - lse[:, None])
     mass_before = np.cumsum(p, axis=1) - p
     keep &= mass_before < top_p[:, None]
     keep &= p >= min_p[:, None] * p[:, :1]
     keep[:, 0] = True
-    return idx, keep
+    return idx, vals, keep
 
 
 def _lse64(x: np.ndarray) -> np.ndarray:
@@ -127,33 +132,50 @@ def filter_typical(logits: np.ndarray, typical_p: np.ndarray) -> np.ndarray:
     p = np.exp(logp)
     ent = -np.sum(np.where(p > 0, p * logp, 0.0), axis=1)
     shifted = np.where(p > 0, np.abs(-logp - ent[:, None]), np.inf)
-    idx = np.argsort(shifted, axis=1, kind="stable")
+    idx = np.argsort(shifted, axis=1)
     ps = np.take_along_axis(p, idx, 1)
     mass_before = np.cumsum(ps, axis=1) - ps
     keep_sorted = (mass_before < typical_p[:, None]) & (ps > 0)
     keep_sorted[:, 0] = True
     mask = np.zeros(logits.shape, bool)
     np.put_along_axis(mask, idx, keep_sorted, 1)
-    return np.where(mask, logits, -np.inf).astype(logits.dtype)
+    out = logits.copy()
+    out[~mask] = -np.inf
+    return out
 
 
 def draw(logits: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """Inverse-CDF draw per row from softmax(logits) with one uniform in [0, 1) per row (-inf = excluded)."""
-    x = logits.astype(np.float64)
-    p = np.exp(x - np.max(x, axis=1, keepdims=True))
-    cdf = np.cumsum(p, axis=1)
-    thr = uniforms * cdf[:, -1]
-    return np.argmax(cdf > thr[:, None], axis=1)
+    p = np.exp(logits - np.max(logits, axis=1, keepdims=True))
+    cdf = np.cumsum(p, axis=1, dtype=np.float64)
+    out = np.empty(len(logits), np.int64)
+    for r in range(len(logits)):
+        # side="right": the first token whose cumulative mass exceeds the draw (never a zero-probability one).
+        out[r] = min(int(np.searchsorted(cdf[r], uniforms[r] * cdf[r, -1], side="right")), logits.shape[1] - 1)
+    return out
 
 
 def top_n(logprobs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The n best (ids, logprobs) per row, best first (ties by lower id)."""
-    n = min(n, logprobs.shape[1])
-    part = np.argpartition(-logprobs, n - 1, axis=1)[:, :n]
-    vals = np.take_along_axis(logprobs, part, 1)
-    order = np.lexsort((part, -vals), axis=1)
-    ids = np.take_along_axis(part, order, 1)
-    return ids, np.take_along_axis(vals, order, 1)
+    """The n best (ids, values) per row, best first (ties by lower id)."""
+    b, v = logprobs.shape
+    n = min(n, v)
+    if n > 32:
+        part = np.argpartition(-logprobs, n - 1, axis=1)[:, :n]
+        vals = np.take_along_axis(logprobs, part, 1)
+        order = np.lexsort((part, -vals), axis=1)
+        ids = np.take_along_axis(part, order, 1)
+        return ids, np.take_along_axis(vals, order, 1)
+    # A few argmax passes beat a partition of the whole vocabulary for the small n clients ask for.
+    x = logprobs.copy()
+    rows = np.arange(b)
+    ids = np.empty((b, n), np.int64)
+    vals = np.empty((b, n), logprobs.dtype)
+    for j in range(n):
+        i = np.argmax(x, axis=1)
+        ids[:, j] = i
+        vals[:, j] = x[rows, i]
+        x[rows, i] = -np.inf
+    return ids, vals
 
 
 @dataclass
@@ -208,8 +230,8 @@ def sample(logits: np.ndarray, rows: Sequence[SamplingRow]) -> SampleResult:
     want = [i for i, p in enumerate(params) if p.logprobs]
     if want:
         w = np.array(want)
-        lp = (logits[w].astype(np.float64) - lse[w][:, None]).astype(np.float32)
-        ids, vals = top_n(lp, max(params[i].logprobs for i in want))
+        ids, vals = top_n(logits[w], max(params[i].logprobs for i in want))
+        vals = (vals.astype(np.float64) - lse[w][:, None]).astype(np.float32)
         for j, i in enumerate(want):
             n = params[i].logprobs
             top_ids[i], top_lps[i] = ids[j, :n], vals[j, :n]

@@ -99,4 +99,5 @@ def _check_float(
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
     if too_low or (hi is not None and value > hi):
         left = "(" if lo_open else "["
-        raise ValidationError(f"`{name}` must be in {left}{lo}, {hi if hi is not None else 'inf'}], got {value}", param=name)
+        upper = hi if hi is not None else "inf"
+        raise ValidationError(f"`{name}` must be in {left}{lo}, {upper}], got {value}", param=name)

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.api.app import create_app
 from serving.config import EngineConfig
-from serving_helpers import EOS, FAKE_INFO, FakeTokenizer, fake_greedy, fake_parts, fake_settings, parse_sse
+from serving_helpers import FAKE_INFO, FakeTokenizer, fake_greedy, fake_parts, fake_settings, parse_sse
 
 TOK = FakeTokenizer()
 
@@ -328,7 +328,8 @@ def test_api_key_and_body_limit():
         bad = {"Authorization": "Bearer wrong"}
         assert c.post("/generate", json={"inputs": "x"}, headers=bad).status_code == 401
         ok = {"Authorization": "Bearer sekret"}
-        assert c.post("/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 1}}, headers=ok).status_code == 200
+        one = {"inputs": "x", "parameters": {"max_new_tokens": 1}}
+        assert c.post("/generate", json=one, headers=ok).status_code == 200
         r = c.post("/generate", json={"inputs": "x" * 500}, headers=ok)
         assert r.status_code == 413
 
@@ -340,6 +341,8 @@ def test_engine_failure_is_424_then_stream_error_event_and_health_reports_death(
     with serve(fail=fail) as (c, _):
         r = c.post("/generate", json={"inputs": "x"})
         assert r.status_code == 424 and r.json()["error_type"] == "generation"
+        h = c.get("/health")
+        assert h.status_code == 200 and "device lost" in h.json()["last_error"]
         with c.stream("POST", "/generate_stream", json={"inputs": "x"}) as r:
             events = [json.loads(x) for x in parse_sse(list(r.iter_lines()))]
         assert "error" in events[-1]

@@ -303,3 +303,24 @@ def test_shutdown_lets_running_requests_finish_then_refuses():
             engine.add_request([1], greedy(1))
 
     asyncio.run(main())
+
+
+def test_step_shapes_the_loader_asks_for():
+    from serving.engine.loader import chunk_buckets
+    from serving.engine.model_runner import warmup
+
+    assert chunk_buckets(CONFIG) == (1, 16)  # 1 is decode's: a decode step must never pad to a prefill chunk
+    assert chunk_buckets(dataclasses.replace(CONFIG, prefill_chunk=256)) == (1, 16, 64, 256)
+    assert dataclasses.replace(CONFIG, max_batch_size=12).batch_buckets == (1, 2, 4, 8, 12)
+
+    class Recorder:
+        context_buckets = (64, 128)
+        chunk_buckets = (1, 16, 64)
+        shapes = None
+
+        def warmup(self, shapes):
+            self.shapes = shapes
+
+    r = Recorder()
+    assert warmup(r, decode_batches=(16,)) == 5
+    assert r.shapes == [(16, 1, 64), (16, 1, 128), (1, 1, 64), (1, 16, 64), (1, 64, 64)]

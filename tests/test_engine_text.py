@@ -58,7 +58,8 @@ def test_the_stop_string_completing_first_wins():
 
 def _reference(text: str, stops) -> str:
     for end in range(1, len(text) + 1):
-        hits = [(text.find(s) + len(s), text.find(s)) for s in stops if 0 <= text.find(s) and text.find(s) + len(s) <= end]
+        found = [(text.find(s), len(s)) for s in stops if text.find(s) >= 0]
+        hits = [(i + n, i) for i, n in found if i + n <= end]
         if hits:
             return text[: min(hits)[1]]
     return text

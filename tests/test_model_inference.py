@@ -21,8 +21,9 @@ def model_env():
 
 def test_greedy_generation_matches_transformers(model_env):
     hf, _, sess = model_env
-    ps = prompts(lengths=(5, 17, 9))
-    got = sess.generate(ps, 32)  # all three decode together, rows of different lengths
+    ps = prompts(lengths=(5, 40, 9))
+    # Rows of different lengths; the 40-token prompt needs two prefill chunks (largest chunk bucket: 32).
+    got = sess.generate(ps, 32)
     for p, g in zip(ps, got):
         assert g == hf_greedy(hf, p, 32)
     assert sess.generate(ps[0], 32) == got[0]  # a single prompt, alone in the batch
@@ -148,3 +149,18 @@ def test_duplicate_slots_in_a_step_are_rejected(model_env):
     _, _, sess = model_env
     with pytest.raises(ValueError, match="distinct"):
         sess.step(np.array([[1], [2]]), np.array([[0], [0]]), np.array([1, 1]), np.array([0, 0]))
+
+
+def test_the_step_never_drops_out_even_in_train_mode(model_env):
+    from model import GPT2LMHeadModel, InferenceSession
+    from model.checkpoint import load_state_dict, state_dict
+    from model_helpers import our_config
+
+    hf, ours, _ = model_env
+    m = GPT2LMHeadModel(our_config(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
+    load_state_dict(m, state_dict(ours))
+    m.set_train(True)  # e.g. a generation check in the middle of training
+    seq = prompts(seed=8, lengths=(12,))[0]
+    out = InferenceSession(m, **SESSION_KW).step(np.array([seq]), np.arange(12)[None], np.array([0]), None)
+    assert np.abs(out[0] - hf_logits(hf, [seq])[0]).max() < TOL
+    assert m.training  # the session leaves the caller's mode alone

@@ -161,3 +161,12 @@ def test_random_workloads_keep_invariants_and_finish(num_slots, chunk, reqs):
                 s.abort(q.request_id, 0.0)
     assert not s.has_work() and s.num_free_slots == num_slots
     assert all(q.is_finished for q, _ in seqs)
+
+
+def test_score_packing_budgets_padded_rows():
+    cfg = SchedulerConfig(num_slots=16, max_waiting=20, prefill_chunk=64, prefill_row_buckets=(1, 2, 4, 8, 16))
+    s = Scheduler(cfg)
+    s.add([score_seq(f"s{i}", 12) for i in range(6)])
+    out = run_step(s)
+    # 5 rows would pad to 8 and 8 x 12 > 64: four rows (4 x 12 <= 64) go first.
+    assert len(out.prefill) == 4

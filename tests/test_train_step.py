@@ -66,7 +66,7 @@ def test_update_matches_torch_adamw(accum):
     import torch
 
     from tools.training.step import AdamW, TrainStep
-    from tools.training.trainer import setup_device
+    from tools.training.runtime import setup_device
 
     setup_device("CPU")
     net, (tw, tb), torch_loss = _nets()

@@ -37,7 +37,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
 def ensure_device(target: str | None = None) -> None:
     """Select graph mode on `target` (default: $GPT2_DEVICE_TARGET or CPU) unless graph mode is already set."""
-    from tools.training.trainer import setup_device
+    from tools.training.runtime import setup_device
 
     if target is None and ms.get_context("mode") == ms.GRAPH_MODE:
         return

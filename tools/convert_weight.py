@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # run as `python tools/convert_weight.py`: make t
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.checkpoint import (  # noqa: E402
-    CKPT_NAME,
     CONFIG_NAME,
     SAFETENSORS_NAME,
     TOKENIZER_FILES,

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(evaluate(cfg, split=args.eval_split).format())
             return 0
         result = run(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     if result.model_dir is None:

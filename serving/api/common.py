@@ -24,7 +24,11 @@ router = APIRouter()
 async def health(engine: AsyncEngine = Depends(get_engine)) -> JSONResponse:
     """200 when ready; 503 while loading, shutting down, or after the engine died (llama.cpp's shapes)."""
     if engine.state is EngineState.READY:
-        return JSONResponse({"status": "ok"})
+        body = {"status": "ok"}
+        if engine.last_error:
+            # Still serving, but a step failed (and failed its requests): say when and why.
+            body["last_error"] = engine.last_error
+        return JSONResponse(body)
     message = {
         EngineState.LOADING: "Loading model",
         EngineState.STOPPING: "Shutting down",
@@ -52,6 +56,7 @@ async def info(engine: AsyncEngine = Depends(get_engine), s: Settings = Depends(
         "decode_batching": c.decode_batching,
         "queue_timeout": c.queue_timeout,
         "state": engine.state.value,
+        "last_error": engine.last_error,
         "router": "gpt2-mindspore-server",
         "version": __version__,
     }

@@ -23,7 +23,8 @@ class Metrics(EngineStats):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.num_slots = max_batch_size
-        self.running = Gauge("gpt2_requests_running", "Requests holding a KV-cache slot (prefilling or decoding).", registry=r)
+        self.running = Gauge("gpt2_requests_running", "Requests holding a KV-cache slot (prefilling or decoding).",
+                             registry=r)
         self.waiting = Gauge("gpt2_requests_waiting", "Requests waiting for a KV-cache slot.", registry=r)
         self.slots_used = Gauge("gpt2_kv_cache_slots_used", "KV-cache slots in use.", registry=r)
         self.slots_total = Gauge("gpt2_kv_cache_slots_total", "KV-cache slots.", registry=r)
@@ -54,7 +55,8 @@ class Metrics(EngineStats):
                                      buckets=_LATENCY, registry=r)
         self.step_time = Histogram("gpt2_step_duration_seconds", "Duration of one model step, by phase.",
                                    ["phase"], buckets=_LATENCY, registry=r)
-        batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, max_batch_size} | set(range(1, min(max_batch_size, 16) + 1)))
+        # Every size up to 16, then powers of two: "did a step run all 16?" is answerable exactly.
+        batch_buckets = sorted({1, 2, 4, 8, 16, 32, 64, 128, max_batch_size} | set(range(1, 17)))
         self.batch_size = Histogram("gpt2_batch_size", "Sequences decoded per decode step.",
                                     buckets=[b for b in batch_buckets if b <= max_batch_size], registry=r)
         self.batch_current = Gauge("gpt2_batch_current_size", "Sequences in the last decode step.", registry=r)

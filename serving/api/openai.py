@@ -85,7 +85,9 @@ def _prompts(req: CompletionRequest, engine: AsyncEngine, s: Settings) -> list[_
     return out
 
 
-def _params(req: CompletionRequest, prompt_len: int, engine: AsyncEngine, s: Settings, seed: int | None) -> SamplingParams:
+def _params(
+    req: CompletionRequest, prompt_len: int, engine: AsyncEngine, s: Settings, seed: int | None
+) -> SamplingParams:
     max_total = engine.config.max_total_tokens
     if req.best_of is not None and req.best_of != req.n:
         raise _bad("`best_of` different from `n` is not supported", "best_of")
@@ -188,7 +190,9 @@ def _add_tokens(engine: AsyncEngine, c: _Choice, toks: list[TokenInfo]) -> dict[
     return new
 
 
-def _apply(engine: AsyncEngine, req: CompletionRequest, c: _Choice, out: RequestOutput, first: bool) -> tuple[str, dict | None]:
+def _apply(
+    engine: AsyncEngine, req: CompletionRequest, c: _Choice, out: RequestOutput, first: bool
+) -> tuple[str, dict | None]:
     """Fold one engine output into a choice; returns (text delta, logprobs delta or None)."""
     delta = ""
     lp_delta: dict[str, list] | None = None

@@ -44,7 +44,10 @@ class EngineStreamingResponse(StreamingResponse):
                 st.abort()
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
-                await aclose()
+                try:
+                    await aclose()
+                except RuntimeError:  # still running in a cancelled task: it is closing itself
+                    pass
 
 
 class ClientDisconnected(Exception):

@@ -75,7 +75,8 @@ def build_params(
     max_input = max_total - 1
     if p.truncate is not None:
         if not 0 < p.truncate <= max_input:
-            raise bad(f"`truncate` must be strictly positive and less than {max_total}. Given: {p.truncate}", "truncate")
+            raise bad(f"`truncate` must be strictly positive and less than {max_total}. Given: {p.truncate}",
+                      "truncate")
         prompt_len = min(prompt_len, p.truncate)
     if prompt_len > max_input:
         raise bad(f"`inputs` must have less than {max_total} tokens. Given: {prompt_len}", "inputs")
@@ -111,7 +112,9 @@ def build_params(
     return params, prompt_len
 
 
-def _admit(req: GenerateRequest, engine: AsyncEngine, s: Settings, *, stream: bool) -> tuple[RequestStream, GenerateParameters]:
+def _admit(
+    req: GenerateRequest, engine: AsyncEngine, s: Settings, *, stream: bool
+) -> tuple[RequestStream, GenerateParameters]:
     p = req.parameters or GenerateParameters()
     if stream and p.decoder_input_details:
         raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens",

@@ -61,6 +61,7 @@ class AsyncEngine:
         self._loader = loader
         self.state = EngineState.LOADING
         self.dead_reason: str | None = None
+        self.last_error: str | None = None  # the latest failed step (its requests failed; the engine went on)
         self.tokenizer: Any = None
         self.vocab_size: int | None = None
         self.special_ids: frozenset[int] = frozenset()
@@ -89,8 +90,9 @@ class AsyncEngine:
 
     async def shutdown(self, timeout: float = 30.0) -> None:
         """Refuse new requests, let running ones finish for up to `timeout` s, then fail the rest and stop."""
-        if self.state is EngineState.READY:
-            self.state = EngineState.STOPPING
+        with self._cv:
+            if self.state in (EngineState.READY, EngineState.LOADING):
+                self.state = EngineState.STOPPING
         deadline = time.monotonic() + timeout
         while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
             with self._cv:
@@ -132,6 +134,12 @@ class AsyncEngine:
         assert len(prompts) == len(params)
         seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, params)]
         with self._cv:
+            # Checked again under the lock: the engine may have died or begun stopping meanwhile.
+            try:
+                self._check_ready()
+            except EngineUnavailableError:
+                self.stats.on_rejected("unavailable")
+                raise
             try:
                 self._core.add(seqs)
             except OverloadedError:
@@ -180,7 +188,8 @@ class AsyncEngine:
         bad = [t for t in ids if not 0 <= t < v]
         if bad:
             raise ValidationError(f"token ids must be in [0, {v}), got {bad[:5]}", param="prompt")
-        for name, toks in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+        biased = [t for t, _ in params.logit_bias]
+        for name, toks in (("stop_token_ids", params.stop_token_ids), ("logit_bias", biased)):
             if any(t >= v for t in toks):
                 raise ValidationError(f"`{name}` token ids must be < {v}", param=name)
         seq = Sequence(uuid.uuid4().hex, ids, params)
@@ -208,6 +217,7 @@ class AsyncEngine:
                 max_waiting=self.config.max_queue,
                 prefill_chunk=self.config.prefill_chunk,
                 queue_timeout=self.config.queue_timeout,
+                prefill_row_buckets=self.config.batch_buckets,
             )
             self._core = EngineCore(parts.runner, sched, parts.tokenizer.token_bytes, self.stats)
         except BaseException as e:  # noqa: BLE001 - reported by /health
@@ -215,8 +225,9 @@ class AsyncEngine:
             self._die(f"model failed to load: {type(e).__name__}: {e}")
             return
         with self._cv:
-            if self.state is EngineState.LOADING:
-                self.state = EngineState.READY
+            if self.state is not EngineState.LOADING:  # shut down while loading
+                return
+            self.state = EngineState.READY
         log.info("engine ready")
         try:
             self._serve()
@@ -239,6 +250,9 @@ class AsyncEngine:
             with self._cv:
                 outs = core.postprocess(sched, res)
             self._deliver_threadsafe(outs)
+            if res.failed:
+                err = res.prefill_error or res.decode_error
+                self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {type(err).__name__}: {err}"
             failures = failures + 1 if res.failed else 0
             if failures >= self.config.max_consecutive_failures:
                 raise RuntimeError(f"{failures} consecutive engine steps failed")

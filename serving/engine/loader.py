@@ -16,21 +16,10 @@ from .model_runner import ModelRunner, load_session, warmup
 log = logging.getLogger("serving.engine")
 
 
-def batch_buckets(config: EngineConfig) -> tuple[int, ...]:
-    """Fixed decode only ever runs at 1 (prefill) or max_batch_size rows; bucketed uses powers of two."""
-    m = config.max_batch_size
-    if config.decode_batching == "fixed":
-        return tuple(sorted({1, m}))
-    out, b = [], 1
-    while b < m:
-        out.append(b)
-        b *= 2
-    return tuple(out) + (m,)
-
-
 def chunk_buckets(config: EngineConfig) -> tuple[int, ...]:
+    """Token counts per row a step is padded to: 1 (decode), then a few prefill chunk sizes."""
     c = config.prefill_chunk
-    return tuple(sorted({min(16, c), min(64, c), c}))
+    return tuple(sorted({1, min(16, c), min(64, c), c}))
 
 
 def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], EngineParts]:
@@ -43,7 +32,7 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
             settings.model,
             num_slots=config.max_batch_size,
             max_seq_len=config.max_total_tokens,
-            batch_buckets=batch_buckets(config),
+            batch_buckets=config.batch_buckets,
             chunk_buckets=chunk_buckets(config),
             compute_dtype=settings.compute_dtype,
             compile_cache_dir=settings.compile_cache,
@@ -58,7 +47,7 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
         log.info("model loaded in %.1f s", time.monotonic() - t0)
         if settings.warmup:
             t0 = time.monotonic()
-            n = warmup(session, decode_batches=(config.max_batch_size,) if fixed else batch_buckets(config))
+            n = warmup(session, decode_batches=(config.max_batch_size,) if fixed else config.batch_buckets)
             log.info("compiled %d step shapes in %.1f s", n, time.monotonic() - t0)
         return EngineParts(runner, tok)
 

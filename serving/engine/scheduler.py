@@ -29,6 +29,8 @@ class SchedulerConfig:
     max_waiting: int  # queue bound; beyond it new requests are refused (overloaded)
     prefill_chunk: int  # tokens per prefill pass (rows x chunk length for a packed score group)
     queue_timeout: float | None = None  # seconds a request may wait for a slot; None waits forever
+    # Row counts the model pads a prefill pass up to (its batch buckets); packing budgets the padded rows.
+    prefill_row_buckets: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_slots < 1 or self.max_waiting < 0 or self.prefill_chunk < 1:
@@ -150,23 +152,27 @@ class Scheduler:
         budget = self.config.prefill_chunk
         group = [self.waiting[0]]
         if group[0].score_only:
-            # Pack score-only prompts while rows x (longest row chunk) stays within one chunk's budget.
+            # Pack score-only prompts while (padded) rows x longest row chunk stays within one chunk's budget.
             longest = min(group[0].num_prompt, budget)
             for s in list(self.waiting)[1:]:
                 if not s.score_only or len(group) >= len(self._free_slots):
                     break
                 cand = max(longest, min(s.num_prompt, budget))
-                if (len(group) + 1) * cand > budget:
+                if self._padded_rows(len(group) + 1) * cand > budget:
                     break
                 group.append(s)
                 longest = cand
-        self._row_chunk = max(1, budget // len(group))
+        self._row_chunk = max(1, budget // self._padded_rows(len(group)))
         for s in group:
             self.waiting.popleft()
             s.slot = heapq.heappop(self._free_slots)
             s.status = SequenceStatus.PREFILLING
             s.scheduled_time = now
             self.prefilling.append(s)
+
+    def _padded_rows(self, rows: int) -> int:
+        buckets = self.config.prefill_row_buckets
+        return next((b for b in sorted(buckets) if b >= rows), rows) if buckets else rows
 
     def prefilled(self, chunk: PrefillChunk) -> None:
         """Record a computed chunk; a fully cached generating prompt starts decoding at the next step."""

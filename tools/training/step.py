@@ -4,9 +4,10 @@ Everything here runs inside MindSpore graphs (Cells called in GRAPH_MODE); the P
 feeds batches and the learning rate. Knows the model's training contract (`loss = model(input_ids)` in training
 mode, logits in evaluation mode) and nothing about files or data order.
 
-AdamW is written out rather than taken from `nn.AdamWeightDecay` (deprecated after 2.9, and without Adam's
-bias correction): this one matches `torch.optim.AdamW` step for step, takes the learning rate as a graph input
-(so the schedule is plain Python), and keeps its state in Parameters the checkpoint can save by name.
+AdamW is our own Cell over MindSpore's fused AdamWeightDecay kernel rather than `nn.AdamWeightDecay`
+(deprecated after 2.9, and without Adam's bias correction): it matches `torch.optim.AdamW` step for step,
+takes the learning rate as a graph input (so the schedule is plain Python), and keeps its state in
+Parameters the checkpoint can save by name.
 """
 
 from __future__ import annotations
@@ -18,21 +19,11 @@ _adamw_update = ops.MultitypeFuncGraph("adamw_update")
 
 
 @_adamw_update.register(
-    "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Bool", "Tensor", "Tensor", "Tensor", "Tensor"
+    "Function", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Bool", "Tensor", "Tensor", "Tensor", "Tensor"
 )
-def _adamw_one(beta1, beta2, eps, lr, wd, bc1, bc2, decay, param, m, v, grad):
-    grad = ops.cast(grad, ms.float32)
-    m_new = beta1 * m + (1.0 - beta1) * grad
-    v_new = beta2 * v + (1.0 - beta2) * ops.square(grad)
-    update = (m_new / bc1) / (ops.sqrt(v_new / bc2) + eps)
-    if decay:
-        # Decoupled weight decay (Loshchilov & Hutter), applied to the weights before this step's update.
-        new_param = param * (1.0 - lr * wd) - lr * update
-    else:
-        new_param = param - lr * update
-    ops.assign(m, m_new)
-    ops.assign(v, v_new)
-    ops.assign(param, new_param)
+def _adamw_one(fused, beta1, beta2, lr, eps, decay, use_decay, param, m, v, grad):
+    # One fused kernel per parameter: m, v and the parameter are updated in place in a single pass.
+    fused(param, m, v, lr, beta1, beta2, eps, decay if use_decay else decay * 0.0, ops.cast(grad, param.dtype))
     return True
 
 
@@ -76,7 +67,12 @@ def no_decay(name: str) -> bool:
 
 
 class AdamW(nn.Cell):
-    """Adam with decoupled weight decay and bias correction, as `torch.optim.AdamW`."""
+    """Adam with decoupled weight decay and bias correction, as `torch.optim.AdamW`.
+
+    MindSpore's fused AdamWeightDecay kernel computes p -= lr' * (m / (sqrt(v) + eps') + decay' * p) without
+    bias correction; torch's step is p -= lr * wd * p + lr * (m / bc1) / (sqrt(v / bc2) + eps), which is the
+    kernel's with lr' = lr * sqrt(bc2) / bc1, eps' = eps * sqrt(bc2) and decay' = wd * lr / lr'.
+    """
 
     def __init__(
         self,
@@ -97,14 +93,18 @@ class AdamW(nn.Cell):
         self.beta2 = Tensor(beta2, ms.float32)
         self.eps = Tensor(eps, ms.float32)
         self.weight_decay = Tensor(weight_decay, ms.float32)
+        self.fused = ops.AdamWeightDecay()
         self.hyper_map = ops.HyperMap()
 
     def construct(self, grads, lr):
         step = self.step + 1.0
         ops.assign(self.step, step)
         bc1 = 1.0 - ops.pow(self.beta1, step)
-        bc2 = 1.0 - ops.pow(self.beta2, step)
-        update = ops.partial(_adamw_update, self.beta1, self.beta2, self.eps, lr, self.weight_decay, bc1, bc2)
+        root_bc2 = ops.sqrt(1.0 - ops.pow(self.beta2, step))
+        kernel_lr = lr * root_bc2 / bc1
+        kernel_eps = self.eps * root_bc2
+        kernel_decay = self.weight_decay * bc1 / root_bc2
+        update = ops.partial(_adamw_update, self.fused, self.beta1, self.beta2, kernel_lr, kernel_eps, kernel_decay)
         return self.hyper_map(update, self.decay_flags, self.params, self.exp_avg, self.exp_avg_sq, grads)
 
     def state(self) -> dict[str, Parameter]:
@@ -209,17 +209,18 @@ class UpdateStep(nn.Cell):
         if self.world_size > 1:
             grads = self.grad_reducer(grads)
             loss = self.all_reduce(loss) / self.world_size
-        # Mean over micro-steps, and undo the loss scale, in one multiplication.
-        grads = self.hyper_map(ops.partial(_scale, 1.0 / (scale * self.accum_steps)), grads)
-        norm = _global_norm(self.hyper_map, grads)
+        # The mean over micro-steps, the loss-scale undo and the clipping are one multiplication (one pass
+        # over the gradients); the norm of the true gradient is the raw norm times the first two factors.
+        unscale = 1.0 / (scale * self.accum_steps)
+        norm = _global_norm(self.hyper_map, grads) * unscale
         finite = ops.isfinite(norm)
         if self.loss_scale is not None:
             finite = self.loss_scale(finite)
+        factor = unscale
         if self.grad_clip > 0:
-            factor = self.grad_clip / ops.maximum(norm, self.grad_clip)
-            grads = self.hyper_map(ops.partial(_scale, factor), grads)
+            factor = unscale * self.grad_clip / ops.maximum(norm, self.grad_clip)
         if finite:
-            self.optimizer(grads, lr)
+            self.optimizer(self.hyper_map(ops.partial(_scale, factor), grads), lr)
         return loss, norm, finite
 
 

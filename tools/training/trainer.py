@@ -12,9 +12,7 @@ at the same sample, so it retraces the uninterrupted run.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +22,14 @@ import numpy as np
 
 from .checkpoint import CheckpointError, CheckpointManager
 from .config import ConfigError, RunConfig
-from .data import BatchPlan, DatasetError, load_samples, split_path
+from .data import BatchPlan, load_samples
+from .evaluate import EvalReport, Evaluator, optional_split, evaluate
 from .runlog import RunLogger, plot_loss_curve
+from .runtime import build_model, check_parallel, count_parameters, init_distributed, save_model_dir, setup_device
+from .runtime import weights_digest
 from .schedule import learning_rate
+
+__all__ = ["EvalReport", "RunResult", "evaluate", "run", "setup_device"]
 
 
 @dataclass
@@ -39,197 +42,6 @@ class RunResult:
     tokens_per_s: float
     seconds: float
     weights_digest: str = ""  # sha256 of the final parameters; equal on every data-parallel process
-
-
-@dataclass
-class EvalReport:
-    loss: float  # mean next-token cross-entropy, nats
-    perplexity: float
-    tokens: int  # predicted tokens
-    samples: int
-    unigram_perplexity: float | None = None  # add-one unigram model fitted on the train split
-
-    def format(self) -> str:
-        text = f"eval: {self.samples} samples, {self.tokens} tokens, loss {self.loss:.4f}, perplexity {self.perplexity:.2f}"
-        if self.unigram_perplexity is not None:
-            text += f"\nunigram baseline perplexity (add-one, fitted on the train split): {self.unigram_perplexity:.2f}"
-        return text
-
-
-# ---- process setup ----------------------------------------------------------------------------------------
-
-_DEVICE_SET: str | None = None
-
-
-def setup_device(target: str) -> None:
-    """Select the device and graph mode once per process (MindSpore refuses a second, different choice)."""
-    global _DEVICE_SET
-    if _DEVICE_SET is None:
-        from model.runtime import set_device
-
-        set_device(target)
-        _DEVICE_SET = target
-    elif _DEVICE_SET != target:
-        raise ConfigError(f"this process already runs on {_DEVICE_SET}; cannot switch to {target}")
-
-
-def check_parallel(cfg: RunConfig) -> None:
-    """Refuse the MindFormers parallel settings that this trainer does not implement."""
-    p = cfg.parallel
-    unsupported = {
-        "model_parallel": (p.model_parallel, 1),
-        "pipeline_stage": (p.pipeline_stage, 1),
-        "optimizer_shard": (p.optimizer_shard, False),
-        "micro_batch_num": (p.micro_batch_num, 1),
-    }
-    for name, (value, allowed) in unsupported.items():
-        if value != allowed:
-            raise ConfigError(
-                f"parallel.{name}={value} is not implemented (only data parallelism is); set it to {allowed}"
-                + (" and use train.grad_accum_steps for micro-batches" if name == "micro_batch_num" else "")
-            )
-    # vocab_emb_dp and gradient_aggregation_group only matter with model parallelism; they are accepted as is.
-
-
-def init_distributed(cfg: RunConfig) -> tuple[int, int]:
-    """(rank, world size). Processes started by msrun join MindSpore's collective group here."""
-    launched = int(os.environ.get("MS_WORKER_NUM", "1"))
-    want = cfg.parallel.data_parallel
-    if launched != want:
-        raise ConfigError(
-            f"parallel.data_parallel is {want} but {launched} process(es) were started; start exactly "
-            f"data_parallel processes (msrun --worker_num={want} ...) or set --parallel.data_parallel {launched}"
-        )
-    if want == 1:
-        return 0, 1
-    import mindspore as ms
-    from mindspore.communication import get_group_size, get_rank, init
-
-    init()
-    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
-    return get_rank(), get_group_size()
-
-
-# ---- model ------------------------------------------------------------------------------------------------
-
-
-def build_model(cfg: RunConfig):
-    """A fresh model from a preset (train) or the weights of a model directory (finetune, eval, or train from one)."""
-    from model import GPT2Config, GPT2LMHeadModel
-
-    overrides = dict(cfg.model.config)
-    fields = [f.name for f in dataclasses.fields(GPT2Config) if f.name != "extra"]
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ConfigError(f"model.config has unknown GPT2Config fields {unknown}; valid fields: {', '.join(fields)}")
-    dtype = cfg.model.precision
-    if cfg.model.pretrained:
-        model = GPT2LMHeadModel.from_pretrained(cfg.model.pretrained, compute_dtype=dtype)
-        if overrides:
-            # Settings such as dropout change the Cells, not the weights: rebuild and copy the weights over.
-            try:
-                new_cfg = dataclasses.replace(model.config, **overrides)
-            except TypeError as e:
-                raise ConfigError(f"model.config: {e}") from None
-            fresh = GPT2LMHeadModel(new_cfg, compute_dtype=dtype)
-            _copy_weights(model, fresh)
-            model = fresh
-    else:
-        try:
-            config = GPT2Config.from_preset(cfg.model.preset, **overrides)
-        except TypeError as e:
-            raise ConfigError(f"model.config: {e}") from None
-        model = GPT2LMHeadModel(config, compute_dtype=dtype)
-    if cfg.data.seq_length > model.config.n_positions:
-        raise ConfigError(
-            f"data.seq_length {cfg.data.seq_length} exceeds the model's n_positions {model.config.n_positions}"
-        )
-    return model
-
-
-def _copy_weights(src, dst) -> None:
-    theirs = {p.name: p for p in src.get_parameters()}
-    for p in dst.get_parameters():
-        q = theirs.get(p.name)
-        if q is None or q.shape != p.shape:
-            raise ConfigError(f"model.config changes the shape of {p.name}; only shape-free settings can change")
-        p.set_data(q.data.copy())
-
-
-def weights_digest(model) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in sorted(model.trainable_params(), key=lambda p: p.name):
-        h.update(p.name.encode())
-        h.update(p.asnumpy().tobytes())
-    return h.hexdigest()
-
-
-def count_parameters(model) -> int:
-    return sum(int(np.prod(p.shape)) for p in model.trainable_params())
-
-
-# ---- evaluation -------------------------------------------------------------------------------------------
-
-
-class Evaluator:
-    """Validation loss over a fixed set of samples, one compiled batch shape (the last batch is padded)."""
-
-    def __init__(self, model, samples: np.ndarray, *, batch_size: int, max_batches: int | None) -> None:
-        from .step import EvalStep
-
-        self.model = model
-        n = len(samples) if max_batches is None else min(len(samples), max_batches * batch_size)
-        self.samples = samples[:n]
-        self.batch_size = min(batch_size, n)
-        self.cell = EvalStep(model)
-
-    def __call__(self) -> tuple[float, int]:
-        """(mean loss in nats per predicted token, predicted tokens)."""
-        import mindspore as ms
-
-        self.cell.set_train(False)
-        total, rows = 0.0, len(self.samples)
-        for start in range(0, rows, self.batch_size):
-            batch = self.samples[start : start + self.batch_size]
-            real = len(batch)
-            if real < self.batch_size:  # pad to the compiled shape; the padding rows are not counted
-                batch = np.concatenate([batch, np.repeat(batch[:1], self.batch_size - real, axis=0)])
-            nll = self.cell(ms.Tensor(batch, ms.int32)).asnumpy()
-            total += float(nll[:real].astype(np.float64).sum())
-        tokens = rows * (self.samples.shape[1] - 1)
-        return total / tokens, tokens
-
-
-def unigram_perplexity(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
-    """Perplexity on `val`'s predicted tokens of an add-one-smoothed unigram model counted on `train`."""
-    counts = np.bincount(train.ravel(), minlength=vocab_size).astype(np.float64) + 1.0
-    logp = np.log(counts / counts.sum())
-    return float(np.exp(-logp[val[:, 1:].ravel()].mean()))
-
-
-def evaluate(cfg: RunConfig, *, split: str = "validation", model=None) -> EvalReport:
-    """Perplexity of the model (cfg.model.pretrained, or `model`) on one split of cfg.data.dataset_dir."""
-    if not cfg.data.dataset_dir:
-        raise ConfigError("eval needs data: pass --dataset_dir DIR")
-    setup_device(cfg.device_target)
-    check_parallel(cfg)
-    if model is None:
-        model = build_model(cfg)
-    samples = load_samples(cfg.data.dataset_dir, split, seq_length=cfg.data.seq_length)
-    evaluator = Evaluator(model, samples, batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches)
-    loss, tokens = evaluator()
-    unigram = None
-    if split != "train" and _optional_split(cfg.data.dataset_dir, "train", cfg.data.seq_length) is not None:
-        train = load_samples(cfg.data.dataset_dir, "train")
-        unigram = unigram_perplexity(train, evaluator.samples, model.config.vocab_size)
-    return EvalReport(
-        loss=loss, perplexity=math.exp(loss), tokens=tokens, samples=len(evaluator.samples), unigram_perplexity=unigram
-    )
-
-
-# ---- training ---------------------------------------------------------------------------------------------
 
 
 def run(
@@ -260,7 +72,7 @@ def run(
     model.set_train(True)
     seq = cfg.data.seq_length
     train_rows = load_samples(cfg.data.dataset_dir, "train", seq_length=seq)
-    val_rows = _optional_split(cfg.data.dataset_dir, "validation", seq)
+    val_rows = optional_split(cfg.data.dataset_dir, "validation", seq)
 
     t = cfg.train
     optimizer = AdamW(model.trainable_params(), weight_decay=t.weight_decay, beta1=t.beta1, beta2=t.beta2, eps=t.eps)
@@ -381,14 +193,6 @@ def run(
     return RunResult(step, model_dir, last_train_loss, val_loss, val_ppl, tokens_per_s, seconds, digest)
 
 
-def _optional_split(dataset: str, split: str, seq: int) -> np.ndarray | None:
-    try:
-        split_path(dataset, split)
-    except DatasetError:
-        return None
-    return load_samples(dataset, split, seq_length=seq)
-
-
 def _batch(rows: np.ndarray, plan: BatchPlan, step: int, micro: int):
     import mindspore as ms
 
@@ -464,23 +268,3 @@ def _restore(manager: CheckpointManager, resume: bool | str, model, optimizer, l
     return int(meta["step"])
 
 
-def save_model_dir(
-    model, path: Path, *, tokenizer: Any = None, weights_dtype: str = "float32", summary: dict | None = None
-) -> None:
-    """The servable model directory: config.json, weights and the tokenizer files (plus training.json)."""
-    import json
-    import tempfile
-
-    from model.checkpoint import state_dict, write_model_dir
-
-    if tokenizer is None:
-        from tokenizer import GPT2Tokenizer
-
-        tokenizer = GPT2Tokenizer.from_pretrained("gpt2")
-    state = {k: v.astype(weights_dtype) for k, v in state_dict(model).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tok_dir:
-        tokenizer.save_pretrained(tok_dir)
-        write_model_dir(path, model.config, state, tokenizer_dir=tok_dir)
-    if summary is not None:
-        (path / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
