@@ -163,6 +163,7 @@ def write_model_dir(path: str | os.PathLike, cfg: GPT2Config, state: Mapping[str
         cfg.to_json(os.path.join(tmp, CONFIG_NAME))
         write_weights(state, os.path.join(tmp, WEIGHTS_FORMATS[weights_format]))
         copy_tokenizer_files(tmp, tokenizer_dir)
+        _apply_umask(tmp)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -188,6 +189,16 @@ def copy_tokenizer_files(dst: str, tokenizer_dir: str | None) -> list[str]:
     before = set(os.listdir(dst))
     GPT2Tokenizer.from_pretrained("gpt2").save_pretrained(dst)
     return sorted(set(os.listdir(dst)) - before)
+
+
+def _apply_umask(tmp: str) -> None:
+    # mkdtemp and the weight writers create owner-only modes; a model directory is meant to be shared
+    # (served by another user, copied into an image), so give it the modes a plain mkdir/open would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
 
 
 def _replace_dir(tmp: str, path: str) -> None:

@@ -68,6 +68,11 @@ class GPT2Config:
         return self.n_embd // self.n_head
 
     @property
+    def seq_length(self) -> int:
+        # MindFormers' name for the context length; its examples pad to `model.config.seq_length`.
+        return self.n_positions
+
+    @property
     def inner_dim(self) -> int:
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
