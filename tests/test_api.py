@@ -373,3 +373,17 @@ def test_metrics_parse_and_count_requests():
     assert m["gpt2_requests_running"] == 0 and m["gpt2_requests_waiting"] == 0
     assert m["gpt2_kv_cache_slots_total"] == 4 and m["gpt2_kv_cache_usage_ratio"] == 0
     assert m["gpt2_batch_size_count"] > 0
+
+
+def test_vllm_prompt_logprobs(client):
+    r = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 1, "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    pl = r.json()["choices"][0]["prompt_logprobs"]
+    assert pl[0] is None and len(pl) == 3
+    assert str(ord("b")) in pl[1] and 2 <= len(pl[1]) <= 3
+    echo = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 0, "echo": True, "logprobs": 0}).json()
+    assert pl[1][str(ord("b"))]["logprob"] == echo["choices"][0]["logprobs"]["token_logprobs"][1]
+    with client.stream("POST", "/v1/completions", json={"prompt": "abc", "max_tokens": 2, "stream": True,
+                                                         "prompt_logprobs": 0}) as r:
+        chunks = [json.loads(p) for p in parse_sse(list(r.iter_lines()))[:-1]]
+    assert chunks[0]["choices"][0]["prompt_logprobs"][0] is None

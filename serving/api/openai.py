@@ -215,6 +215,23 @@ def _apply(
     return delta, lp_delta
 
 
+def _prompt_logprobs(engine: AsyncEngine, prompt: list[TokenInfo] | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token id: {logprob, decoded_token}}, the
+    prompt's own token first, then the top alternatives."""
+    if prompt is None:
+        return None
+    out: list[dict[str, Any] | None] = []
+    for t in prompt:
+        if t.logprob is None:
+            out.append(None)
+            continue
+        entry = {str(t.id): {"logprob": t.logprob, "decoded_token": token_text(engine, t.id)}}
+        for i, lp in t.top or []:
+            entry.setdefault(str(i), {"logprob": lp, "decoded_token": token_text(engine, i)})
+        out.append(entry)
+    return out
+
+
 def _logprobs_obj(c: _Choice) -> dict[str, Any]:
     return {"tokens": c.tokens, "token_logprobs": c.token_logprobs, "top_logprobs": c.top_logprobs,
             "text_offset": c.text_offset}
@@ -254,12 +271,15 @@ async def completions(
     for c, stream_outs in zip(choices, outs):
         for k, out in enumerate(stream_outs):
             _apply(engine, req, c, out, first=k == 0)
-        body_choices.append({
+        choice = {
             "index": c.index,
             "text": c.text,
             "logprobs": _logprobs_obj(c) if req.logprobs is not None else None,
             "finish_reason": c.finish_reason,
-        })
+        }
+        if req.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = _prompt_logprobs(engine, stream_outs[0].prompt if stream_outs else None)
+        body_choices.append(choice)
     completion = sum(c.generated for c in choices)
     return JSONResponse({
         "id": cid,
@@ -284,12 +304,16 @@ async def _stream(engine: AsyncEngine, req: CompletionRequest, s: Settings, choi
     try:
         async for i, out in merge(streams):
             c = choices[i]
-            delta, lp = _apply(engine, req, c, out, first=i not in seen)
+            first = i not in seen
+            delta, lp = _apply(engine, req, c, out, first=first)
             seen.add(i)
-            if not delta and lp is None and out.final is None:
+            if not delta and lp is None and out.final is None and not (first and req.prompt_logprobs is not None):
                 continue  # nothing releasable yet (held-back stop-string prefix or partial character)
-            yield chunk([{"index": c.index, "text": delta, "logprobs": lp,
-                          "finish_reason": c.finish_reason if out.final is not None else None}])
+            item = {"index": c.index, "text": delta, "logprobs": lp,
+                    "finish_reason": c.finish_reason if out.final is not None else None}
+            if first and req.prompt_logprobs is not None:
+                item["prompt_logprobs"] = _prompt_logprobs(engine, out.prompt)
+            yield chunk([item])
         if req.stream_options is not None and req.stream_options.include_usage:
             completion = sum(c.generated for c in choices)
             yield chunk([], usage={"prompt_tokens": usage_prompt, "completion_tokens": completion,

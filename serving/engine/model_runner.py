@@ -167,13 +167,11 @@ def load_session(
 
 
 def warmup(session, *, decode_batches: tuple[int, ...]) -> int:
-    """Compile the shapes most requests hit, so that first requests do not wait for compilation: decode at
-    every context bucket for the largest decode batch (the only one with fixed decode batching) and at the
-    smallest context for the others, and a first prefill chunk of each chunk bucket. Other shapes (later chunks
-    of long prompts, prompt logprobs, packed scoring) compile on first use."""
+    """Compile the shapes most requests hit, so that requests do not stall on compilation: decode at every decode
+    batch size (one with fixed decode batching) and context bucket, and a first prefill chunk of each chunk
+    bucket. Other shapes (later chunks of long prompts, prompt logprobs, packed scoring) compile on first use."""
     contexts = session.context_buckets
-    shapes = [(max(decode_batches), 1, cb) for cb in contexts]
-    shapes += [(b, 1, contexts[0]) for b in decode_batches if b != max(decode_batches)]
+    shapes = [(b, 1, cb) for b in sorted(decode_batches, reverse=True) for cb in contexts]
     for tb in session.chunk_buckets:
         cb = next(c for c in contexts if c >= tb)
         shapes.append((1, tb, cb))
