@@ -17,6 +17,7 @@ from typing import Any
 
 ENV_PREFIX = "GPT2_"
 DECODE_BATCHING = ("fixed", "bucketed")
+DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Settings:
     decode_batching: str = "fixed"
     warmup: bool = True  # compile the common step shapes before reporting healthy
     compile_cache: str | None = None  # directory for MindSpore's compiled-graph cache (faster restarts)
+    device_target: str = "CPU"  # MindSpore device: CPU, GPU or Ascend
     compute_dtype: str = "float32"
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
@@ -63,6 +65,8 @@ class Settings:
             raise ValueError(f"queue_timeout must be > 0, got {self.queue_timeout}")
         if self.decode_batching not in DECODE_BATCHING:
             raise ValueError(f"decode_batching must be one of {DECODE_BATCHING}, got {self.decode_batching!r}")
+        if self.device_target not in DEVICE_TARGETS:
+            raise ValueError(f"device_target must be one of {DEVICE_TARGETS}, got {self.device_target!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
 
@@ -124,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--decode-batching", choices=DECODE_BATCHING, help="fixed (batch-invariant, default) or bucketed (faster alone)")
     a("--warmup", action=argparse.BooleanOptionalAction, default=None, help="compile common shapes at start")
     a("--compile-cache", help="directory for MindSpore's compiled-graph cache")
-    a("--compute-dtype", choices=("float32", "float16", "bfloat16"))
+    a("--device-target", choices=DEVICE_TARGETS, help="MindSpore device (default CPU)")
+    a("--compute-dtype", choices=("float32", "float16", "bfloat16"), help="matmul dtype (float16/bfloat16 for Ascend)")
     a("--max-stop-sequences", type=int)
     a("--max-top-n-tokens", type=int)
     a("--max-n", type=int)

@@ -34,6 +34,7 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
             max_seq_len=config.max_total_tokens,
             batch_buckets=config.batch_buckets,
             chunk_buckets=chunk_buckets(config),
+            device_target=settings.device_target,
             compute_dtype=settings.compute_dtype,
             compile_cache_dir=settings.compile_cache,
         )

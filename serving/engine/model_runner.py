@@ -148,14 +148,15 @@ def load_session(
     max_seq_len: int,
     batch_buckets: tuple[int, ...],
     chunk_buckets: tuple[int, ...],
+    device_target: str = "CPU",
     compute_dtype: str = "float32",
     compile_cache_dir: str | None = None,
 ):
-    """Build the MindSpore model and its compiled KV-cache session from a model directory (CPU)."""
+    """Build the MindSpore model and its compiled KV-cache session from a model directory."""
     from model import GPT2LMHeadModel, InferenceSession
     from model.runtime import set_device
 
-    set_device("CPU", compile_cache_dir=compile_cache_dir)
+    set_device(device_target, compile_cache_dir=compile_cache_dir)
     model = GPT2LMHeadModel.from_pretrained(model_dir, compute_dtype=compute_dtype)
     return InferenceSession(
         model,
