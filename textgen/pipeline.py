@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from serving.sampler import draw, filter_top_k_top_p_min_p
+
 from .models import GPT2LMHeadModel, ensure_device, resolve_model_dir
 
 TASKS = ("text_generation", "text-generation")
@@ -182,17 +184,14 @@ def sample_token(
     top_p: float | None = None,
     temperature: float | None = None,
 ) -> int:
-    """Argmax, or a draw from softmax(logits / temperature) restricted to the top-k and then the nucleus top-p."""
+    """Argmax, or a draw from softmax(logits / temperature) restricted to the top-k and then the nucleus top-p.
+
+    The filtering and the draw are the server's (serving.sampler), so the pipeline and the API sample alike.
+    """
     if not do_sample:
         return int(np.argmax(logits))
-    x = logits.astype(np.float64) / (temperature or 1.0)
-    order = np.argsort(-x)
-    if top_k is not None:
-        order = order[:top_k]
-    probs = np.exp(x[order] - x[order[0]])
-    probs /= probs.sum()
-    if top_p is not None and top_p < 1.0:
-        # Keep the most likely tokens whose mass before them is < top_p (always at least one).
-        keep = int(np.searchsorted(np.cumsum(probs), top_p) + 1)
-        order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-    return int(order[rng.choice(len(order), p=probs)])
+    x = (np.asarray(logits, np.float32) / np.float32(temperature or 1.0))[None, :]
+    x = filter_top_k_top_p_min_p(
+        x, np.array([top_k or 0]), np.array([1.0 if top_p is None else top_p]), np.array([0.0])
+    )
+    return int(draw(x, rng.random(1))[0])
