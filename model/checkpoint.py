@@ -22,6 +22,7 @@ import mindspore as ms
 import numpy as np
 
 from .config import GPT2Config
+from .gpt2 import is_transposed_weight
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -77,15 +78,21 @@ def check_state_dict(state: Mapping[str, np.ndarray], cfg: GPT2Config, *, source
 
 
 def state_dict(model) -> dict[str, np.ndarray]:
-    """The model's parameters as numpy arrays under their Hugging Face names."""
-    return {p.name: p.asnumpy() for p in model.get_parameters()}
+    """The model's parameters as numpy arrays under their Hugging Face names and in Hugging Face layouts."""
+    return {p.name: _to_hf(p.name, p.asnumpy()) for p in model.get_parameters()}
 
 
 def load_state_dict(model, state: Mapping[str, np.ndarray], *, source: str = "weights") -> None:
     """Copy arrays into the model's parameters after checking names and shapes (float32 parameters)."""
     check_state_dict(state, model.config, source=source)
     for p in model.get_parameters():
-        p.set_data(ms.Tensor(np.ascontiguousarray(state[p.name], dtype=np.float32)))
+        a = np.asarray(state[p.name], dtype=np.float32)
+        p.set_data(ms.Tensor(np.ascontiguousarray(a.T if is_transposed_weight(p.name) else a)))
+
+
+def _to_hf(name: str, a: np.ndarray) -> np.ndarray:
+    # The model stores the Conv1D weights [out, in]; Hugging Face layout is [in, out] (see model.gpt2).
+    return np.ascontiguousarray(a.T) if is_transposed_weight(name) else a
 
 
 # ---- weight files ------------------------------------------------------------------------------------------

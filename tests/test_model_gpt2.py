@@ -17,13 +17,18 @@ def model_pair():
 
 
 def test_parameter_names_are_hugging_face_state_dict_keys(model_pair):
-    from model.checkpoint import parameter_shapes
+    from model.checkpoint import parameter_shapes, state_dict
+    from model.gpt2 import is_transposed_weight
 
     hf, ours = model_pair
     hf_keys = {k: tuple(v.shape) for k, v in hf.state_dict().items()
                if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))}
-    ours_keys = {p.name: tuple(p.shape) for p in ours.get_parameters()}
+    ours_keys = {k: tuple(v.shape) for k, v in state_dict(ours).items()}
     assert ours_keys == hf_keys == parameter_shapes(our_config())
+    # Internally the Conv1D weights are [out, in]; state dicts and files keep the Hugging Face [in, out].
+    stored = {p.name: tuple(p.shape) for p in ours.get_parameters()}
+    assert stored == {k: v[::-1] if is_transposed_weight(k) else v for k, v in hf_keys.items()}
+    assert sum(map(is_transposed_weight, stored)) == 4 * our_config().n_layer
 
 
 def test_eval_logits_match_transformers_on_a_padded_batch(model_pair):
@@ -76,6 +81,8 @@ def test_training_forward_is_differentiable_in_graph_mode(model_pair):
     def step(x):
         return grad_fn(x)
 
+    from model.gpt2 import is_transposed_weight
+
     ours.set_train(True)
     try:
         loss, grads = step(ms.Tensor(ids))
@@ -89,7 +96,10 @@ def test_training_forward_is_differentiable_in_graph_mode(model_pair):
     assert abs(float(loss.asnumpy()) - ref.item()) < 1e-5
     for p, g in zip(params, grads):
         # wte gets gradient from the embedding and the tied head in both frameworks.
+        # Conv1D weights are stored [out, in] here, [in, out] in Hugging Face.
         ref_g = hf_grads[p.name].grad.numpy()
+        if is_transposed_weight(p.name):
+            ref_g = ref_g.T
         assert np.abs(g.asnumpy() - ref_g).max() < 1e-5, p.name
     hf.zero_grad()
 
