@@ -73,6 +73,24 @@ def test_pipeline_greedy_matches_the_model_generate_and_validates_parameters(tin
         pipeline("translation", model=tiny_model_dir)
 
 
+@pytest.mark.slow
+def test_pipeline_prefills_a_prompt_longer_than_its_largest_chunk(tmp_path):
+    import mindspore as ms
+
+    from model import GPT2Config, GPT2LMHeadModel
+    from textgen import ensure_device, pipeline
+
+    ensure_device()
+    ms.set_seed(1)
+    model_dir = tmp_path / "long"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=600)).save_pretrained(model_dir)
+    gen = pipeline("text_generation", model=model_dir, max_length=600)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 50000, 530)]  # 512 + 18: two chunks
+    got = gen.generate_ids(ids, rng=np.random.default_rng(0), max_new_tokens=4, do_sample=False)
+    expected = gen.model.generate(ids, 4)
+    assert got == expected[: len(got)] and len(got) >= 1
+
+
 def _doc_examples() -> list[str]:
     text = README.read_text(encoding="utf-8")
     api = text[text.index("## Python API") :]

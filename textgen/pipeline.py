@@ -135,12 +135,16 @@ class TextGenerationPipeline:
 
         sess = self._get_session()
         eos = self.tokenizer.eos_token_id
-        logits = sess.step(
-            np.asarray([prompt_ids], np.int32),
-            np.arange(len(prompt_ids), dtype=np.int32)[None],
-            np.zeros(1, np.int32),
-            np.asarray([len(prompt_ids) - 1], np.int32),
-        )[0]
+        # Prefill in chunks no longer than the session's largest chunk bucket (a prompt may be longer).
+        chunk = max(sess.chunk_buckets)
+        for start in range(0, len(prompt_ids), chunk):
+            piece = prompt_ids[start : start + chunk]
+            logits = sess.step(
+                np.asarray([piece], np.int32),
+                np.arange(start, start + len(piece), dtype=np.int32)[None],
+                np.zeros(1, np.int32),
+                np.asarray([len(piece) - 1], np.int32),
+            )[0]
         out: list[int] = []
         for i in range(max_new_tokens):
             tok = sample_token(logits, rng=rng, do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature)
