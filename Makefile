@@ -29,8 +29,7 @@ HF4 := .cache/hf4
 $(HF4):
 	$(PY) -m pip install -q --target $(HF4) 'transformers>=4.44,<5'
 
+# Every benchmark, one table (bench/results/latest.md and .json). `make bench BENCH_ARGS=--quick` is a smoke run;
+# `python bench/run_all.py --help` lists the options.
 bench: $(STAMP) $(HF4)
-	$(PY) bench/bench_tokenizer.py --hf-python-site $(HF4)
-	$(PY) bench/bench_model.py
-	$(PY) bench/bench_serving.py
-	$(PY) bench/bench_train.py
+	$(PY) bench/run_all.py --hf-python-site $(HF4) $(BENCH_ARGS)

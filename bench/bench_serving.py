@@ -1,12 +1,23 @@
-"""Serving benchmark: aggregate tokens/s and per-token latency for 1 and 16 concurrent streaming clients.
+"""Serving under load: N concurrent streaming clients against this project's server or the transformers baseline.
 
-Starts the real server (`python -m serving`) on a 124M-shaped GPT-2 (random weights unless --model is given),
-streams from /generate_stream with N concurrent clients, and prints the numbers next to llama.cpp's on this
-machine. Greedy decoding with EOS ignored is not available on the TGI route, so every request asks for the same
-number of tokens and the random model practically never emits EOS early (counted tokens are reported anyway).
+    python bench/bench_serving.py --server ours                   # python -m serving, 124M random weights
+    python bench/bench_serving.py --server hf-static              # bench/hf_baseline_server.py --mode static
+    python bench/bench_serving.py --server hf-single --clients 1,4 --time-limit 60
+    python bench/bench_serving.py --server ours --server-args="--decode-batching bucketed --prefill-chunk 128"
 
-    python bench/bench_serving.py                       # fixed decode batching (the default), then bucketed
-    python bench/bench_serving.py --modes fixed --clients 1 16 --new-tokens 128
+Closed loop: for each N in --clients, N clients each send --requests-per-client requests one after the other
+(the next when the previous has finished), every request asking for exactly --new-tokens tokens (greedy;
+the random-weight model practically never emits EOS, and tokens actually received are what is counted).
+A level stops at --time-limit seconds: requests still running are cancelled and count with what they received.
+
+Prompts are real text: windows of Shakespeare (Hamlet, Macbeth, The Tempest and the Sonnets, shipped in
+tests/data/tokenizer_corpus) at seeded random offsets, their lengths log-uniform between --prompt-min and
+--prompt-max tokens (16..512: as many prompts of 16-64 tokens as of 128-512; median ~90, mean ~150), the same
+list for every server and every N. Before measuring, every prompt is sent once with 1 new token, so one-time
+costs (our server compiles later prefill chunks on first use) stay out of the numbers.
+
+Reported per N: aggregate tokens/s (all tokens received / wall time), time to first token and inter-token
+latency p50/p99, and at the end the server's peak RSS (VmHWM from /proc/<pid>/status).
 """
 
 from __future__ import annotations
@@ -15,165 +26,178 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import signal
-import statistics
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-REPO = Path(__file__).resolve().parent.parent
-LLAMA_CPP = {"single_ms_per_token": "17-18", "aggregate_16_tok_s": 222}
+import benchlib  # noqa: E402
+import procs  # noqa: E402
+from loadgen import closed_loop, stream_one, StreamResult, summarize  # noqa: E402
+
+REPO = procs.REPO
+TEXTS = sorted((REPO / "tests" / "data" / "tokenizer_corpus").glob("shakespeare_*.txt"))
+DEFAULT_MODEL = REPO / ".cache" / "bench" / "gpt2-124m-random"
+SERVERS = ("ours", "hf-single", "hf-static")
 
 
-@dataclass
-class StreamResult:
-    tokens: int = 0
-    ttft: float = 0.0
-    gaps: list[float] = field(default_factory=list)
+def ensure_model(path: Path, n_layer: int | None = None) -> Path:
+    """A random-weight GPT-2 model directory at `path` (tools/init_model.py), created once and reused."""
+    if (path / "config.json").is_file():
+        return path
+    cmd = [sys.executable, "-m", "tools.init_model", str(path)]
+    if n_layer:
+        cmd += ["--n-layer", str(n_layer)]
+    print(f"creating a random-weight model in {path} ...", flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    return path
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, prompt: str, new_tokens: int) -> StreamResult:
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens}}
-    res = StreamResult()
+def prompt_mix(n: int, lo: int, hi: int, seed: int) -> tuple[list[str], list[int]]:
+    """n prompt texts of seeded log-uniform token lengths in [lo, hi], from the Shakespeare texts."""
+    from tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer.from_pretrained("gpt2")
+    ids = tok.encode("\n\n".join(p.read_text(encoding="utf-8") for p in TEXTS))
+    lengths = benchlib.draw_lengths(n, lo, hi, seed)
+    return benchlib.make_prompts(ids, lengths, seed, tok.decode), lengths
+
+
+def server_command(kind: str, model: Path, port: int, args: argparse.Namespace) -> list[str]:
+    if kind == "ours":
+        return [sys.executable, "-m", "serving", "--model", str(model), "--port", str(port),
+                "--max-batch-size", str(args.max_batch_size), "--max-queue", str(max(64, 2 * max(args.clients))),
+                "--log-level", "warning", *shlex.split(args.server_args)]
+    mode = kind.split("-", 1)[1]
+    cmd = [sys.executable, str(REPO / "bench" / "hf_baseline_server.py"), "--model", str(model),
+           "--port", str(port), "--mode", mode, "--max-batch-size", str(args.max_batch_size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return cmd + shlex.split(args.baseline_args)
+
+
+async def warm(url: str, prompts: list[str]) -> float:
+    """Send every prompt once for one token, one after the other; returns the seconds it took."""
+    import httpx
+
     t0 = time.perf_counter()
-    last = None
-    async with client.stream("POST", url + "/generate_stream", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            now = time.perf_counter()
-            event = json.loads(line[5:])
-            if "error" in event:
-                raise RuntimeError(event)
-            if last is None:
-                res.ttft = now - t0
-            else:
-                res.gaps.append(now - last)
-            last = now
-            res.tokens += 1
-    return res
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as http:
+        for i, p in enumerate(prompts):
+            res = await stream_one(http, url, p, 1, StreamResult(prompt_index=i))
+            if res.error:
+                raise RuntimeError(f"warm-up request {i} failed: {res.error}")
+    return time.perf_counter() - t0
 
 
-async def run_clients(url: str, clients: int, new_tokens: int, rounds: int) -> dict:
-    limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
-        results: list[StreamResult] = []
-        t0 = time.perf_counter()
-        for r in range(rounds):
-            prompts = [f"Benchmark round {r} client {i}: once upon a time, in a land far away," for i in range(clients)]
-            results += await asyncio.gather(*(one_stream(c, url, p, new_tokens) for p in prompts))
-        wall = time.perf_counter() - t0
-    gaps = [g for res in results for g in res.gaps]
-    tokens = sum(res.tokens for res in results)
-    return {
-        "clients": clients,
-        "requests": len(results),
-        "tokens": tokens,
-        "wall_s": wall,
-        "aggregate_tok_s": tokens / wall,
-        "ms_per_token_mean": 1000 * statistics.fmean(gaps),
-        "ms_per_token_p50": 1000 * statistics.median(gaps),
-        "ms_per_token_p90": 1000 * statistics.quantiles(gaps, n=10)[-1],
-        "ttft_ms_mean": 1000 * statistics.fmean(res.ttft for res in results),
-    }
+def model_budget(model: Path, slots: int) -> dict:
+    """Weights and KV-cache bytes of serving `model` with `slots` slots of its full context window."""
+    cfg = json.loads((model / "config.json").read_text())
+    n_layer, d, vocab, pos = cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"]
+    weights = 4 * benchlib.gpt2_param_count(n_layer, d, vocab, pos)
+    kv = benchlib.kv_cache_bytes(n_layer, d, slots, pos)
+    return {"weights_bytes": weights, "kv_bytes": kv, "slack_bytes": 10**9, "budget_bytes": weights + kv + 10**9,
+            "slots": slots, "positions": pos, "n_layer": n_layer}
 
 
-def start_server(model: Path, mode: str, args, log: Path) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "serving", "--model", str(model), "--port", "0", "--max-batch-size", "16",
-           "--max-queue", "64", "--max-total-tokens", str(args.max_total_tokens), "--decode-batching", mode,
-           "--log-level", "warning"]
-    if args.compile_cache:
-        cmd += ["--compile-cache", args.compile_cache]
-    fh = open(log, "wb")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-    t0 = time.time()
-    url = None
-    while time.time() - t0 < args.start_timeout:
-        text = log.read_text(errors="replace")
-        if url is None and (m := re.search(r"on (http://[\d.]+:\d+)", text)):
-            url = m.group(1)
-        if url:
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    print(f"  server ready after {time.time() - t0:.0f} s (load + compile)", flush=True)
-                    return proc, url
-            except httpx.HTTPError:
-                pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{text[-3000:]}")
-        time.sleep(1)
-    proc.kill()
-    raise TimeoutError(f"server not ready:\n{log.read_text(errors='replace')[-3000:]}")
-
-
-def decode_step_ms(url: str) -> float | None:
-    text = httpx.get(url + "/metrics", timeout=30).text
-    s = re.search(r'gpt2_step_duration_seconds_sum\{phase="decode"\} ([\d.e+-]+)', text)
-    c = re.search(r'gpt2_step_duration_seconds_count\{phase="decode"\} ([\d.e+-]+)', text)
-    if not (s and c) or float(c.group(1)) == 0:
-        return None
-    return 1000 * float(s.group(1)) / float(c.group(1))
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model directory (default: a random 124M-shaped model in a temp dir)")
-    p.add_argument("--modes", nargs="+", default=["fixed", "bucketed"], choices=["fixed", "bucketed"])
-    p.add_argument("--clients", nargs="+", type=int, default=[1, 16])
+def main(argv: list[str] | None = None) -> int:
+    p = benchlib.arg_parser(__doc__)
+    p.add_argument("--server", choices=SERVERS, default="ours")
+    p.add_argument("--model", type=Path, help=f"model directory (default: {DEFAULT_MODEL.relative_to(REPO)}, "
+                   "created with tools/init_model.py if missing)")
+    p.add_argument("--clients", default="1,4,16,32", help="concurrency levels N, comma-separated")
+    p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2, help="rounds per client count (each: N concurrent streams)")
-    p.add_argument("--max-total-tokens", type=int, default=256, help="server context limit (fewer graphs to compile)")
-    p.add_argument("--compile-cache", help="MindSpore compile cache dir (faster reruns)")
-    p.add_argument("--start-timeout", type=float, default=1800)
+    p.add_argument("--prompt-min", type=int, default=16)
+    p.add_argument("--prompt-max", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-limit", type=float, default=120.0, help="seconds per concurrency level")
+    p.add_argument("--max-batch-size", type=int, default=32, help="server slots (ours) / static batch size")
+    p.add_argument("--server-args", default="",
+                   help='extra flags for `python -m serving`, one string: --server-args="--prefill-chunk 128"')
+    p.add_argument("--baseline-args", default="", help="extra flags for bench/hf_baseline_server.py")
+    p.add_argument("--threads", type=int, help="torch threads of the baseline server")
+    p.add_argument("--no-warm", dest="warm", action="store_false", help="skip sending every prompt once first")
+    p.add_argument("--start-timeout", type=float, default=1800.0)
+    p.add_argument("--log-dir", type=Path, help="server log directory (default: a temp dir)")
+    p.add_argument("--json", help="write the results here (rewritten after every level)")
     args = p.parse_args(argv)
+    args.clients = [int(x) for x in args.clients.split(",") if x]
+    procs.install_signal_handlers()
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    model = Path(args.model) if args.model else tmp / "gpt2-124m-random"
-    if not args.model:
-        print(f"creating a random 124M-shaped model in {model} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "tools.init_model", str(model)], cwd=REPO, check=True,
-                       capture_output=True)
-    rows = []
-    for mode in args.modes:
-        print(f"decode batching = {mode}: starting server ...", flush=True)
-        proc, url = start_server(model, mode, args, tmp / f"server-{mode}.log")
+    model = args.model.resolve() if args.model else ensure_model(DEFAULT_MODEL)
+    need = max(args.clients) * args.requests_per_client
+    prompts, lengths = prompt_mix(need, args.prompt_min, args.prompt_max, args.seed)
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = log_dir / f"server-{args.server}.log"
+    port = procs.free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = server_command(args.server, model, port, args)
+    result: dict = {
+        "server": args.server, "cmd": cmd, "model": str(model), "new_tokens": args.new_tokens,
+        "requests_per_client": args.requests_per_client, "time_limit_s": args.time_limit,
+        "prompt_mix": {"distribution": f"log-uniform [{args.prompt_min}, {args.prompt_max}] tokens, seed {args.seed}",
+                       "n": len(lengths), "min": min(lengths), "median": benchlib.percentile(lengths, 50),
+                       "mean": sum(lengths) / len(lengths), "max": max(lengths)},
+        "budget": model_budget(model, args.max_batch_size), "levels": [], "errors": [],
+    }
+    print(f"{args.server}: {shlex.join(cmd)}\n  log {log}", flush=True)
+    mix = result["prompt_mix"]
+    print(f"  prompts: {mix['n']}, {mix['distribution']}: min {mix['min']}, median {mix['median']:.0f}, "
+          f"mean {mix['mean']:.0f}, max {mix['max']}; {args.new_tokens} new tokens each", flush=True)
+    t0 = time.perf_counter()
+    proc = procs.spawn(cmd, log=log)
+    try:
         try:
-            asyncio.run(run_clients(url, 1, 8, 1))  # first-request effects out of the measurement
-            for n in args.clients:
-                before = decode_step_ms(url)
-                res = asyncio.run(run_clients(url, n, args.new_tokens, args.rounds))
-                res["mode"] = mode
-                res["decode_step_ms"] = decode_step_ms(url)
-                rows.append(res)
-                print(f"  {n:>2} clients: {res['aggregate_tok_s']:7.1f} tok/s aggregate, "
-                      f"{res['ms_per_token_mean']:6.1f} ms/token mean (p50 {res['ms_per_token_p50']:.1f}, "
-                      f"p90 {res['ms_per_token_p90']:.1f}), TTFT {res['ttft_ms_mean']:.0f} ms", flush=True)
-                del before
-        finally:
-            proc.send_signal(signal.SIGTERM)
+            result["startup_s"] = procs.wait_healthy(url, proc, timeout=args.start_timeout, t0=t0, poll=0.5)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"server log {log}:\n{procs.tail(log)}", flush=True)
+            raise RuntimeError(f"{e}: {procs.last_line(log)}") from None
+        print(f"  ready after {result['startup_s']:.1f} s", flush=True)
+        if args.warm:
+            result["warm_s"] = asyncio.run(warm(url, prompts))
+            print(f"  warm-up (every prompt once, 1 token): {result['warm_s']:.1f} s", flush=True)
+        print(f"  {'N':>3} {'reqs':>5} {'done':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} "
+              f"{'TTFT p50':>9} {'p99 ms':>8} {'ITL p50':>8} {'p99 ms':>8}", flush=True)
+        for n in args.clients:
             try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-    print()
-    print(f"GPT-2 124M (random weights), CPU, {os.cpu_count()} cores; {args.new_tokens} new tokens per request, "
-          f"{args.rounds} rounds per row")
-    header = f"{'decode batching':<16}{'clients':>8}{'tok/s (agg)':>13}{'ms/token':>10}{'p90 ms':>8}{'TTFT ms':>9}"
-    print(header + "   llama.cpp on this machine")
-    for r in rows:
-        ref = (f"{LLAMA_CPP['single_ms_per_token']} ms/token" if r["clients"] == 1
-               else f"{LLAMA_CPP['aggregate_16_tok_s']} tok/s aggregate" if r["clients"] == 16 else "")
-        print(f"{r['mode']:<16}{r['clients']:>8}{r['aggregate_tok_s']:>13.1f}{r['ms_per_token_mean']:>10.1f}"
-              f"{r['ms_per_token_p90']:>8.1f}{r['ttft_ms_mean']:>9.0f}   {ref}")
-    return 0
+                res, wall = asyncio.run(closed_loop(url, prompts, clients=n, per_client=args.requests_per_client,
+                                                    new_tokens=args.new_tokens, time_limit=args.time_limit))
+            except Exception as e:  # noqa: BLE001 - one level failing is reported, the next still runs
+                result["errors"].append(f"N={n}: {type(e).__name__}: {e}")
+                print(f"  N={n} failed: {e}", flush=True)
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server died: {procs.last_line(log)}") from e
+                continue
+            level = {"clients": n, **summarize(res, wall)}
+            result["levels"].append(level)
+            benchlib.write_json(args.json, result)
+            f = lambda x: benchlib.fmt(x, digits=0)  # noqa: E731
+            print(f"  {n:>3} {level['requests']:>5} {level['finished']:>5} {level['tokens']:>7} {wall:>7.1f} "
+                  f"{level['aggregate_tok_s']:>7.1f} {f(level['ttft_ms_p50']):>9} {f(level['ttft_ms_p99']):>8} "
+                  f"{f(level['itl_ms_p50']):>8} {f(level['itl_ms_p99']):>8}"
+                  + (f"  errors: {level['first_errors']}" if level["errors"] else ""), flush=True)
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode}: {procs.last_line(log)}")
+            time.sleep(1.0)  # let the server drop what the cancelled requests left
+        result["peak_rss_bytes"] = procs.peak_rss_bytes(proc.pid)
+    except Exception as e:
+        result["errors"].append(f"{type(e).__name__}: {e}")
+        benchlib.write_json(args.json, result)
+        raise
+    finally:
+        procs.stop(proc)
+    benchlib.write_json(args.json, result)
+    b = result["budget"]
+    rss = result["peak_rss_bytes"]
+    print(f"  peak RSS (VmHWM) {benchlib.fmt(rss / 1e9 if rss else None, 'GB')}; budget for {b['slots']} slots x "
+          f"{b['positions']} positions: weights {b['weights_bytes'] / 1e9:.2f} GB + KV {b['kv_bytes'] / 1e9:.2f} GB "
+          f"+ 1 GB = {b['budget_bytes'] / 1e9:.2f} GB", flush=True)
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ the Rust `tokenizers`). When the installed transformers is 5.x, that row needs a
 
 and is then measured in a subprocess with that directory first on sys.path.
 
-Usage: python bench/bench_tokenizer.py [--text FILE ...] [--repeat N] [--hf-python-site DIR]
+Usage: python bench/bench_tokenizer.py [--text FILE ...] [--repeat N] [--hf-python-site DIR] [--json PATH]
 """
 
 from __future__ import annotations
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("HF_PYTHON_SITE"),
         help="directory with transformers<5 installed (pip install --target DIR)",
     )
+    parser.add_argument("--json", help="also write the results here as JSON")
     parser.add_argument("--worker-hf-python", metavar="DOCS_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker_hf_python:
@@ -269,6 +270,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     for r in python_hf:
         print(f"vs {r.name}: {mine.cold_mb_s / r.cold_mb_s:.2f}x cold, {mine.warm_mb_s / r.warm_mb_s:.2f}x warm")
+    if args.json:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from benchlib import write_json
+
+        write_json(args.json, {"megabytes": size / 1e6, "documents": len(files), "repeat": args.repeat,
+                               "target_mb_s": TARGET_MB_S, "results": [r.__dict__ for r in results]})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                       # GPT-2 124M shape and the default model's shape
     python bench/bench_train.py --shapes small --steps 5
+    python bench/bench_train.py --json out.json       # also write the numbers as JSON
 
 Both sides run the same model (Hugging Face GPT-2 architecture and init ranges), the same batch of random
 token ids, a full step (forward, backward, gradient clipping at 1.0, AdamW) in float32 on the device this
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     p.add_argument("--steps", type=int, default=3, help="timed steps")
     p.add_argument("--warmup", type=int, default=1, help="untimed first steps (MindSpore compiles here)")
+    p.add_argument("--json", help="write the results here (rewritten after every shape)")
     p.add_argument("--worker", choices=("mindspore", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     shapes = args.shapes.split(",")
@@ -134,14 +136,32 @@ def main(argv: list[str] | None = None) -> int:
              f"{'MS/PT':>6} {'MS warm-up s':>12} {'PT warm-up s':>12}"
     print(header)
     print("-" * len(header))
+    results: dict = {"steps": args.steps, "warmup": args.warmup, "shapes": [], "errors": []}
     for shape in shapes:
-        _, batch, seq = SHAPES[shape]
-        ms_r = _measure("mindspore", shape, args.steps, args.warmup)
-        pt_r = _measure("torch", shape, args.steps, args.warmup)
+        fields, batch, seq = SHAPES[shape]
+        try:
+            ms_r = _measure("mindspore", shape, args.steps, args.warmup)
+            pt_r = _measure("torch", shape, args.steps, args.warmup)
+        except RuntimeError as e:  # one shape failing is reported; the next still runs
+            results["errors"].append(f"{shape}: {e}")
+            print(f"{shape:<10} failed: {e}", flush=True)
+            _write_json(args.json, results)
+            continue
+        results["shapes"].append({"shape": shape, "batch": batch, "seq": seq, "n_layer": fields["n_layer"],
+                                  "n_embd": fields["n_embd"], "mindspore": ms_r, "torch": pt_r})
+        _write_json(args.json, results)
         print(f"{shape:<10} {ms_r['params'] / 1e6:>7.1f}M {f'{batch} x {seq}':>11} {ms_r['tokens_per_s']:>15.0f} "
               f"{pt_r['tokens_per_s']:>13.0f} {ms_r['tokens_per_s'] / pt_r['tokens_per_s']:>6.2f} "
               f"{ms_r['warmup_s']:>12.1f} {pt_r['warmup_s']:>12.1f}", flush=True)
-    return 0
+    return 1 if results["errors"] else 0
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from benchlib import write_json
+
+        write_json(path, data)
 
 
 if __name__ == "__main__":

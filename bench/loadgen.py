@@ -1,0 +1,132 @@
+"""Closed-loop load generator for TGI's `POST /generate_stream` (SSE): N clients, each sending its next request
+when its previous one has finished, a fixed number of requests per client, all bounded by a wall-time limit.
+
+Per request it records when it was sent, when each token event arrived, and errors; `summarize` turns that
+into aggregate tokens/s, time to first token and inter-token latency percentiles. Requests still running at
+the time limit are cancelled (the client disconnects, which makes the server abort them) and count with the
+tokens they had received. Knows httpx and the TGI event format; nothing of the servers behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import httpx
+
+from benchlib import percentile
+
+
+@dataclass
+class StreamResult:
+    prompt_index: int
+    sent: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.sent if self.token_times else None
+
+    @property
+    def gaps(self) -> list[float]:
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
+
+
+async def stream_one(
+    client: httpx.AsyncClient, url: str, prompt: str, new_tokens: int, res: StreamResult
+) -> StreamResult:
+    """One streaming request; fills `res` as events arrive (so a cancelled request keeps what it received)."""
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens, "do_sample": False}}
+    res.sent = time.perf_counter()
+    async with client.stream("POST", url + "/generate_stream", json=body) as r:
+        if r.status_code != 200:
+            res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+            return res
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            now = time.perf_counter()
+            event = json.loads(line[5:])
+            if "error" in event:
+                res.error = str(event.get("error"))[:200]
+                return res
+            if "token" in event:
+                res.token_times.append(now)
+            if event.get("generated_text") is not None:
+                res.finished = True
+    return res
+
+
+async def closed_loop(
+    url: str, prompts: Sequence[str], *, clients: int, per_client: int, new_tokens: int, time_limit: float,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> tuple[list[StreamResult], float]:
+    """Client c sends prompts[c * per_client + r] for r = 0.. per_client - 1, one after the other. Returns the
+    results and the wall time from the first request to the last token (or the time limit). `transport`
+    replaces the network (tests)."""
+    if len(prompts) < clients * per_client:
+        raise ValueError(f"{clients} clients x {per_client} requests need {clients * per_client} prompts, "
+                         f"got {len(prompts)}")
+    results: list[StreamResult] = []
+    timeout = httpx.Timeout(connect=30.0, read=time_limit + 120.0, write=30.0, pool=time_limit + 120.0)
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as http:
+        t0 = time.perf_counter()
+        deadline = t0 + time_limit
+
+        async def client_loop(c: int) -> None:
+            for r in range(per_client):
+                if time.perf_counter() >= deadline:
+                    return
+                res = StreamResult(prompt_index=c * per_client + r)
+                results.append(res)
+                try:
+                    await stream_one(http, url, prompts[res.prompt_index], new_tokens, res)
+                except httpx.HTTPError as e:
+                    res.error = f"{type(e).__name__}: {e}"[:200]
+
+        tasks = [asyncio.create_task(client_loop(c)) for c in range(clients)]
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
+        end = time.perf_counter()
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()
+    last = max((r.token_times[-1] for r in results if r.token_times), default=end)
+    wall = (end if pending else last) - t0
+    return results, wall
+
+
+def summarize(results: Sequence[StreamResult], wall: float) -> dict:
+    """Aggregate tokens/s, TTFT and inter-token latency (ms) percentiles over all requests."""
+    ttfts = [r.ttft for r in results if r.ttft is not None]
+    gaps = [g for r in results for g in r.gaps]
+    tokens = sum(len(r.token_times) for r in results)
+
+    def ms(x: float | None) -> float | None:
+        return None if x is None else 1000 * x
+
+    return {
+        "requests": len(results),
+        "finished": sum(r.finished for r in results),
+        "unfinished": sum(not r.finished and r.error is None for r in results),
+        "errors": sum(r.error is not None for r in results),
+        "first_errors": [r.error for r in results if r.error][:3],
+        "tokens": tokens,
+        "wall_s": wall,
+        "aggregate_tok_s": tokens / wall if wall > 0 else None,
+        "ttft_ms_p50": ms(percentile(ttfts, 50)),
+        "ttft_ms_p99": ms(percentile(ttfts, 99)),
+        "ttft_ms_max": ms(max(ttfts, default=None)),
+        "itl_ms_p50": ms(percentile(gaps, 50)),
+        "itl_ms_p99": ms(percentile(gaps, 99)),
+        "itl_ms_mean": ms(sum(gaps) / len(gaps)) if gaps else None,
+    }

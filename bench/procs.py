@@ -1,0 +1,165 @@
+"""Child processes of the benchmarks: start them so that none outlives the benchmark, stop them, watch them.
+
+Every child runs in its own session (process group), so stopping it also stops whatever it started, and gets
+SIGKILL from the kernel if its parent dies first (Linux `PR_SET_PDEATHSIG`), so a benchmark killed hard leaves
+no server behind. `kill_all` (registered with atexit and on SIGTERM by `install_signal_handlers`) stops the
+children still running.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+_PR_SET_PDEATHSIG = 1
+try:
+    # Loaded here, not in the forked child (no dynamic loading between fork and exec).
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - not Linux
+    _LIBC = None
+
+_children: list[subprocess.Popen] = []
+
+
+def _die_with_parent() -> None:
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def spawn(
+    cmd: Sequence[str], *, log: Path | None = None, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.Popen:
+    """Start cmd in its own process group, output to `log` (or inherited), killed when this process dies."""
+    out = open(log, "wb") if log else None
+    try:
+        proc = subprocess.Popen(
+            list(cmd), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )
+    finally:
+        if out:
+            out.close()
+    _children.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen, grace: float = 20.0) -> int | None:
+    """SIGTERM the child's process group, SIGKILL it after `grace` seconds; returns the exit code."""
+    try:
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # Also whatever the child started and left behind in its group.
+        _signal_group(proc, signal.SIGKILL)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover - unkillable
+            pass
+    finally:
+        if proc in _children:
+            _children.remove(proc)
+    return proc.returncode
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_all() -> None:
+    for proc in list(_children):
+        stop(proc, grace=5.0)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM/SIGHUP raise SystemExit, so `finally` blocks and atexit stop the children."""
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
+
+
+atexit.register(kill_all)
+
+
+def run(
+    cmd: Sequence[str], *, log: Path, timeout: float, env: dict[str, str] | None = None
+) -> tuple[int | None, float]:
+    """Run cmd to completion (output to `log`), at most `timeout` seconds; returns (exit code or None on
+    timeout, seconds)."""
+    t0 = time.perf_counter()
+    proc = spawn(cmd, log=log, env=env)
+    try:
+        rc = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        stop(proc, grace=10.0)
+    return rc, time.perf_counter() - t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, *, timeout: float, t0: float | None = None,
+                 poll: float = 0.1) -> float:
+    """Seconds from t0 (default: now) until GET url/health answers 200; raises if the process exits or the
+    timeout passes."""
+    t0 = time.perf_counter() if t0 is None else t0
+    with httpx.Client(timeout=5.0) as client:
+        while True:
+            try:
+                if client.get(url + "/health").status_code == 200:
+                    return time.perf_counter() - t0
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode} before /health answered 200")
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"/health not 200 after {timeout:.0f} s")
+            time.sleep(poll)
+
+
+def peak_rss_bytes(pid: int) -> int | None:
+    """The process's peak resident set size (VmHWM), None if it cannot be read (process gone, not Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log (what a dying server said last)."""
+    lines = [ln.strip() for ln in tail(path, 4000).splitlines() if ln.strip()]
+    return lines[-1] if lines else "(empty log)"

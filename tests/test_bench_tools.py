@@ -1,0 +1,251 @@
+"""The benchmark suite's pure helpers (bench/benchlib.py, bench/loadgen.py) and run_all's row building: no model,
+no server; a fake SSE transport stands in for the network."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import benchlib  # noqa: E402
+import loadgen  # noqa: E402
+import run_all  # noqa: E402
+from benchlib import Row, Target  # noqa: E402
+
+
+# ---- statistics and the prompt mix ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [[3.0], [1.0, 2.0], [5, 1, 4, 2, 3], list(np.random.default_rng(0).random(101))])
+@pytest.mark.parametrize("q", [0, 1, 50, 90, 99, 100])
+def test_percentile_matches_numpy(values, q):
+    assert benchlib.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_percentile_edge_cases():
+    assert benchlib.percentile([], 50) is None
+    with pytest.raises(ValueError):
+        benchlib.percentile([1.0], 101)
+
+
+def test_draw_lengths_seeded_bounded_log_uniform():
+    a = benchlib.draw_lengths(2000, 16, 512, seed=3)
+    assert a == benchlib.draw_lengths(2000, 16, 512, seed=3)
+    assert a != benchlib.draw_lengths(2000, 16, 512, seed=4)
+    assert min(a) >= 16 and max(a) <= 512
+    # log-uniform: median near the geometric mean sqrt(16 * 512) ~ 90.5, as many below 64 as above 128
+    assert 80 <= benchlib.percentile(a, 50) <= 100
+    below, above = sum(x < 64 for x in a), sum(x > 128 for x in a)
+    assert abs(below - above) < 0.1 * len(a)
+    with pytest.raises(ValueError):
+        benchlib.draw_lengths(1, 0, 10, seed=0)
+
+
+def test_make_prompts_windows_of_the_text():
+    ids = list(range(1000))
+    lengths = [16, 100, 512, 1000]
+    windows = benchlib.token_windows(len(ids), lengths, seed=0)
+    assert [b - a for a, b in windows] == lengths
+    assert all(0 <= a and b <= len(ids) for a, b in windows)
+    prompts = benchlib.make_prompts(ids, lengths, 0, lambda t: ",".join(map(str, t)))
+    assert [len(p.split(",")) for p in prompts] == lengths
+    with pytest.raises(ValueError):
+        benchlib.token_windows(10, [11], seed=0)
+
+
+# ---- rows, targets, the table ---------------------------------------------------------------------------------
+
+
+def test_judge_says_by_how_much_a_target_is_missed():
+    assert benchlib.judge(0.7, ">=", 0.6) == "yes"
+    assert benchlib.judge(0.45, ">=", 0.6) == "NO, 25% short"
+    assert benchlib.judge(1.0, "<=", 1.0) == "yes"
+    assert benchlib.judge(1.23, "<=", 1.0) == "NO, 23% over"
+    assert benchlib.judge(2000.0, "<", 2000.0) == "NO, 0% over"
+    assert benchlib.judge(1999.0, "<", 2000.0) == "yes"
+
+
+def test_row_ratio_and_verdict():
+    r = Row("s", "prefill", 300.0, 600.0, target=Target(">= 0.60x", ">=", 0.6))
+    assert r.ratio == pytest.approx(0.5)
+    assert r.verdict == "NO, 17% short"
+    assert Row("s", "x", 1.0, None).ratio is None
+    assert Row("s", "x", 1.0, None, target=Target("t", ">=", 1.0)).verdict == "not measured"
+    assert Row("s", "rss", 3.0, target=Target("<= 4 GB", "<=", 4.0, "ours")).verdict == "yes"
+    assert Row("s", "x").verdict == ""
+    e = benchlib.error_row("s", "model", "Traceback...\nRuntimeError: boom\n")
+    assert e.verdict == "ERROR" and e.error == "RuntimeError: boom"
+    d = r.to_dict()
+    assert d["verdict"] == "NO, 17% short" and d["target"]["threshold"] == 0.6
+    json.dumps(d)
+    with pytest.raises(ValueError):
+        Target("t", "==", 1.0)
+
+
+def test_tables_have_every_row_and_section():
+    rows = [
+        Row("model", "decode b=1", 50.0, 40.0, ours_text="50.0 ms", target=Target("<= 1.00x", "<=", 1.0)),
+        Row("model", "prefill 1x128", 600.0, 700.0, note="a note"),
+        benchlib.error_row("training", "train", "exit code 1: boom"),
+    ]
+    text = benchlib.format_table(rows)
+    assert "[model]" in text and "[training]" in text
+    assert "NO, 25% over" in text and "1.25x" in text and "error: exit code 1: boom" in text and "a note" in text
+    md = benchlib.format_markdown(rows).splitlines()
+    assert all(line.count(" | ") + 2 == md[0].count("|") or line.startswith("| **") or line.startswith("|---")
+               for line in md)
+    assert any("ERROR" in line for line in md)
+
+
+def test_fmt():
+    assert benchlib.fmt(None) == "-"
+    assert benchlib.fmt(1234.4, "tok/s") == "1,234 tok/s"
+    assert benchlib.fmt(12.345, "ms") == "12.3 ms"
+    assert benchlib.fmt(0.8754, "GB") == "0.875 GB"
+    assert benchlib.fmt(5.0, digits=2) == "5.00"
+
+
+def test_write_atomic_leaves_no_temporary_file(tmp_path):
+    path = tmp_path / "sub" / "out.json"
+    benchlib.write_json(path, {"a": 1})
+    benchlib.write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert os.listdir(path.parent) == ["out.json"]
+    benchlib.write_json(None, {"ignored": True})
+
+
+def test_model_sizes():
+    assert benchlib.gpt2_param_count(12, 768, 50257, 1024) == 124_439_808
+    # the issue's KV budget: 2 * n_layer * 32 slots * 1024 positions * n_embd * 4 bytes
+    assert benchlib.kv_cache_bytes(12, 768, 32, 1024) == 2 * 12 * 32 * 1024 * 768 * 4
+
+
+# ---- the load generator ---------------------------------------------------------------------------------------
+
+
+def _sse_transport(tokens: int, delay: float) -> httpx.MockTransport:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert body["parameters"]["max_new_tokens"] == tokens
+
+        async def events():
+            for i in range(1, tokens + 1):
+                await asyncio.sleep(delay)
+                ev = {"index": i, "token": {"id": i, "text": "x", "logprob": -1.0, "special": False},
+                      "generated_text": "x" * tokens if i == tokens else None, "details": None}
+                yield f"data:{json.dumps(ev)}\n\n".encode()
+
+        return httpx.Response(200, content=events(), headers={"content-type": "text/event-stream"})
+
+    return httpx.MockTransport(handler)
+
+
+def test_closed_loop_counts_every_token():
+    prompts = [f"p{i}" for i in range(6)]
+    results, wall = asyncio.run(loadgen.closed_loop("http://fake", prompts, clients=3, per_client=2, new_tokens=4,
+                                                    time_limit=30, transport=_sse_transport(4, 0.005)))
+    assert sorted(r.prompt_index for r in results) == list(range(6))
+    s = loadgen.summarize(results, wall)
+    assert s["requests"] == 6 and s["finished"] == 6 and s["tokens"] == 24 and s["errors"] == 0
+    assert s["aggregate_tok_s"] == pytest.approx(24 / wall)
+    assert 3 <= s["itl_ms_p50"] < 1000 and s["ttft_ms_p50"] >= 3
+    # closed loop: each client's second request starts after its first has finished
+    by_client = {}
+    for r in results:
+        by_client.setdefault(r.prompt_index // 2, []).append(r)
+    for first, second in by_client.values():
+        assert second.sent >= first.token_times[-1]
+
+
+def test_closed_loop_stops_at_the_time_limit():
+    prompts = ["p"] * 4
+    results, wall = asyncio.run(loadgen.closed_loop("http://fake", prompts, clients=2, per_client=2, new_tokens=50,
+                                                    time_limit=0.3, transport=_sse_transport(50, 0.02)))
+    s = loadgen.summarize(results, wall)
+    assert s["finished"] == 0 and s["unfinished"] == 2 and s["requests"] == 2
+    assert 0 < s["tokens"] < 100
+    assert 0.3 <= wall < 2.0
+
+
+def test_closed_loop_reports_http_errors():
+    transport = httpx.MockTransport(lambda request: httpx.Response(429, json={"error": "busy"}))
+    results, wall = asyncio.run(loadgen.closed_loop("http://fake", ["a", "b"], clients=1, per_client=2,
+                                                    new_tokens=4, time_limit=10, transport=transport))
+    s = loadgen.summarize(results, wall)
+    assert s["errors"] == 2 and s["tokens"] == 0 and "HTTP 429" in s["first_errors"][0]
+    assert s["ttft_ms_p50"] is None
+    with pytest.raises(ValueError):
+        asyncio.run(loadgen.closed_loop("http://fake", ["a"], clients=2, per_client=1, new_tokens=1, time_limit=1))
+
+
+def test_stream_result_gaps():
+    r = loadgen.StreamResult(0, sent=1.0, token_times=[1.5, 1.6, 1.9])
+    assert r.ttft == pytest.approx(0.5)
+    assert r.gaps == pytest.approx([0.1, 0.3])
+    assert loadgen.StreamResult(0).ttft is None
+
+
+# ---- run_all: rows from the benchmarks' JSON ------------------------------------------------------------------
+
+
+def _level(n, tok_s, ttft_p99=500.0):
+    return {"clients": n, "requests": 2 * n, "finished": 2 * n, "unfinished": 0, "errors": 0, "first_errors": [],
+            "tokens": 256 * n, "wall_s": 1.0, "aggregate_tok_s": tok_s, "ttft_ms_p50": 100.0,
+            "ttft_ms_p99": ttft_p99, "ttft_ms_max": ttft_p99, "itl_ms_p50": 50.0, "itl_ms_p99": 90.0,
+            "itl_ms_mean": 55.0}
+
+
+def _serving(levels, rss=None):
+    return {"levels": levels, "peak_rss_bytes": rss, "requests_per_client": 2, "new_tokens": 128,
+            "time_limit_s": 120.0, "prompt_mix": {"distribution": "log-uniform", "median": 90, "mean": 150},
+            "budget": {"weights_bytes": 497_759_232, "kv_bytes": 2_415_919_104, "budget_bytes": 3_913_678_336,
+                       "slots": 32, "positions": 1024, "n_layer": 12}, "errors": []}
+
+
+def test_serving_rows_apply_the_targets_at_n16():
+    raw = {
+        "serving-ours": _serving([_level(1, 20.0), _level(16, 100.0, ttft_p99=2500.0)], rss=3.5e9),
+        "serving-hf-static": _serving([_level(1, 25.0), _level(16, 150.0)], rss=2e9),
+        "serving-hf-single": _serving([_level(1, 25.0), _level(16, 25.0)], rss=1e9),
+    }
+    rows = run_all.build_rows(raw, {}, list(raw))
+    by = {r.what: r for r in rows}
+    assert by["N=16 aggregate tok/s vs static batching"].verdict == "NO, 17% short"  # 0.667x of 0.8x
+    assert by["N=16 aggregate tok/s vs one at a time"].verdict == "yes"  # 4x >= 3x
+    assert by["N=16 TTFT p50 / p99 (ratio of p99)"].verdict == "NO, 25% over"
+    assert by["N=1 aggregate tok/s vs static batching"].target is None
+    rss = next(r for r in rows if r.what.startswith("server peak RSS"))
+    assert rss.verdict == "yes" and "3.91" in rss.target.text
+    assert any(r.what == "serving N=16 aggregate tok/s vs llama.cpp" and r.ours == 100.0 for r in rows)
+
+
+def test_failed_benchmarks_become_error_rows_and_the_rest_still_render():
+    model = {"decode": [{"batch": 1, "context": 128, "ours_ms": 50.0, "ref_ms": 40.0},
+                        {"batch": 32, "context": 128, "ours_ms": 200.0, "ref_ms": 250.0}],
+             "prefill": [{"batch": 1, "tokens": 512, "ours_tok_s": 500.0, "ref_tok_s": 700.0}], "score": [],
+             "decode_floor_ms": 25.0, "weight_bytes": 5e8, "copy_bandwidth_bytes_s": 2e10}
+    raw = {"model": model, "train": {"shapes": "not a list"}, "serving-ours": None,
+           "start": {"seconds": {"cold": 90.0}}}
+    errors = {"serving-ours": "exit code 1: server exited", "start": "timed out after 10 s"}
+    rows = run_all.build_rows(raw, errors, ["model", "train", "serving-ours", "start"])
+    verdicts = {r.what: r.verdict for r in rows}
+    assert verdicts["decode b=1 ctx=128"] == "NO, 25% over"
+    assert verdicts["decode b=32 ctx=128"] == "yes"
+    assert verdicts["prefill 1x512"] == "yes"  # 0.71x >= 0.6x
+    assert verdicts["train: results"] == "ERROR"  # malformed JSON
+    assert verdicts["serving ours"] == "ERROR" and verdicts["start"] == "ERROR"
+    assert "start, empty --compile-cache dir (cold)" in verdicts  # partial results still shown
+    floor = next(r for r in rows if "floor" in r.what)
+    assert floor.ratio == pytest.approx(2.0)
+    text = benchlib.format_table(rows)
+    assert "server exited" in text and "timed out" in text
+    assert not math.isnan(sum(r.ratio or 0 for r in rows))
