@@ -8,10 +8,13 @@ import pytest
 
 from serving import sampler
 from serving.config import EngineConfig
-from serving.engine import AsyncEngine, EngineState, FinishReason
+from serving.engine import AsyncEngine, EngineState, FinishReason, ModelRunner
+from serving.engine.core import EngineCore, StepResult
+from serving.engine.scheduler import SchedulerConfig
+from serving.engine.sequence import Sequence
 from serving.errors import EngineUnavailableError, OverloadedError, QueueTimeoutError, RequestFailedError
 from serving.sampling_params import SamplingParams
-from serving_helpers import EOS, FakeTokenizer, fake_greedy, fake_logits, fake_parts
+from serving_helpers import EOS, FakeSession, FakeTokenizer, fake_greedy, fake_logits, fake_parts
 
 TOK = FakeTokenizer()
 CONFIG = EngineConfig(max_batch_size=4, max_queue=8, max_total_tokens=128, prefill_chunk=16)
@@ -55,7 +58,7 @@ def test_greedy_matches_the_reference_and_reports_a_final():
     run_engine(t)
 
 
-def test_concurrent_requests_share_fixed_size_decode_steps_and_match_alone():
+def test_fixed_batching_pads_decode_and_prefills_alone_and_matches_alone():
     prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
 
     async def t(engine, box):
@@ -68,7 +71,25 @@ def test_concurrent_requests_share_fixed_size_decode_steps_and_match_alone():
         prefill_rows = {b for b, t, _ in session.calls if t > 1}
         assert prefill_rows == {1}  # each prompt prefilled alone
 
-    run_engine(t)
+    run_engine(t, config=dataclasses.replace(CONFIG, decode_batching="fixed"))
+
+
+def test_bucketed_batching_packs_prefill_and_matches_alone():
+    # Longer than one 16-token chunk, of different lengths: packed passes mix first and later chunks.
+    prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
+    config = dataclasses.replace(CONFIG, max_prefill_tokens=64)
+    assert config.decode_batching == "bucketed"  # the default
+
+    async def t(engine, box):
+        results = await asyncio.gather(*(generate(engine, p, greedy(20)) for p in prompts))
+        for p, outs in zip(prompts, results):
+            assert [x.id for o in outs for x in o.tokens] == fake_greedy(TOK.encode(p), 20)
+        calls = box["session"].calls
+        assert any(b > 1 for b, t, _ in calls if t > 1)  # several prompts in one prefill pass
+        assert all(b * t <= 64 for b, t, _ in calls if t > 1)  # the budget (the fake does not pad)
+        assert {b for b, t, _ in calls if t == 1} > {1} and all(b <= 4 for b, _, _ in calls)
+
+    run_engine(t, config=config)
 
 
 def test_bucketed_decode_runs_only_the_live_rows():
@@ -77,6 +98,25 @@ def test_bucketed_decode_runs_only_the_live_rows():
         assert {b for b, t, _ in box["session"].calls if t == 1} == {1}
 
     run_engine(t, config=dataclasses.replace(CONFIG, decode_batching="bucketed"))
+
+
+def test_a_steps_first_tokens_are_out_before_its_decode_pass_runs():
+    session = FakeSession(4, 128)
+    runner = ModelRunner(session, num_slots=4, eos_token_id=EOS, decode_batch=None)
+    core = EngineCore(runner, SchedulerConfig(num_slots=4, max_waiting=4, prefill_chunk=16, max_prefill_tokens=64),
+                      TOK.token_bytes)
+    core.add([Sequence("a", TOK.encode("first"), greedy(5))])
+    core.step()
+    core.add([Sequence("b", TOK.encode("second"), greedy(5))])
+    sched = core.schedule()
+    assert [c.seq.request_id for c in sched.prefill] == ["b"] and [s.request_id for s in sched.decode] == ["a"]
+    res = StepResult()
+    core.execute_prefill(sched, res)
+    first = core.postprocess_prefill(sched, res)
+    assert [o.request_id for o in first] == ["b"] and len(session.calls) == 2  # no decode pass yet
+    core.abort("a")  # a request that ends meanwhile is not decoded
+    core.execute_decode(sched, res)
+    assert core.postprocess_decode(sched, res) == [] and len(session.calls) == 2
 
 
 def test_eos_stops_unless_ignored():
@@ -310,12 +350,14 @@ def test_step_shapes_the_loader_asks_for():
     from serving.engine.model_runner import warmup
 
     assert chunk_buckets(CONFIG) == (1, 16)  # 1 is decode's: a decode step must never pad to a prefill chunk
-    assert chunk_buckets(dataclasses.replace(CONFIG, prefill_chunk=256)) == (1, 16, 64, 256)
+    assert chunk_buckets(dataclasses.replace(CONFIG, prefill_chunk=256)) == (1, 16, 64, 128, 256)
+    assert chunk_buckets(dataclasses.replace(CONFIG, prefill_chunk=100)) == (1, 16, 64, 100)
     assert dataclasses.replace(CONFIG, max_batch_size=12).batch_buckets == (1, 2, 4, 8, 12)
 
     class Recorder:
         context_buckets = (64, 128)
         chunk_buckets = (1, 16, 64)
+        batch_buckets = (1, 2, 4, 8, 16)
         shapes = None
 
         def warmup(self, shapes):
@@ -324,3 +366,10 @@ def test_step_shapes_the_loader_asks_for():
     r = Recorder()
     assert warmup(r, decode_batches=(16,)) == 5
     assert r.shapes == [(16, 1, 64), (16, 1, 128), (1, 1, 64), (1, 16, 64), (1, 64, 64)]
+    # Packed prefill: first chunks at every row bucket whose padded pass fits the budget, too.
+    assert warmup(r, decode_batches=(1, 2, 4, 8, 16), max_prefill_tokens=128) == 16
+    assert r.shapes[10:] == [(1, 16, 64), (2, 16, 64), (4, 16, 64), (8, 16, 64), (1, 64, 64), (2, 64, 64)]
+    # A first chunk of 65-256 tokens pads to 256 and needs context 128, 192 or 256.
+    r.context_buckets, r.chunk_buckets = (64, 128, 192, 256), (1, 16, 64, 256)
+    warmup(r, decode_batches=(4,))
+    assert r.shapes[5:] == [(1, 16, 64), (1, 64, 64), (1, 256, 128), (1, 256, 192), (1, 256, 256)]

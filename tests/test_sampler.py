@@ -85,6 +85,52 @@ def test_nucleus_candidates_path_equals_full_sort(v, top_p, top_k, seed):
         assert got[r].tolist() == want.tolist()
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.sampled_from([7, 300, 4099, 50257]), st.integers(1, 1100), st.integers(0, 2**32 - 1))
+def test_top_candidates_equal_a_full_sort(b, v, k, seed):
+    """The interleaved-group shortcut must find exactly each row's k largest entries, best first."""
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(b, v)) * rng.uniform(0.01, 5)).astype(np.float32)
+    x[rng.random((b, v)) < 0.05] = -np.inf  # suppressed tokens
+    ids, vals = sampler.top_candidates(x, k)
+    k = min(k, v)
+    assert ids.shape == vals.shape == (b, k)
+    want = -np.sort(-x, axis=1)[:, :k]
+    np.testing.assert_array_equal(vals, want)
+    np.testing.assert_array_equal(np.take_along_axis(x, ids, 1), vals)
+    assert all(len(set(r)) == k for r in ids.tolist())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([10, 257, 1000, 5000]), st.integers(0, 2**32 - 1))
+def test_draw_equals_a_full_cumulative_sum(v, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.normal(size=(5, v)) * rng.uniform(0.1, 8)).astype(np.float32)
+    x[rng.random((5, v)) < 0.3] = -np.inf
+    x[:, 0] = 0.0  # at least one token per row
+    u = rng.random(5)
+    p = np.exp(x - x.max(1, keepdims=True))
+    cdf = np.cumsum(p, axis=1, dtype=np.float64)
+    want = [int(np.searchsorted(cdf[r], u[r] * cdf[r, -1], side="right")) for r in range(5)]
+    got = sampler.draw(x, u)
+    assert got.tolist() == want and np.isfinite(x[np.arange(5), got]).all()
+
+
+def test_sample_with_filters_equals_filter_then_draw_over_the_vocabulary():
+    """The candidate-only draw gives the token of a draw over the whole filtered vocabulary."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(8, 50257)) * 4).astype(np.float32)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, min_p=m) for t, k, p, m in
+              [(0.7, 50, 0.9, 0.0), (1.0, 0, 0.8, 0.0), (1.3, 5, 1.0, 0.0), (0.5, 0, 1.0, 0.1),
+               (1.0, 2000, 0.95, 0.0), (0.9, 0, 0.999, 0.0), (1.0, 1, 1.0, 0.0), (2.0, 40, 0.5, 0.05)]]
+    got = sampler.sample(x, [_row(p, seed=i) for i, p in enumerate(params)]).token_ids
+    for i, p in enumerate(params):
+        xs = x[i : i + 1] / np.float32(p.temperature)
+        f = sampler.filter_top_k_top_p_min_p(xs, np.array([p.top_k]), np.array([p.top_p]), np.array([p.min_p]))
+        want = sampler.draw(f, np.array([np.random.default_rng(i).random()]))[0]
+        assert got[i] == want, i
+
+
 def test_typical_matches_reference():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(3, 40)).astype(np.float32)

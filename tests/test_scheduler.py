@@ -170,3 +170,141 @@ def test_score_packing_budgets_padded_rows():
     out = run_step(s)
     # 5 rows would pad to 8 and 8 x 12 > 64: four rows (4 x 12 <= 64) go first.
     assert len(out.prefill) == 4
+
+
+# ---- packed prefill (bucketed decode batching) ------------------------------------------------------------------
+
+ROWS = (1, 2, 4, 8, 16)
+CHUNKS = (1, 16, 64, 128, 256)
+
+
+def packed(num_slots=16, budget=256, chunk=256, **kw):
+    return Scheduler(SchedulerConfig(num_slots=num_slots, max_waiting=100, prefill_chunk=chunk,
+                                     prefill_row_buckets=ROWS, prefill_chunk_buckets=CHUNKS,
+                                     max_prefill_tokens=budget, **kw))
+
+
+def padded_size(s: Scheduler, chunks) -> int:
+    return s._padded_rows(len(chunks)) * s._padded_chunk(max(c.end - c.start for c in chunks))
+
+
+def test_packed_prefill_takes_several_waiting_prompts_in_one_pass():
+    s = packed()
+    s.add([seq(f"r{i}", 12) for i in range(16)])
+    out = run_step(s)
+    # 16 rows x 16 tokens (12 padded to 16) = 256: every prompt in one pass, all get their first token.
+    assert [c.seq.request_id for c in out.prefill] == [f"r{i}" for i in range(16)]
+    assert all((c.start, c.end) == (0, 12) for c in out.prefill) and out.decode == []
+    out = run_step(s)
+    assert out.prefill == [] and len(out.decode) == 16
+
+
+def test_packed_prefill_respects_the_padded_budget_in_arrival_order():
+    s = packed(budget=256)
+    s.add([seq("a", 40), seq("b", 30), seq("c", 50), seq("d", 10), seq("e", 20)])
+    out = run_step(s)
+    # 4 rows of <= 64 tokens: 4 x 64 = 256; a fifth row would pad to 8 x 64.
+    assert [c.seq.request_id for c in out.prefill] == ["a", "b", "c", "d"]
+    assert padded_size(s, out.prefill) <= 256
+    assert s.get("e").status is SequenceStatus.WAITING and s.get("e").slot is None
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.prefill] == ["e"]
+
+
+def test_the_oldest_prompt_gets_a_whole_chunk_and_younger_ones_fill_what_is_left():
+    s = packed(budget=512, chunk=256)
+    s.add([seq("old", 600), seq("young", 30), seq("third", 30)])
+    out = run_step(s)
+    # old: 256 tokens; 2 rows x 256 = 512 leaves room for one more row; a third would pad to 4 x 256.
+    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("old", 0, 256), ("young", 0, 30)]
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("old", 256, 512), ("third", 0, 30)]
+    assert [q.request_id for q in out.decode] == ["young"]
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("old", 512, 600)]
+    assert s.get("old").status is SequenceStatus.RUNNING
+
+
+def test_a_younger_row_is_cut_at_a_chunk_bucket_that_keeps_the_pass_within_budget():
+    s = packed(budget=256, chunk=256)
+    s.add([seq("short", 20), seq("long", 300)])
+    out = run_step(s)
+    # short pads to 16..64 -> width 64; a second row may take up to 256 // 2 = 128 tokens (a bucket).
+    assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [("short", 20), ("long", 128)]
+    assert padded_size(s, out.prefill) == 256
+
+
+def test_a_long_prompt_alone_goes_in_chunks_while_the_others_decode():
+    s = packed(budget=64, chunk=64)
+    s.add([seq("short", 3, max_new=50)])
+    run_step(s)
+    s.add([seq("long", 150, max_new=2)])
+    chunks = []
+    for _ in range(3):
+        out = run_step(s)
+        chunks += [(c.start, c.end) for c in out.prefill]
+        assert [q.request_id for q in out.decode][:1] == ["short"]
+    assert chunks == [(0, 64), (64, 128), (128, 150)]
+
+
+def test_the_oldest_row_gets_its_chunk_even_above_the_budget():
+    s = packed(budget=32, chunk=64)
+    s.add([seq("a", 100), seq("b", 5)])
+    out = run_step(s)
+    assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [("a", 64)]
+
+
+def test_packed_prefill_admits_no_more_than_the_free_slots_and_reuses_freed_ones():
+    s = packed(num_slots=2)
+    a, b, c = seq("a", 5), seq("b", 5), seq("c", 5)
+    s.add([a, b, c])
+    out = run_step(s)  # a and b prefilled together; c waits for a slot
+    assert [x.seq.request_id for x in out.prefill] == ["a", "b"] and c.slot is None
+    assert c.status is SequenceStatus.WAITING and s.num_free_slots == 0
+    s.finish(a, FinishReason.STOP, 0.0)  # e.g. its first token was a stop token
+    assert s.num_free_slots == 1
+    out = run_step(s)
+    assert [x.seq.request_id for x in out.prefill] == ["c"] and c.slot == a.slot
+    assert [q.request_id for q in out.decode] == ["b"]
+
+
+def test_packed_prefill_mixes_score_only_and_generating_prompts():
+    s = packed()
+    s.add([score_seq("s1", 10), seq("g", 10), score_seq("s2", 10)])
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.prefill] == ["s1", "g", "s2"]
+    assert not s.has_work() or [q.request_id for q in s.running] == ["g"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.sampled_from([16, 64, 128, 256]),
+    st.sampled_from([16, 64, 256, 512]),
+    st.lists(st.tuples(st.integers(1, 700), st.integers(0, 6), st.booleans()), min_size=1, max_size=12),
+)
+def test_packed_random_workloads_keep_the_budget_fifo_and_invariants(num_slots, chunk, budget, reqs):
+    s = packed(num_slots=num_slots, budget=budget, chunk=chunk)
+    seqs = [(Sequence(str(i), [1] * n, SamplingParams(max_new_tokens=m)), ab) for i, (n, m, ab) in enumerate(reqs)]
+    s.add([q for q, _ in seqs])
+    for step in range(5000):
+        if not s.has_work():
+            break
+        holders_before = s.prefilling + list(s.waiting)
+        out = run_step(s)
+        if out.prefill:
+            first = out.prefill[0]
+            # FIFO: the pass starts with the oldest unfinished prompt, which gets a whole chunk.
+            assert first.seq is holders_before[0]
+            assert first.end - first.start == min(chunk, first.seq.num_prompt - first.start)
+            assert len(out.prefill) == 1 or padded_size(s, out.prefill) <= budget
+            order = [int(c.seq.request_id) for c in out.prefill]
+            assert order == sorted(order)
+        holders = s.prefilling + s.running
+        slots = [q.slot for q in holders]
+        assert len(slots) == len(set(slots)) and len(holders) + s.num_free_slots == num_slots
+        for q, abort_early in seqs:
+            if abort_early and step == 2:
+                s.abort(q.request_id, 0.0)
+    assert not s.has_work() and s.num_free_slots == num_slots
+    assert all(q.is_finished for q, _ in seqs)

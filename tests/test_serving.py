@@ -1,7 +1,8 @@
 """The real server as a separate uvicorn process over a tiny random MindSpore GPT-2 (slow, but run in CI).
 
-Two servers share one session-scoped model directory: a 16-slot one for clients, batching and validation, and a
-2-slot one with a 1-deep queue for disconnects, 429 and graceful shutdown.
+Two servers share one session-scoped model directory: a 16-slot one with fixed decode batching for clients,
+batching and validation, and a 2-slot one with the default (bucketed) batching and a 1-deep queue for packed
+prefill, disconnects, 429 and graceful shutdown.
 """
 
 import asyncio
@@ -32,8 +33,10 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
+    # Fixed decode batching: the batching tests compare concurrent greedy output with solo runs token for token.
     s = ServerProcess(tiny_model, "--max-batch-size", "16", "--max-queue", "32", "--prefill-chunk", "64",
-                      "--compile-cache", str(logs / "graphs"), log_path=logs / "server.log")
+                      "--decode-batching", "fixed", "--compile-cache", str(logs / "graphs"),
+                      log_path=logs / "server.log")
     try:
         s.wait_healthy()
         yield s
@@ -161,6 +164,22 @@ def test_16_concurrent_streams_are_batched_and_each_matches_its_solo_run(server)
     assert big(after) - big(before) > 0
     assert after["gpt2_request_success_total{finish_reason=length}"] - before.get(
         "gpt2_request_success_total{finish_reason=length}", 0) == 16
+
+
+def test_bucketed_default_prefills_a_request_group_in_one_pass(small_server):
+    url = small_server.url
+    solo = httpx.post(url + "/v1/completions", json={"prompt": "Packed together", "max_tokens": 12,
+                                                       "temperature": 0}, timeout=120).json()
+    before = metric_samples(url)
+    both = httpx.post(url + "/v1/completions", json={"prompt": "Packed together", "max_tokens": 12,
+                                                       "temperature": 0, "n": 2}, timeout=120).json()
+    after = metric_samples(url)
+    assert [c["text"] for c in both["choices"]] == [solo["choices"][0]["text"]] * 2
+    # Both prompts (queued at once) shared one 2-row prefill pass, then 2-row decode steps.
+    rows = lambda m, name: m[f"{name}_sum"]  # noqa: E731
+    assert after["gpt2_prefill_batch_size_count"] - before["gpt2_prefill_batch_size_count"] == 1
+    assert rows(after, "gpt2_prefill_batch_size") - rows(before, "gpt2_prefill_batch_size") == 2
+    assert after["gpt2_batch_size_bucket{le=1.0}"] == before["gpt2_batch_size_bucket{le=1.0}"]
 
 
 # ---- stop strings and validation ---------------------------------------------------------------------------

@@ -16,11 +16,24 @@ def test_defaults_environment_then_command_line():
     assert "s3cr3t" not in repr(s)  # the key stays out of logs
 
 
+def test_batching_defaults_and_packed_prefill_settings():
+    s = Settings.from_sources([], environ={})
+    assert (s.decode_batching, s.prefill_chunk, s.max_prefill_tokens) == ("bucketed", 256, 256)
+    s = Settings.from_sources(["--max-prefill-tokens", "512", "--decode-batching", "fixed"],
+                              environ={"GPT2_PREFILL_CHUNK": "64"})
+    assert (s.decode_batching, s.prefill_chunk, s.max_prefill_tokens) == ("fixed", 64, 512)
+    info = ModelInfo(n_positions=1024, vocab_size=50257, eos_token_id=50256)
+    cfg = EngineConfig.from_settings(Settings(), info)
+    assert cfg.packed_prefill and cfg.max_prefill_tokens == 256 and cfg.chunk_buckets == (1, 16, 64, 128, 256)
+    assert not EngineConfig.from_settings(Settings(decode_batching="fixed"), info).packed_prefill
+
+
 @pytest.mark.parametrize("argv, env", [
     (["--max-batch-size", "0"], {}),
     (["--decode-batching", "sometimes"], {}),
     ([], {"GPT2_MAX_QUEUE": "lots"}),
     (["--port", "70000"], {}),
+    (["--max-prefill-tokens", "0"], {}),
 ])
 def test_invalid_settings_are_refused(argv, env):
     with pytest.raises((ValueError, SystemExit)):

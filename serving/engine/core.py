@@ -1,7 +1,9 @@
 """The synchronous engine step: schedule, run the model, post-process (tokens, text, stop checks, slot release).
 
-Split in three so the engine thread can hold its lock only while scheduling and post-processing, not while the
-model runs. Knows sequences, the model runner and token bytes; nothing of threads, asyncio or HTTP.
+Split so the engine thread can hold its lock only while scheduling and post-processing, not while the model
+runs, and so a step's prefill results (first tokens) go out before its decode pass runs: schedule, then
+execute_prefill + postprocess_prefill, then execute_decode + postprocess_decode. Knows sequences, the model
+runner and token bytes; nothing of threads, asyncio or HTTP.
 """
 
 from __future__ import annotations
@@ -92,27 +94,42 @@ class EngineCore:
         return self.scheduler.schedule(self.clock())
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Run the model for a schedule (the only part that runs without the engine lock)."""
+        """Run the model for a whole schedule (prefill pass, then decode pass)."""
         res = StepResult()
-        if sched.prefill:
-            t0 = self.clock()
-            try:
-                res.prefill = self.runner.prefill(sched.prefill)
-            except Exception as e:  # noqa: BLE001 - reported to the affected requests
-                log.exception("prefill step failed")
-                res.prefill_error = e
-            res.prefill_time = self.clock() - t0
-        if sched.decode:
-            t0 = self.clock()
-            try:
-                res.decode = self.runner.decode(sched.decode)
-            except Exception as e:  # noqa: BLE001
-                log.exception("decode step failed")
-                res.decode_error = e
-            res.decode_time = self.clock() - t0
+        self.execute_prefill(sched, res)
+        self.execute_decode(sched, res)
         return res
 
+    def execute_prefill(self, sched: SchedulerOutput, res: StepResult) -> None:
+        """Run the step's prefill pass (without the engine lock)."""
+        if not sched.prefill:
+            return
+        t0 = self.clock()
+        try:
+            res.prefill = self.runner.prefill(sched.prefill)
+        except Exception as e:  # noqa: BLE001 - reported to the affected requests
+            log.exception("prefill step failed")
+            res.prefill_error = e
+        res.prefill_time = self.clock() - t0
+
+    def execute_decode(self, sched: SchedulerOutput, res: StepResult) -> None:
+        """Run the step's decode pass (without the engine lock), less the requests that ended since scheduling."""
+        sched.decode = [s for s in sched.decode if not s.is_finished]
+        if not sched.decode:
+            return
+        t0 = self.clock()
+        try:
+            res.decode = self.runner.decode(sched.decode)
+        except Exception as e:  # noqa: BLE001
+            log.exception("decode step failed")
+            res.decode_error = e
+        res.decode_time = self.clock() - t0
+
     def postprocess(self, sched: SchedulerOutput, res: StepResult) -> list[RequestOutput]:
+        return self.postprocess_prefill(sched, res) + self.postprocess_decode(sched, res)
+
+    def postprocess_prefill(self, sched: SchedulerOutput, res: StepResult) -> list[RequestOutput]:
+        """Timed-out requests and the prefill pass's results."""
         now = self.clock()
         outs: list[RequestOutput] = []
         for seq in sched.timed_out:
@@ -128,6 +145,12 @@ class EngineCore:
                 out = self._on_chunk(chunk, r, now)
                 if out is not None:
                     outs.append(out)
+        return outs
+
+    def postprocess_decode(self, sched: SchedulerOutput, res: StepResult) -> list[RequestOutput]:
+        """The decode pass's tokens; records the step."""
+        now = self.clock()
+        outs: list[RequestOutput] = []
         if res.decode_error is not None:
             outs += self._fail(sched.decode, res.decode_error, now)
         elif res.decode is not None:

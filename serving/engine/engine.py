@@ -212,12 +212,15 @@ class AsyncEngine:
             self.tokenizer = parts.tokenizer
             self.vocab_size = int(parts.tokenizer.vocab_size)
             self.special_ids = frozenset(parts.runner.special_ids)
+            c = self.config
             sched = SchedulerConfig(
-                num_slots=self.config.max_batch_size,
-                max_waiting=self.config.max_queue,
-                prefill_chunk=self.config.prefill_chunk,
-                queue_timeout=self.config.queue_timeout,
-                prefill_row_buckets=self.config.batch_buckets,
+                num_slots=c.max_batch_size,
+                max_waiting=c.max_queue,
+                prefill_chunk=c.prefill_chunk,
+                queue_timeout=c.queue_timeout,
+                prefill_row_buckets=c.batch_buckets,
+                prefill_chunk_buckets=c.chunk_buckets,
+                max_prefill_tokens=c.max_prefill_tokens if c.packed_prefill else None,
             )
             self._core = EngineCore(parts.runner, sched, parts.tokenizer.token_bytes, self.stats)
         except BaseException as e:  # noqa: BLE001 - reported by /health
@@ -246,17 +249,23 @@ class AsyncEngine:
                     self._deliver_threadsafe(core.fail_all(EngineUnavailableError("The server is shutting down")))
                     return
                 sched = core.schedule()
-            res = core.execute(sched) if not sched.is_empty else StepResult()
+            res = StepResult()
+            core.execute_prefill(sched, res)
             with self._cv:
-                outs = core.postprocess(sched, res)
-            self._deliver_threadsafe(outs)
+                first = core.postprocess_prefill(sched, res)
+            # First tokens go out before the decode pass runs: a new request need not wait for it.
+            self._deliver_threadsafe(first)
+            core.execute_decode(sched, res)
+            with self._cv:
+                decoded = core.postprocess_decode(sched, res)
+            self._deliver_threadsafe(decoded)
             if res.failed:
                 err = res.prefill_error or res.decode_error
                 self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {type(err).__name__}: {err}"
             failures = failures + 1 if res.failed else 0
             if failures >= self.config.max_consecutive_failures:
                 raise RuntimeError(f"{failures} consecutive engine steps failed")
-            if sched.is_empty and not outs:
+            if sched.is_empty and not first and not decoded:
                 time.sleep(0.001)
 
     def _die(self, reason: str) -> None:

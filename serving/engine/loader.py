@@ -18,8 +18,7 @@ log = logging.getLogger("serving.engine")
 
 def chunk_buckets(config: EngineConfig) -> tuple[int, ...]:
     """Token counts per row a step is padded to: 1 (decode), then a few prefill chunk sizes."""
-    c = config.prefill_chunk
-    return tuple(sorted({1, min(16, c), min(64, c), c}))
+    return config.chunk_buckets
 
 
 def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], EngineParts]:
@@ -48,7 +47,11 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
         log.info("model loaded in %.1f s", time.monotonic() - t0)
         if settings.warmup:
             t0 = time.monotonic()
-            n = warmup(session, decode_batches=(config.max_batch_size,) if fixed else config.batch_buckets)
+            n = warmup(
+                session,
+                decode_batches=(config.max_batch_size,) if fixed else config.batch_buckets,
+                max_prefill_tokens=config.max_prefill_tokens if config.packed_prefill else None,
+            )
             log.info("compiled %d step shapes in %.1f s", n, time.monotonic() - t0)
         return EngineParts(runner, tok)
 

@@ -107,10 +107,9 @@ class ModelRunner:
         ids = np.zeros((rows, 1), np.int32)
         pos = np.full((rows, 1), -1, np.int32)
         slots = np.empty(rows, np.int32)
-        for i, s in enumerate(seqs):
-            ids[i, 0] = s.last_token
-            pos[i, 0] = s.num_cached
-            slots[i] = s.slot
+        ids[:b, 0] = [s.last_token for s in seqs]
+        pos[:b, 0] = [s.num_cached for s in seqs]
+        slots[:b] = [s.slot for s in seqs]
         if rows > b:
             # Padding rows borrow slots no decoding sequence uses; position -1 means they write nothing.
             used = set(slots[:b].tolist())
@@ -125,13 +124,12 @@ class ModelRunner:
             sampler.SamplingRow(s.params, s.prompt_ids, s.output_ids, s.rng, self._suppressed(s)) for s in seqs
         ]
         res = sampler.sample(np.ascontiguousarray(logits, np.float32), rows)
+        special = self.special_ids
         out = []
-        for i in range(len(seqs)):
-            tid = int(res.token_ids[i])
-            top = None
-            if res.top_ids[i] is not None:
-                top = list(zip(res.top_ids[i].tolist(), res.top_logprobs[i].tolist()))
-            out.append(TokenInfo(tid, float(res.logprobs[i]), tid in self.special_ids, top))
+        for tid, lp, top_ids, top_lps in zip(res.token_ids.tolist(), res.logprobs.tolist(), res.top_ids,
+                                             res.top_logprobs):
+            top = None if top_ids is None else list(zip(top_ids.tolist(), top_lps.tolist()))
+            out.append(TokenInfo(tid, lp, tid in special, top))
         return out
 
     def _suppressed(self, seq: Sequence) -> tuple[int, ...]:
@@ -167,14 +165,25 @@ def load_session(
     )
 
 
-def warmup(session, *, decode_batches: tuple[int, ...]) -> int:
+def warmup(session, *, decode_batches: tuple[int, ...], max_prefill_tokens: int | None = None) -> int:
     """Compile the shapes most requests hit, so that requests do not stall on compilation: decode at every decode
     batch size (one with fixed decode batching) and context bucket, and a first prefill chunk of each chunk
-    bucket. Other shapes (later chunks of long prompts, prompt logprobs, packed scoring) compile on first use."""
+    bucket (at each context a first chunk of that bucket can need), alone and, with packed prefill, at every row
+    bucket whose padded pass fits max_prefill_tokens. Other shapes (later chunks of long prompts, prompt
+    logprobs) compile on first use."""
     contexts = session.context_buckets
+
+    def context(n: int) -> int:
+        return next(c for c in contexts if c >= n)
+
     shapes = [(b, 1, cb) for b in sorted(decode_batches, reverse=True) for cb in contexts]
+    shorter = 0  # first chunks of shorter+1 .. tb tokens pad to chunk bucket tb
     for tb in session.chunk_buckets:
-        cb = next(c for c in contexts if c >= tb)
-        shapes.append((1, tb, cb))
+        rows = [1]
+        if max_prefill_tokens is not None:
+            rows += [b for b in session.batch_buckets if 1 < b and b * tb <= max_prefill_tokens]
+        for cb in (c for c in contexts if context(shorter + 1) <= c <= context(tb)):
+            shapes += [(b, tb, cb) for b in rows if (b, tb, cb) not in shapes]
+        shorter = tb
     session.warmup(shapes)
     return len(shapes)
