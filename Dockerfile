@@ -7,13 +7,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     MS_COMPILER_CACHE_ENABLE=1 \
-    MS_COMPILER_CACHE_PATH=/var/cache/gpt2-ms
+    MS_COMPILER_CACHE_PATH=/var/cache/gpt2-ms \
+    GPT2_KERNEL_CACHE=/var/cache/gpt2-ms/kernels
 
-# gcc: some wheels compile at install time; libgomp1: MindSpore's CPU kernels use OpenMP.
+# gcc + libc6-dev: some wheels compile at install time, and model/kernels builds its CPU kernels on first use;
+# libgomp1: MindSpore's CPU kernels use OpenMP.
 # Debian's stable security updates are wanted here, so versions are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libgomp1 \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libgomp1 \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

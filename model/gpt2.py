@@ -40,6 +40,16 @@ TRANSPOSED_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.w
 # 1 row and >= 128 rows favour x @ W^T (128 rows: 163 ms vs 318 ms as x @ W).
 SMALL_ROWS = 64
 
+# Rows up to which the inference step uses the CPU Linear kernel (model.kernels) instead of MindSpore's MatMul.
+KERNEL_MAX_ROWS = 4
+
+
+def _use_kernel(x, kern):
+    n = 1
+    for s in x.shape[:-1]:
+        n *= s
+    return kern is not None and n <= KERNEL_MAX_ROWS
+
 
 def is_transposed_weight(name: str) -> bool:
     """Whether the parameter `name` is stored [out, in] here and [in, out] in Hugging Face files."""
@@ -60,6 +70,25 @@ class Conv1D(nn.Cell):
         self.cast_weights = compute_dtype != ms.float32
         self.matmul = ops.MatMul()
         self.matmul_nt = ops.MatMul(transpose_b=True)
+    # The inference step's forms. `kern` is the session's model.kernels.StepKernels as a plain tuple (graph mode
+    # indexes tuples but has no named fields: 0 linear, 1 linear_gelu, 2 linear_add, 3 attention) or None
+    # (decided when the graph compiles): the CPU kernels for up to KERNEL_MAX_ROWS rows, MindSpore's ops otherwise.
+    def infer(self, x, kern):
+        if _use_kernel(x, kern):
+            return kern[0](x, self.weight, self.bias)
+        return self.construct(x)
+
+    def infer_gelu(self, x, kern):
+        # gelu(x @ W + b), GPT-2's tanh form (the kernel's only form; GPT2MLP checks the activation).
+        if _use_kernel(x, kern):
+            return kern[1](x, self.weight, self.bias)
+        return gelu_tanh(self.construct(x))
+
+    def infer_add(self, x, residual, kern):
+        # x @ W + b + residual
+        if _use_kernel(x, kern):
+            return kern[2](x, self.weight, self.bias, residual)
+        return self.construct(x) + residual
 
     def construct(self, x):
         # x (..., n_in) -> (..., n_out); MatMul wants 2-D operands. The branch is decided at compile time.
@@ -157,26 +186,30 @@ class GPT2Attention(nn.Cell):
         y = self._attend(self._heads(q), self._heads(k), self._heads(v), bias)
         return self.resid_dropout(self.c_proj(y))
 
-    def cached(self, x, bias, k_cache, v_cache, write_rows, read_rows):
-        """Attention over the KV cache: write this step's K/V rows, then attend over the gathered context.
+    def cached(self, x, k_cache, v_cache, ctx, scale, kern):
+        """Attention over the KV cache, before the output projection: write this step's K/V, attend over the cache.
 
-        The caches are 2-D (rows, hs) Parameters with one row per (slot, head, position), so a gather yields
-        (B, nh, C, hs) directly, ready for the batched matmuls, without a transpose of the context.
-        x (B, T, d); bias (B, 1, T, C); write_rows (B*T*nh,) int32 rows for this step's tokens, token-major;
-        read_rows (B*nh*C,) int32 rows of each query row's context.
+        The caches are 2-D (rows, hs) Parameters with one row per (slot, head, position). x (B, T, d); ctx is
+        the step's context tuple (see GPT2Model.cached); scale (1,) this layer's score scale; kern the session's
+        model.kernels.StepKernels or None -> (B, T, d). With the CPU kernels, one op writes the step's rows and
+        lets each token attend over its slot's rows in place; otherwise the rows are written with
+        scatter_update and the context gathered to (B, nh, C, hs) for batched matmuls.
         """
+        bias, write_base, write_rows, read_rows, read_base, positions, meta = ctx
         b, t, d = x.shape
         nh, hs = self.n_head, self.head_dim
-        c = read_rows.shape[0] // (b * nh)
-        q, k, v = ops.split(self.c_attn(x), d, axis=2)
+        qkv = self.c_attn.infer(x, kern)
+        if kern is not None:
+            return kern[3](qkv, k_cache, v_cache, write_base, read_base, positions, meta, scale)
+        q, k, v = ops.split(qkv, d, axis=2)
         # Write first, so a token sees itself and the earlier tokens of its own chunk.
         k_cache = ops.scatter_update(k_cache, write_rows, k.reshape(b * t * nh, hs))
         v_cache = ops.scatter_update(v_cache, write_rows, v.reshape(b * t * nh, hs))
+        c = read_rows.shape[0] // (b * nh)
         kc = ops.gather(k_cache, read_rows, 0).reshape(b, nh, c, hs)
         vc = ops.gather(v_cache, read_rows, 0).reshape(b, nh, c, hs)
         # Inference never drops out, whatever the model's train flag.
-        y = self._attend(self._heads(q), kc, vc, bias, dropout=False)
-        return self.c_proj(y)
+        return self._attend(self._heads(q), kc, vc, bias, dropout=False)
 
 
 class GPT2MLP(nn.Cell):
@@ -191,18 +224,24 @@ class GPT2MLP(nn.Cell):
         self.dropout = _dropout(cfg.resid_pdrop)
 
     def construct(self, x):
-        return self.dropout(self.inference(x))
+        return self.dropout(self.c_proj(self._gelu(self.c_fc(x))))
 
-    def inference(self, x):
-        # The MLP without dropout, for the KV-cache step.
-        return self.c_proj(self._gelu(self.c_fc(x)))
+    def inference_add(self, x, residual, kern):
+        # The MLP without dropout plus the residual, for the KV-cache step.
+        if self.approximate == "none":
+            return self.c_proj.infer_add(ops.gelu(self.c_fc.infer(x, kern), approximate="none"), residual, kern)
+        return self.c_proj.infer_add(self.c_fc.infer_gelu(x, kern), residual, kern)
 
     def _gelu(self, x):
         if self.approximate == "none":
             return ops.gelu(x, approximate="none")
-        # The tanh approximation written as x * sigmoid(2z) (= 0.5 x (1 + tanh z)): MindSpore's CPU GeLU kernel
-        # is slow (16 x 3072: 2.1 ms vs 0.57 ms for these element-wise ops), and ops.tanh is off by up to 2e-4.
-        return x * ops.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
+        return gelu_tanh(x)
+
+
+def gelu_tanh(x):
+    # The tanh approximation written as x * sigmoid(2z) (= 0.5 x (1 + tanh z)): MindSpore's CPU GeLU kernel is
+    # slow (16 x 3072: 2.1 ms vs 0.57 ms for these element-wise ops), and ops.tanh is off by up to 2e-4.
+    return x * ops.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
 
 
 class GPT2Block(nn.Cell):
@@ -217,9 +256,9 @@ class GPT2Block(nn.Cell):
         x = x + self.attn(self.ln_1(x), bias)
         return x + self.mlp(self.ln_2(x))
 
-    def cached(self, x, bias, k_cache, v_cache, write_rows, read_rows):
-        x = x + self.attn.cached(self.ln_1(x), bias, k_cache, v_cache, write_rows, read_rows)
-        return x + self.mlp.inference(self.ln_2(x))
+    def cached(self, x, k_cache, v_cache, ctx, scale, kern):
+        x = self.attn.c_proj.infer_add(self.attn.cached(self.ln_1(x), k_cache, v_cache, ctx, scale, kern), x, kern)
+        return self.mlp.inference_add(self.ln_2(x), x, kern)
 
 
 class GPT2Model(nn.Cell):
@@ -253,21 +292,30 @@ class GPT2Model(nn.Cell):
             x = block(x, bias)
         return self.ln_f(x)
 
-    def cached(self, input_ids, positions, k_caches, v_caches, write_rows, read_rows, context_pos):
+    def cached(
+        self, input_ids, positions, k_caches, v_caches, write_base, write_rows, read_rows, read_base, meta, scales,
+        context_pos, kern,
+    ):
         """The step over the KV cache (see GPT2Attention.cached for the row layout).
 
-        input_ids, positions (B, T) int32, position -1 = padding; write_rows (B*T*nh,); read_rows (B*nh*C,);
-        context_pos (C,) = arange(C), the positions of the gathered context -> hidden (B, T, d) after ln_f.
+        input_ids, positions (B, T) int32, position -1 = padding; write_base (B*T,) cache row of each token's
+        (slot, head 0, position); write_rows (B*T*nh,) and read_rows (B*nh*C,) every head's rows (unused with the
+        CPU kernels); read_base (B,) each row's first cache row; meta (2,) int32 [max_seq_len, n_head]; scales
+        (n_layer,) float32 each layer's attention score scale (both for the CPU kernels); kern: the session's
+        model.kernels.StepKernels, or None for MindSpore's ops; context_pos (C,) = arange(C), the positions of the gathered context -> hidden (B, T, d) after ln_f.
         """
         b, t = input_ids.shape
         c = context_pos.shape[0]
         x = self.embed(input_ids, ops.maximum(positions, 0))
-        # Context row j of a slot holds position j: a query at position p sees j <= p (its own slot's past and
-        # this step's earlier tokens); stale rows of a reused slot lie beyond p and stay hidden.
-        allowed = context_pos.reshape(1, 1, 1, c) <= positions.reshape(b, 1, t, 1)  # (B, 1, T, C)
-        bias = ops.select(allowed, ops.zeros((), ms.float32), ops.full((), MASK_VALUE, dtype=ms.float32))
+        bias = None
+        if kern is None:
+            # Context row j of a slot holds position j: a query at position p sees j <= p (its own slot's past and
+            # this step's earlier tokens); stale rows of a reused slot lie beyond p and stay hidden.
+            allowed = context_pos.reshape(1, 1, 1, c) <= positions.reshape(b, 1, t, 1)  # (B, 1, T, C)
+            bias = ops.select(allowed, ops.zeros((), ms.float32), ops.full((), MASK_VALUE, dtype=ms.float32))
+        ctx = (bias, write_base, write_rows, read_rows, read_base, positions, meta)
         for i, block in enumerate(self.h):
-            x = block.cached(x, bias, k_caches[i], v_caches[i], write_rows, read_rows)
+            x = block.cached(x, k_caches[i], v_caches[i], ctx, scales[i : i + 1], kern)
         return self.ln_f(x)
 
 
@@ -289,6 +337,16 @@ class GPT2LMHeadModel(nn.Cell):
         # x @ wte^T without materialising the transpose of the (V, d) table each call.
         self.matmul_nt = ops.MatMul(transpose_b=True)
         self.matmul = ops.MatMul()
+
+    def attention_scales(self) -> list[float]:
+        """Each layer's attention score scale (1/sqrt(head_dim), and 1/(layer+1) if the config asks)."""
+        return [block.attn.scale for block in self.transformer.h]
+
+    def step_logits(self, hidden, kern):
+        # lm_logits for the inference step: the CPU Linear kernel (no bias) for a few rows when kern is given.
+        if _use_kernel(hidden, kern):
+            return kern[0](hidden, self.transformer.wte.weight)
+        return self.lm_logits(hidden)
 
     def lm_logits(self, hidden):
         # hidden (..., d) -> float32 logits (..., V) through the tied embedding.

@@ -26,6 +26,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Zero, initializer
 
+from . import kernels
 from .gpt2 import GPT2LMHeadModel
 
 
@@ -54,7 +55,9 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 class _StepCell(nn.Cell):
     """The compiled step: the model's blocks plus the KV cache Parameters."""
 
-    def __init__(self, model: GPT2LMHeadModel, num_slots: int, max_seq_len: int, dtype: ms.Type) -> None:
+    def __init__(
+        self, model: GPT2LMHeadModel, num_slots: int, max_seq_len: int, dtype: ms.Type, kern: tuple | None
+    ) -> None:
         # auto_prefix=False keeps the model's parameter names (HF keys) when it becomes a child cell here.
         super().__init__(auto_prefix=False)
         self.model = model
@@ -71,25 +74,28 @@ class _StepCell(nn.Cell):
         )
         # Row of (slot, head, pos) = slot_base + head * max_seq_len + pos, slot_base = slot * n_head * max_seq_len.
         self.head_offset = Tensor(np.arange(cfg.n_head, dtype=np.int32) * max_seq_len)
+        self.kern = kern  # the CPU kernels' ops, or None: MindSpore's ops
+
 
     @ms.jit
-    def construct(self, input_ids, positions, write_base, read_base, context_pos, logits_rows):
+    def construct(self, input_ids, positions, write_base, read_base, meta, scales, context_pos, logits_rows):
         # input_ids, positions (B, T); write_base (B*T,) slot_base + pos of each token (scratch for padding);
-        # read_base (B,) slot_base of each row; context_pos (C,) = arange(C); logits_rows (B,) flat indices
-        # into B*T, or None for every position.
+        # read_base (B,) slot_base of each row; meta, scales: see GPT2Model.cached; context_pos (C,) = arange(C);
+        # logits_rows (B,) flat indices into B*T, or None for every position.
         nh = self.head_offset.shape[0]
         write_rows = (write_base.reshape(-1, 1) + self.head_offset.reshape(1, nh)).reshape(-1)  # (B*T*nh,)
         read_rows = (
             read_base.reshape(-1, 1, 1) + self.head_offset.reshape(1, nh, 1) + context_pos.reshape(1, 1, -1)
         ).reshape(-1)  # (B*nh*C,)
         hidden = self.model.transformer.cached(
-            input_ids, positions, self.k_cache, self.v_cache, write_rows, read_rows, context_pos
+            input_ids, positions, self.k_cache, self.v_cache, write_base, write_rows, read_rows, read_base, meta, scales,
+            context_pos, self.kern,
         )  # (B, T, d)
         if logits_rows is None:
-            return self.model.lm_logits(hidden)  # (B, T, V)
+            return self.model.step_logits(hidden, self.kern)  # (B, T, V)
         b, t, d = hidden.shape
         last = ops.gather(hidden.reshape(b * t, d), logits_rows, 0)  # (B, d)
-        return self.model.lm_logits(last)  # (B, V)
+        return self.model.step_logits(last, self.kern)  # (B, V)
 
 
 class InferenceSession:
@@ -109,7 +115,9 @@ class InferenceSession:
         batch_buckets: Sequence[int] | None = None,
         chunk_buckets: Sequence[int] | None = None,
         context_buckets: Sequence[int] | None = None,
+        cpu_kernels: bool | None = None,
     ) -> None:
+        """cpu_kernels: use model.kernels' CPU kernels for the step (None: whenever they are available)."""
         cfg = model.config
         max_seq_len = cfg.n_positions if max_seq_len is None else max_seq_len
         if not 1 <= max_seq_len <= cfg.n_positions:
@@ -129,9 +137,26 @@ class InferenceSession:
         self.context_buckets = _buckets("context_buckets", context_buckets, _context_sizes(max_seq_len), max_seq_len)
         if self.context_buckets[-1] != max_seq_len:
             self.context_buckets = self.context_buckets + (max_seq_len,)
+        if cpu_kernels is None:
+            cpu_kernels = kernels.available(cfg, model.compute_dtype)
+        elif cpu_kernels and not kernels.available(cfg, model.compute_dtype):
+            raise ValueError(
+                f"cpu_kernels=True needs the CPU device target, float32, n_embd and head_dim multiples of "
+                f"{kernels.ALIGN}, a C compiler and {kernels.ENV_SWITCH} not set to 0"
+            )
+        self.cpu_kernels = cpu_kernels
+        if cpu_kernels:
+            # The attention kernel reads each sequence's own length from the cache: the context is not a
+            # compiled dimension, so one graph serves every context length.
+            self.context_buckets = (max_seq_len,)
         # The step path has no dropout, so the model's train/eval flag is left as the caller set it.
-        self._cell = _StepCell(model, num_slots, max_seq_len, model.compute_dtype)
+        self._cell = _StepCell(
+            model, num_slots, max_seq_len, model.compute_dtype, tuple(kernels.step_kernels()) if cpu_kernels else None
+        )
         self._slot_stride = cfg.n_head * max_seq_len  # cache rows per slot
+        # Inputs rather than graph constants (see cpu_kernels.c's CachedAttention); made once, passed every step.
+        self._meta = Tensor(np.array([max_seq_len, cfg.n_head], np.int32))
+        self._scales = Tensor(np.array(model.attention_scales(), np.float32))
 
     @property
     def max_batch(self) -> int:
@@ -189,7 +214,9 @@ class InferenceSession:
             Tensor(pos_p),
             Tensor(write.reshape(-1).astype(np.int32)),
             Tensor(base.astype(np.int32)),
-            Tensor(np.arange(cb, dtype=np.int32)),
+            self._meta,
+            self._scales,
+            Tensor(np.arange(1 if self.cpu_kernels else cb, dtype=np.int32)),
             rows,
         )
         logits = out.asnumpy()

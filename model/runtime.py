@@ -39,6 +39,8 @@ def set_device(
         ms.set_device(target, device_id)
     if target == "CPU":
         n = cpu_threads or len(os.sched_getaffinity(0))
+        # model.kernels' thread pool (read when the kernels first run) uses as many threads as MindSpore's ops.
+        os.environ.setdefault("GPT2_KERNEL_THREADS", str(n))
         try:
             ms.device_context.cpu.op_tuning.threads_num(n)
         except RuntimeError:
