@@ -30,7 +30,7 @@ from typing import NamedTuple
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-std=c11")
 ENV_SWITCH = "GPT2_CPU_KERNELS"
 ENV_CACHE = "GPT2_KERNEL_CACHE"
 

@@ -35,6 +35,8 @@ static inline vec vzero(void) { return _mm512_setzero_ps(); }
 static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+static inline vec vset1(float v) { return _mm512_set1_ps(v); }
+static inline void vstore(float *p, vec a) { _mm512_storeu_ps(p, a); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VW 8
@@ -48,6 +50,8 @@ static inline float vsum(vec a) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+static inline vec vset1(float v) { return _mm256_set1_ps(v); }
+static inline void vstore(float *p, vec a) { _mm256_storeu_ps(p, a); }
 #else
 #define VW 4
 typedef struct { float v[4]; } vec;
@@ -58,6 +62,8 @@ static inline vec vfma(vec a, vec b, vec c) {
     return c;
 }
 static inline float vsum(vec a) { return (a.v[0] + a.v[1]) + (a.v[2] + a.v[3]); }
+static inline vec vset1(float v) { vec r = {{v, v, v, v}}; return r; }
+static inline void vstore(float *p, vec a) { memcpy(p, a.v, sizeof a.v); }
 #endif
 
 /* ---- thread pool ------------------------------------------------------------------------------------------ */
@@ -287,6 +293,40 @@ static void attend_task(void *p, int tid, int nt) {
         }
         const float *k0 = a->kc + ((int64_t)a->read_base[b] + h * L) * hs;
         const float *v0 = a->vc + ((int64_t)a->read_base[b] + h * L) * hs;
+        if (hs == 4 * VW) {
+            /* GPT-2's head size (64 floats with AVX-512): q and the output stay in registers. */
+            const vec q0 = vload(q), q1 = vload(q + VW), q2 = vload(q + 2 * VW), q3 = vload(q + 3 * VW);
+            float mx = -FLT_MAX;
+            for (int64_t j = 0; j < n; j++) {
+                const float *k = k0 + j * hs;
+                vec acc = vfma(q0, vload(k), vzero());
+                acc = vfma(q1, vload(k + VW), acc);
+                acc = vfma(q2, vload(k + 2 * VW), acc);
+                acc = vfma(q3, vload(k + 3 * VW), acc);
+                pr[j] = vsum(acc) * a->scale;
+                mx = pr[j] > mx ? pr[j] : mx;
+            }
+            float sum = 0.f;
+            for (int64_t j = 0; j < n; j++) {
+                pr[j] = expf(pr[j] - mx);
+                sum += pr[j];
+            }
+            const float inv = 1.f / sum;
+            vec y0 = vzero(), y1 = vzero(), y2 = vzero(), y3 = vzero();
+            for (int64_t j = 0; j < n; j++) {
+                const vec pj = vset1(pr[j] * inv);
+                const float *v = v0 + j * hs;
+                y0 = vfma(pj, vload(v), y0);
+                y1 = vfma(pj, vload(v + VW), y1);
+                y2 = vfma(pj, vload(v + 2 * VW), y2);
+                y3 = vfma(pj, vload(v + 3 * VW), y3);
+            }
+            vstore(y, y0);
+            vstore(y + VW, y1);
+            vstore(y + 2 * VW, y2);
+            vstore(y + 3 * VW, y3);
+            continue;
+        }
         float mx = -FLT_MAX;
         for (int64_t j = 0; j < n; j++) {
             vec acc = vzero();
