@@ -76,7 +76,6 @@ class _StepCell(nn.Cell):
         self.head_offset = Tensor(np.arange(cfg.n_head, dtype=np.int32) * max_seq_len)
         self.kern = kern  # the CPU kernels' ops, or None: MindSpore's ops
 
-
     @ms.jit
     def construct(self, input_ids, positions, write_base, read_base, meta, scales, context_pos, logits_rows):
         # input_ids, positions (B, T); write_base (B*T,) slot_base + pos of each token (scratch for padding);
@@ -88,8 +87,8 @@ class _StepCell(nn.Cell):
             read_base.reshape(-1, 1, 1) + self.head_offset.reshape(1, nh, 1) + context_pos.reshape(1, 1, -1)
         ).reshape(-1)  # (B*nh*C,)
         hidden = self.model.transformer.cached(
-            input_ids, positions, self.k_cache, self.v_cache, write_base, write_rows, read_rows, read_base, meta, scales,
-            context_pos, self.kern,
+            input_ids, positions, self.k_cache, self.v_cache, write_base, write_rows, read_rows, read_base,
+            meta, scales, context_pos, self.kern,
         )  # (B, T, d)
         if logits_rows is None:
             return self.model.step_logits(hidden, self.kern)  # (B, T, V)
@@ -154,7 +153,7 @@ class InferenceSession:
             model, num_slots, max_seq_len, model.compute_dtype, tuple(kernels.step_kernels()) if cpu_kernels else None
         )
         self._slot_stride = cfg.n_head * max_seq_len  # cache rows per slot
-        # Inputs rather than graph constants (see cpu_kernels.c's CachedAttention); made once, passed every step.
+        # The attention kernel's [max_seq_len, n_head] and per-layer scales: made once, passed as step inputs.
         self._meta = Tensor(np.array([max_seq_len, cfg.n_head], np.int32))
         self._scales = Tensor(np.array(model.attention_scales(), np.float32))
 

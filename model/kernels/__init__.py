@@ -71,9 +71,8 @@ def library_path() -> str | None:
     fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run(
-            [compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm", "-lpthread", "-ldl"], capture_output=True, text=True, timeout=120
-        )
+        cmd = [compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm", "-lpthread", "-ldl"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             log.warning("building CPU kernels failed (%s): CPU kernels off.\n%s", compiler, proc.stderr[-2000:])
             return None

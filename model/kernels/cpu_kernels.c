@@ -354,8 +354,7 @@ static void attend_task(void *p, int tid, int nt) {
  * Inputs: qkv (B, T, 3*D) (c_attn's output); k_cache, v_cache (rows, hs), written in place; write_base (B, T)
  * int32: cache row of (slot, head 0, this token's position), scratch rows for padding; read_base (B,) int32: row of
  * (slot, head 0, position 0); positions (B, T) int32, -1 = padding; meta (2,) int32 [max_seq_len, n_head];
- * scale (1,) float32. Output: y (B, T, D). meta and scale are graph inputs rather than constants: MindSpore may
- * free a constant's memory shared between graphs while another graph still passes it to a Custom op. Row of (slot, head h, position j) = read_base + h * max_seq_len + j;
+ * scale (1,) float32. Output: y (B, T, D). Row of (slot, head h, position j) = read_base + h * max_seq_len + j;
  * a token at position p attends to positions 0..p of its slot. Padding tokens get zeros.
  */
 int CachedAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
