@@ -2,7 +2,9 @@
 when its previous one has finished, a fixed number of requests per client, all bounded by a wall-time limit.
 
 Per request it records when it was sent, when each token event arrived, and errors; `summarize` turns that
-into aggregate tokens/s, time to first token and inter-token latency percentiles. Requests still running at
+into aggregate tokens/s, time to first token and inter-token latency percentiles. Time to first token is also
+given over the steady state alone: every request but each client's first. All clients start at once, so their
+first requests arrive together (a burst of N prompts to prefill); later ones arrive as earlier ones finish. Requests still running at
 the time limit are cancelled (the client disconnects, which makes the server abort them) and count with the
 tokens they had received. Knows httpx and the TGI event format; nothing of the servers behind it.
 """
@@ -27,6 +29,7 @@ class StreamResult:
     token_times: list[float] = field(default_factory=list)
     finished: bool = False
     error: str | None = None
+    first: bool = False  # the client's first request (sent at the start, with every other client's first)
 
     @property
     def ttft(self) -> float | None:
@@ -84,7 +87,7 @@ async def closed_loop(
             for r in range(per_client):
                 if time.perf_counter() >= deadline:
                     return
-                res = StreamResult(prompt_index=c * per_client + r)
+                res = StreamResult(prompt_index=c * per_client + r, first=r == 0)
                 results.append(res)
                 try:
                     await stream_one(http, url, prompts[res.prompt_index], new_tokens, res)
@@ -106,8 +109,10 @@ async def closed_loop(
 
 
 def summarize(results: Sequence[StreamResult], wall: float) -> dict:
-    """Aggregate tokens/s, TTFT and inter-token latency (ms) percentiles over all requests."""
+    """Aggregate tokens/s, TTFT and inter-token latency (ms) percentiles over all requests, and TTFT over the
+    steady state (every request but each client's first)."""
     ttfts = [r.ttft for r in results if r.ttft is not None]
+    steady = [r.ttft for r in results if r.ttft is not None and not r.first]
     gaps = [g for r in results for g in r.gaps]
     tokens = sum(len(r.token_times) for r in results)
 
@@ -126,6 +131,9 @@ def summarize(results: Sequence[StreamResult], wall: float) -> dict:
         "ttft_ms_p50": ms(percentile(ttfts, 50)),
         "ttft_ms_p99": ms(percentile(ttfts, 99)),
         "ttft_ms_max": ms(max(ttfts, default=None)),
+        "steady_requests": len(steady),
+        "steady_ttft_ms_p50": ms(percentile(steady, 50)),
+        "steady_ttft_ms_p99": ms(percentile(steady, 99)),
         "itl_ms_p50": ms(percentile(gaps, 50)),
         "itl_ms_p99": ms(percentile(gaps, 99)),
         "itl_ms_mean": ms(sum(gaps) / len(gaps)) if gaps else None,

@@ -40,15 +40,13 @@ TRANSPOSED_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.w
 # 1 row and >= 128 rows favour x @ W^T (128 rows: 163 ms vs 318 ms as x @ W).
 SMALL_ROWS = 64
 
-# Rows up to which the inference step uses the CPU Linear kernel (model.kernels) instead of MindSpore's MatMul.
-KERNEL_MAX_ROWS = 4
-
 
 def _use_kernel(x, kern):
-    n = 1
-    for s in x.shape[:-1]:
-        n *= s
-    return kern is not None and n <= KERNEL_MAX_ROWS
+    # With the CPU kernels every projection runs on them, whatever the row count: they measured as fast or faster
+    # than MindSpore's MatMul at 1 to 512 rows and keep no per-graph copy of the weights. MindSpore's CPU MatMul
+    # packs each constant weight once per compiled graph and keeps the copy (measured: +360 MB RSS per 256-token prefill graph of GPT-2 124M, 11 such graphs in a
+    # server), which is what broke the server's memory budget.
+    return kern is not None
 
 
 def is_transposed_weight(name: str) -> bool:
@@ -72,7 +70,7 @@ class Conv1D(nn.Cell):
         self.matmul_nt = ops.MatMul(transpose_b=True)
     # The inference step's forms. `kern` is the session's model.kernels.StepKernels as a plain tuple (graph mode
     # indexes tuples but has no named fields: 0 linear, 1 linear_gelu, 2 linear_add, 3 attention) or None
-    # (decided when the graph compiles): the CPU kernels for up to KERNEL_MAX_ROWS rows, MindSpore's ops otherwise.
+    # (decided when the graph compiles): the CPU kernels when given, MindSpore's ops otherwise.
     def infer(self, x, kern):
         if _use_kernel(x, kern):
             return kern[0](x, self.weight, self.bias)
@@ -344,7 +342,7 @@ class GPT2LMHeadModel(nn.Cell):
         return [block.attn.scale for block in self.transformer.h]
 
     def step_logits(self, hidden, kern):
-        # lm_logits for the inference step: the CPU Linear kernel (no bias) for a few rows when kern is given.
+        # lm_logits for the inference step: the CPU Linear kernel (no bias) when kern is given.
         if _use_kernel(hidden, kern):
             return kern[0](hidden, self.transformer.wte.weight)
         return self.lm_logits(hidden)

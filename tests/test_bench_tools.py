@@ -164,6 +164,11 @@ def test_closed_loop_counts_every_token():
         by_client.setdefault(r.prompt_index // 2, []).append(r)
     for first, second in by_client.values():
         assert second.sent >= first.token_times[-1]
+        assert first.first and not second.first
+    # steady state: the second requests only
+    assert s["steady_requests"] == 3
+    seconds = sorted(1000 * r.ttft for r in results if not r.first)
+    assert seconds[0] <= s["steady_ttft_ms_p50"] <= s["steady_ttft_ms_p99"] <= seconds[-1]
 
 
 def test_closed_loop_stops_at_the_time_limit():
@@ -197,11 +202,11 @@ def test_stream_result_gaps():
 # ---- run_all: rows from the benchmarks' JSON ------------------------------------------------------------------
 
 
-def _level(n, tok_s, ttft_p99=500.0):
+def _level(n, tok_s, ttft_p99=500.0, steady_p99=400.0):
     return {"clients": n, "requests": 2 * n, "finished": 2 * n, "unfinished": 0, "errors": 0, "first_errors": [],
             "tokens": 256 * n, "wall_s": 1.0, "aggregate_tok_s": tok_s, "ttft_ms_p50": 100.0,
             "ttft_ms_p99": ttft_p99, "ttft_ms_max": ttft_p99, "itl_ms_p50": 50.0, "itl_ms_p99": 90.0,
-            "itl_ms_mean": 55.0}
+            "itl_ms_mean": 55.0, "steady_requests": n, "steady_ttft_ms_p50": 90.0, "steady_ttft_ms_p99": steady_p99}
 
 
 def _serving(levels, rss=None):
@@ -222,6 +227,9 @@ def test_serving_rows_apply_the_targets_at_n16():
     assert by["N=16 aggregate tok/s vs static batching"].verdict == "NO, 17% short"  # 0.667x of 0.8x
     assert by["N=16 aggregate tok/s vs one at a time"].verdict == "yes"  # 4x >= 3x
     assert by["N=16 TTFT p50 / p99 (ratio of p99)"].verdict == "NO, 25% over"
+    assert "16 prompts sent at once (~2,400 tokens" in by["N=16 TTFT p50 / p99 (ratio of p99)"].note
+    assert by["N=16 TTFT p50 / p99 in steady state (ratio of p99)"].verdict == "yes"  # 400 ms < 2,000 ms
+    assert "N=1 TTFT p50 / p99 in steady state (ratio of p99)" not in by
     assert by["N=1 aggregate tok/s vs static batching"].target is None
     rss = next(r for r in rows if r.what.startswith("server peak RSS"))
     assert rss.verdict == "yes" and "3.91" in rss.target.text

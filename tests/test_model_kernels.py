@@ -60,11 +60,13 @@ def test_switched_off_by_environment(monkeypatch):
     assert not kernels.available(GPT2Config(**{**TINY, "n_embd": 72, "n_head": 4}), ms.float32)  # unaligned
 
 
-def test_kernel_and_mindspore_steps_agree_with_padding_and_chunks(sessions):
+@pytest.mark.parametrize("lengths", [(20, 7, 13), (32, 30, 17)])  # 4x32 = 128 rows: the packed GEMM
+def test_kernel_and_mindspore_steps_agree_with_padding_and_chunks(sessions, lengths):
     kern, plain = sessions
-    ps = prompts(seed=7, lengths=(20, 7, 13))
-    ids = np.zeros((3, 20), np.int64)
-    pos = np.full((3, 20), -1)
+    ps = prompts(seed=7, lengths=lengths)
+    T = max(lengths)
+    ids = np.zeros((3, T), np.int64)
+    pos = np.full((3, T), -1)
     for i, p in enumerate(ps):
         ids[i, : len(p)] = p
         pos[i, : len(p)] = np.arange(len(p))
@@ -74,9 +76,58 @@ def test_kernel_and_mindspore_steps_agree_with_padding_and_chunks(sessions):
     for i, p in enumerate(ps):
         assert np.abs(a[i, : len(p)] - b[i, : len(p)]).max() < 1e-4
     nxt = np.array([[5], [6], [7]])
-    at = np.array([[20], [7], [13]])
+    at = np.array([[n] for n in lengths])
     last = np.zeros(3, int)
     assert np.abs(kern.step(nxt, at, slots, last) - plain.step(nxt, at, slots, last)).max() < 1e-4
+
+
+def _call(lib, name, *arrays):
+    # MindSpore's AOT calling convention: (nparam, params, ndims, shapes, dtypes, stream, extra) -> status.
+    import ctypes
+
+    n = len(arrays)
+    params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+    ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
+    dims = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
+    shapes = (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in dims])
+    return getattr(lib, name)(n, params, ndims, shapes, None, None, None)
+
+
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 13, 96, 97, 130])  # both forms: register-blocked <= 96 rows, GEMM above
+@pytest.mark.parametrize("n,k", [(16, 16), (100, 272), (530, 48)])  # widths not multiples of the tiles
+def test_linear_kernels_match_numpy(m, n, k):
+    import ctypes
+
+    from model import kernels
+
+    lib = ctypes.CDLL(kernels.library_path())
+    rng = np.random.default_rng(m * 1000 + n)
+    x = rng.standard_normal((m, k), np.float32) * 2
+    w = rng.standard_normal((n, k), np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    r = rng.standard_normal((m, n)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    # GPT-2's GELU (tanh form); inputs down to about -100 here, where a fast-math reciprocal once gave NaN.
+    with np.errstate(over="ignore"):
+        gelu = ref / (1 + np.exp(-1.5957691216057308 * (ref + 0.044715 * ref**3)))
+    for name, args, want in (
+        ("Linear", (x, w), ref - b),
+        ("Linear", (x, w, b), ref),
+        ("LinearGelu", (x, w, b), gelu),
+        ("LinearAdd", (x, w, b, r), ref + r),
+    ):
+        y = np.full((m, n), np.nan, np.float32)
+        assert _call(lib, name, *args, y) == 0
+        scale = 1 + np.abs(want).max()
+        assert np.abs(y - want).max() / scale < 1e-5, name
+    # A row's result does not depend on the other rows (same form: up to 96 rows, or above).
+    extra = 7 if m + 7 <= 96 or m > 96 else 0
+    if extra:
+        x2 = np.concatenate([rng.standard_normal((extra, k), np.float32), x])
+        y1, y2 = np.empty((m, n), np.float32), np.empty((m + extra, n), np.float32)
+        _call(lib, "LinearGelu", x, w, b, y1)
+        _call(lib, "LinearGelu", x2, w, b, y2)
+        assert np.array_equal(y1, y2[extra:])
 
 
 def test_a_rows_logits_do_not_depend_on_the_batch(sessions):

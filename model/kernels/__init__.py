@@ -1,11 +1,13 @@
 """Hand-written CPU kernels for the inference step, run inside the compiled graphs as MindSpore AOT Custom ops.
 
 Why: on CPU, MindSpore 2.10's MatMul streams weights at about half the machine's memory bandwidth for the one to
-few rows of a decode step, and attention over the KV cache needs a gather (a copy of every cached row in use)
-plus small batched matmuls; together they made decode slower than PyTorch. `cpu_kernels.c` has two kernels:
-`Linear` (x @ W^T + b, register-blocked so each weight row is read once per step) and `CachedAttention` (each
-token attends over its own slot's cached rows in place, no gather, no context padding). No library offers these
-for MindSpore's CPU backend; the Ascend equivalents (PagedAttention) are Ascend-only.
+few rows of a decode step, keeps a packed copy of every weight per compiled graph (360 MB per prefill shape of
+GPT-2 124M: a server with a dozen step shapes held gigabytes of copies), and attention over the KV cache needs a
+gather (a copy of every cached row in use) plus small batched matmuls. `cpu_kernels.c` has two kernels: `Linear`
+(x @ W^T + b, with GELU or residual fused: register-blocked so each weight row is read once per call for up to
+96 rows, a packed GEMM above that; both pack into small per-thread buffers, never a persistent copy) and
+`CachedAttention` (each token attends over its own slot's cached rows in place, no gather, no context padding).
+No library offers these for MindSpore's CPU backend; the Ascend equivalents (PagedAttention) are Ascend-only.
 
 The source is compiled once per machine with the system C compiler (`cc -O3 -march=native`) into a cache
 directory (GPT2_KERNEL_CACHE, default ~/.cache/gpt2-mindspore/kernels), keyed by the source, the flags and the
