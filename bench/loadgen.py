@@ -1,12 +1,12 @@
 """Closed-loop load generator for TGI's `POST /generate_stream` (SSE): N clients, each sending its next request
 when its previous one has finished, a fixed number of requests per client, all bounded by a wall-time limit.
 
-Per request it records when it was sent, when each token event arrived, and errors; `summarize` turns that
-into aggregate tokens/s, time to first token and inter-token latency percentiles. Time to first token is also
-given over the steady state alone: every request but each client's first. All clients start at once, so their
-first requests arrive together (a burst of N prompts to prefill); later ones arrive as earlier ones finish. Requests still running at
-the time limit are cancelled (the client disconnects, which makes the server abort them) and count with the
-tokens they had received. Knows httpx and the TGI event format; nothing of the servers behind it.
+Per request it records when it was sent, when each token event arrived, and errors; `summarize` turns that into
+aggregate tokens/s, time to first token and inter-token latency percentiles. Time to first token is also given over the
+steady state alone: every request but each client's first. All clients start at once, so their first requests arrive
+together (a burst of N prompts to prefill); later ones arrive as earlier ones finish. Requests still running at the time
+limit are cancelled (the client disconnects, which makes the server abort them) and count with the tokens they had
+received. Knows httpx and the TGI event format; nothing of the servers behind it.
 """
 
 from __future__ import annotations

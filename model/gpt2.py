@@ -42,10 +42,10 @@ SMALL_ROWS = 64
 
 
 def _use_kernel(x, kern):
-    # With the CPU kernels every projection runs on them, whatever the row count: they measured as fast or faster
-    # than MindSpore's MatMul at 1 to 512 rows and keep no per-graph copy of the weights. MindSpore's CPU MatMul
-    # packs each constant weight once per compiled graph and keeps the copy (measured: +360 MB RSS per 256-token prefill graph of GPT-2 124M, 11 such graphs in a
-    # server), which is what broke the server's memory budget.
+    # With the CPU kernels every projection runs on them, whatever the row count: they measured as fast or faster than
+    # MindSpore's MatMul at 1 to 512 rows and keep no per-graph copy of the weights. MindSpore's CPU MatMul packs each
+    # constant weight once per compiled graph and keeps the copy (measured: +360 MB RSS per 256-token prefill graph of
+    # GPT-2 124M, 11 such graphs in a server), which is what broke the server's memory budget.
     return kern is not None
 
 

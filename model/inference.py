@@ -208,30 +208,100 @@ class InferenceSession:
             rows_np = np.arange(bb, dtype=np.int32) * tb
             rows_np[:b] += lidx
             rows = Tensor(rows_np)
+        logits = self._run(ids_p, pos_p, write.reshape(-1), base, 1 if self.cpu_kernels else cb, rows)
+        return logits[:b] if lidx is not None else logits[:b, :t]
+
+    @property
+    def packed_row_buckets(self) -> tuple[int, ...]:
+        """The logits-row counts `step_packed` pads to (coarser than the batch buckets: fewer compiled graphs)."""
+        return tuple(sorted({b for b in (1, 4, 16) if b < self.max_batch} | {self.max_batch}))
+
+    def step_packed(
+        self,
+        token_ids: np.ndarray,
+        positions: np.ndarray,
+        slot_ids: np.ndarray,
+        logits_index: np.ndarray | None,
+    ) -> np.ndarray:
+        """Run one step over several sequences' tokens packed into one flat row: no padding between sequences.
+
+        token_ids, positions, slot_ids int (N,): each token with its own position and its sequence's slot, a
+        sequence's tokens adjacent and in position order; logits_index int (R,) indices into [0, N) of the tokens
+        whose logits are wanted, or None for every token. Returns float32 logits (R, V), or (N, V).
+        With the CPU kernels the N tokens run as one (1, N) pass padded to a chunk bucket (the attention kernel
+        takes each token's slot); otherwise the tokens are regrouped into (B, T) rows for `step`.
+        """
+        ids, pos, slots = (np.asarray(a) for a in (token_ids, positions, slot_ids))
+        if ids.ndim != 1 or ids.size == 0 or pos.shape != ids.shape or slots.shape != ids.shape:
+            raise ValueError(
+                f"token_ids, positions and slot_ids must be non-empty (N,) arrays of one length, got shapes "
+                f"{ids.shape}, {pos.shape}, {slots.shape}"
+            )
+        n = ids.size
+        lidx = None if logits_index is None else np.asarray(logits_index)
+        if lidx is not None and (
+            lidx.ndim != 1 or lidx.size == 0 or not np.issubdtype(lidx.dtype, np.integer) or lidx.min() < 0
+            or lidx.max() >= n
+        ):
+            raise ValueError(f"logits_index must be a non-empty int array of indices in [0, {n}), got {lidx}")
+        self._check_values(ids, pos, slots)
+        if pos.min() < 0:
+            raise ValueError(f"positions must be >= 0 in a packed step, got min {pos.min()}")
+        if not self.cpu_kernels:
+            return self._packed_as_rows(ids, pos, slots, lidx)
+        nb = _bucket(self.chunk_buckets, n, "packed token count")
+        L = self.max_seq_len
+        ids_p = np.zeros((1, nb), np.int32)
+        ids_p[0, :n] = ids
+        pos_p = np.full((1, nb), -1, np.int32)
+        pos_p[0, :n] = pos
+        base = np.full(nb, self.num_slots * self._slot_stride, np.int64)  # padding: the scratch slot
+        base[:n] = slots.astype(np.int64) * self._slot_stride
+        write = base + np.maximum(pos_p[0], 0)
+        write[n:] = self.num_slots * self._slot_stride + np.arange(n, nb) % L
+        if lidx is None:
+            rows = None
+        else:
+            r = lidx.size
+            rows_np = np.zeros(_bucket(self.packed_row_buckets, r, "logits rows"), np.int32)
+            rows_np[:r] = lidx
+            rows = Tensor(rows_np)
+        out = self._run(ids_p, pos_p, write, base, 1, rows)
+        return out[: lidx.size] if lidx is not None else out[0, :n]
+
+    def _run(self, ids, pos, write, base, context: int, rows: Tensor | None) -> np.ndarray:
+        # The compiled step on padded arrays: write (B*T,) and base (B,) or (B*T,) cache rows; see _StepCell.
         out = self._cell(
-            Tensor(ids_p),
-            Tensor(pos_p),
-            Tensor(write.reshape(-1).astype(np.int32)),
+            Tensor(ids),
+            Tensor(pos),
+            Tensor(write.astype(np.int32)),
             Tensor(base.astype(np.int32)),
             self._meta,
             self._scales,
-            Tensor(np.arange(1 if self.cpu_kernels else cb, dtype=np.int32)),
+            Tensor(np.arange(context, dtype=np.int32)),
             rows,
         )
-        logits = out.asnumpy()
-        return logits[:b] if lidx is not None else logits[:b, :t]
+        return out.asnumpy()
 
-    def _validate(self, token_ids, positions, slot_ids, logits_index):
-        ids = np.asarray(token_ids)
-        pos = np.asarray(positions)
-        slots = np.asarray(slot_ids)
-        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise ValueError(f"token_ids must be a non-empty (B, T) array, got shape {ids.shape}")
-        if pos.shape != ids.shape:
-            raise ValueError(f"positions shape {pos.shape} must equal token_ids shape {ids.shape}")
-        b, t = ids.shape
-        if slots.shape != (b,):
-            raise ValueError(f"slot_ids must have shape ({b},), got {slots.shape}")
+    def _packed_as_rows(self, ids, pos, slots, lidx) -> np.ndarray:
+        # MindSpore's ops gather one context per row: one row per run of tokens of the same slot.
+        starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])
+        ends = np.r_[starts[1:], ids.size]
+        t = int((ends - starts).max())
+        b = starts.size
+        ids2 = np.zeros((b, t), np.int64)
+        pos2 = np.full((b, t), -1, np.int64)
+        row_of = np.empty(ids.size, np.int64)
+        col_of = np.empty(ids.size, np.int64)
+        for i, (a, e) in enumerate(zip(starts, ends)):
+            ids2[i, : e - a] = ids[a:e]
+            pos2[i, : e - a] = pos[a:e]
+            row_of[a:e], col_of[a:e] = i, np.arange(e - a)
+        out = self.step(ids2, pos2, slots[starts], None)  # (b, t, V): every position
+        flat = out[row_of, col_of]
+        return flat if lidx is None else flat[lidx]
+
+    def _check_values(self, ids, pos, slots):
         for name, a in (("token_ids", ids), ("positions", pos), ("slot_ids", slots)):
             if not np.issubdtype(a.dtype, np.integer):
                 raise ValueError(f"{name} must be integers, got dtype {a.dtype}")
@@ -245,7 +315,20 @@ class InferenceSession:
         if pos.max() < 0:
             raise ValueError("positions are all padding (-1): nothing to run")
         if slots.min() < 0 or slots.max() >= self.num_slots:
-            raise ValueError(f"slot_ids must be in [0, {self.num_slots}), got {slots.tolist()}")
+            raise ValueError(f"slot_ids must be in [0, {self.num_slots}), got range [{slots.min()}, {slots.max()}]")
+
+    def _validate(self, token_ids, positions, slot_ids, logits_index):
+        ids = np.asarray(token_ids)
+        pos = np.asarray(positions)
+        slots = np.asarray(slot_ids)
+        if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"token_ids must be a non-empty (B, T) array, got shape {ids.shape}")
+        if pos.shape != ids.shape:
+            raise ValueError(f"positions shape {pos.shape} must equal token_ids shape {ids.shape}")
+        b, t = ids.shape
+        if slots.shape != (b,):
+            raise ValueError(f"slot_ids must have shape ({b},), got {slots.shape}")
+        self._check_values(ids, pos, slots)
         if len(np.unique(slots)) != b:
             raise ValueError(f"slot_ids must be distinct within a step, got {slots.tolist()}")
         lidx = None
@@ -267,6 +350,14 @@ class InferenceSession:
             pos = np.full((bb, tb), -1, np.int32)
             pos[0, 0] = cb - 1
             self.step(ids, pos, np.arange(bb), None if all_logits else np.zeros(bb, np.int32))
+
+    def warmup_packed(self, shapes: Sequence[tuple[int, int]]) -> None:
+        """Compile `step_packed` for the given (tokens, logits rows) padded shapes; writes scratch into slot 0."""
+        for nb, rb in shapes:
+            self.step_packed(
+                np.zeros(nb, np.int32), np.arange(nb, dtype=np.int32) % self.max_seq_len,
+                np.zeros(nb, np.int32), np.arange(rb, dtype=np.int32) % nb,
+            )
 
     def generate(
         self,

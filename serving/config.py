@@ -34,12 +34,13 @@ class Settings:
     # 124M on 2 CPU cores: a 1x64 prefill pass ~0.18 s (360 tokens/s), 1x256 ~0.44 s (590 tokens/s), 2x256
     # ~0.83 s, against ~0.11 s for a 16-row decode step; a 512-token prompt gets its first token in two passes.
     prefill_chunk: int = 256
-    # Bucketed decode batching only: the prompts of several requests are prefilled in one pass, oldest first,
-    # while (rows, padded to a batch bucket) x (chunk length, padded to a chunk bucket) stays within this budget
-    # (the oldest prompt always gets a whole chunk). It bounds how long a step's prefill delays the running
-    # requests' next token. 256 rather than 512: in a closed-loop simulation with the costs above (16 clients,
-    # prompts of 16-512 tokens, 128 new tokens) it gave the same throughput with a lower TTFT p99 (2.1 s against
-    # 2.8 s) and half the inter-token stalls, because the oldest prompt finishes sooner.
+    # Bucketed decode batching only: the prompts of several requests are prefilled in one pass, oldest first, while
+    # (rows, padded to a batch bucket) x (chunk length, padded to a chunk bucket) stays within this budget (the oldest
+    # prompt always gets a whole chunk). With the CPU kernels a pass is flat (the prompts' tokens one after the other,
+    # no padding between them): the budget counts prompt tokens, at most prefill_chunk. It bounds how long a step's
+    # prefill delays the running requests' next token. 256 rather than 512: in a closed-loop simulation with the costs
+    # above (16 clients, prompts of 16-512 tokens, 128 new tokens) it gave the same throughput with a lower TTFT p99
+    # (2.1 s against 2.8 s) and half the inter-token stalls, because the oldest prompt finishes sooner.
     max_prefill_tokens: int = 256
     # "bucketed": decode runs at the smallest batch bucket that fits the running requests and waiting prompts
     # are prefilled together: what vLLM/TGI users expect, and the faster mode. A request's logits may then differ

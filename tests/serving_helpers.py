@@ -103,6 +103,7 @@ class FakeSession:
         self.fail = fail
         self.cache = np.full((num_slots, max_seq_len), -1, np.int64)
         self.calls: list[tuple[int, int, bool]] = []  # (B, T, all_logits)
+        self.packed_calls: list[tuple[int, int, bool]] = []  # step_packed: (tokens, sequences, all_logits)
         self.lock = threading.Lock()
 
     def step(self, token_ids, positions, slot_ids, logits_index):
@@ -135,9 +136,32 @@ class FakeSession:
             return out
         return out[np.arange(b), np.asarray(logits_index)]
 
+    def step_packed(self, token_ids, positions, slot_ids, logits_index):
+        """`InferenceSession.step_packed`: several sequences' tokens in one flat pass (a sequence's adjacent)."""
+        ids, pos, slots = np.asarray(token_ids), np.asarray(positions), np.asarray(slot_ids)
+        n = ids.size
+        assert ids.shape == pos.shape == slots.shape == (n,) and n > 0
+        assert ((pos >= 0) & (pos < self.max_seq_len)).all() and ((slots >= 0) & (slots < self.num_slots)).all()
+        with self.lock:
+            self.packed_calls.append((n, len(set(slots.tolist())), logits_index is None))
+        if self.fail is not None:
+            self.fail(ids[None], pos[None])
+        if self.delay:
+            time.sleep(self.delay)
+        self.cache[slots, pos] = ids
+        out = np.zeros((n, VOCAB), np.float32)
+        for i in range(n):
+            prefix = self.cache[slots[i], : pos[i] + 1]
+            assert (prefix >= 0).all(), "reading a position that was never written"
+            out[i] = fake_logits(prefix, self.eos_every)
+        return out if logits_index is None else out[np.asarray(logits_index)]
 
-def fake_parts(config: EngineConfig, **session_kwargs) -> tuple[Callable[[], EngineParts], dict]:
-    """A loader for AsyncEngine / create_app plus a dict that receives the session once loaded."""
+
+def fake_parts(
+    config: EngineConfig, flat_prefill: bool = False, **session_kwargs
+) -> tuple[Callable[[], EngineParts], dict]:
+    """A loader for AsyncEngine / create_app plus a dict that receives the session once loaded; flat_prefill as
+    the real loader sets it with the CPU kernels (packed prefill through step_packed)."""
     box: dict = {}
 
     def load() -> EngineParts:
@@ -148,6 +172,7 @@ def fake_parts(config: EngineConfig, **session_kwargs) -> tuple[Callable[[], Eng
             num_slots=config.max_batch_size,
             eos_token_id=EOS,
             decode_batch=config.max_batch_size if config.decode_batching == "fixed" else None,
+            flat_prefill=flat_prefill and config.packed_prefill,
         )
         return EngineParts(runner, FakeTokenizer())
 

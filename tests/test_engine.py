@@ -92,6 +92,24 @@ def test_bucketed_batching_packs_prefill_and_matches_alone():
     run_engine(t, config=config)
 
 
+def test_flat_packed_prefill_matches_alone_within_the_token_budget():
+    # With the CPU kernels packed passes are flat: the budget counts prompt tokens, not padded rows.
+    prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
+    # A flat pass pads to a chunk bucket, so its budget is at most the largest (prefill_chunk).
+    config = dataclasses.replace(CONFIG, prefill_chunk=64, max_prefill_tokens=64)
+
+    async def t(engine, box):
+        results = await asyncio.gather(*(generate(engine, p, greedy(20)) for p in prompts))
+        for p, outs in zip(prompts, results):
+            assert [x.id for o in outs for x in o.tokens] == fake_greedy(TOK.encode(p), 20)
+        session = box["session"]
+        assert all(t == 1 for _, t, _ in session.calls)  # every prefill went through step_packed
+        assert any(seqs > 1 for _, seqs, _ in session.packed_calls)
+        assert all(n <= 64 for n, _, _ in session.packed_calls)
+
+    run_engine(t, config=config, flat_prefill=True)
+
+
 def test_bucketed_decode_runs_only_the_live_rows():
     async def t(engine, box):
         await generate(engine, "abc", greedy(3))
@@ -186,7 +204,8 @@ def test_seeded_sampling_is_reproducible_whatever_else_runs():
     run_engine(t)
 
 
-def test_prompt_logprobs_across_chunks_and_score():
+@pytest.mark.parametrize("flat", [False, True])
+def test_prompt_logprobs_across_chunks_and_score(flat):
     prompt = "a prompt of more than sixteen bytes, so prefill takes several chunks"
     ids = TOK.encode(prompt)
     want = [None] + [float(sampler.log_softmax(fake_logits(ids[: i + 1])[None])[0, ids[i + 1]])
@@ -201,9 +220,10 @@ def test_prompt_logprobs_across_chunks_and_score():
         scored = await engine.score([ids, ids[:3], [5]])
         assert np.allclose([x.logprob for x in scored[0][1:]], want[1:], atol=1e-5)
         assert [x.logprob for x in scored[2]] == [None]
-        assert any(b > 1 for b, t, all_logits in box["session"].calls if all_logits)  # packed scoring pass
+        calls = box["session"].packed_calls if flat else box["session"].calls
+        assert any(b > 1 for _, b, all_logits in calls if all_logits)  # packed scoring pass
 
-    run_engine(t)
+    run_engine(t, flat_prefill=flat)
 
 
 def test_closing_a_stream_aborts_and_frees_the_slot_for_a_waiting_request():
@@ -369,6 +389,12 @@ def test_step_shapes_the_loader_asks_for():
     # Packed prefill: first chunks at every row bucket whose padded pass fits the budget, too.
     assert warmup(r, decode_batches=(1, 2, 4, 8, 16), max_prefill_tokens=128) == 16
     assert r.shapes[10:] == [(1, 16, 64), (2, 16, 64), (4, 16, 64), (8, 16, 64), (1, 64, 64), (2, 64, 64)]
+    # Flat packed passes (CPU kernels): decode shapes, then (tokens, logits rows) for every chunk bucket.
+    r.packed_row_buckets = (1, 4, 16)
+    r.warmup_packed = lambda shapes: setattr(r, "packed", shapes)
+    assert warmup(r, decode_batches=(1, 16), max_prefill_tokens=64, flat_prefill=True) == 4 + 6
+    assert r.shapes == [(16, 1, 64), (16, 1, 128), (1, 1, 64), (1, 1, 128)]
+    assert r.packed == [(16, 1), (16, 4), (16, 16), (64, 1), (64, 4), (64, 16)]
     # A first chunk of 65-256 tokens pads to 256 and needs context 128, 192 or 256.
     r.context_buckets, r.chunk_buckets = (64, 128, 192, 256), (1, 16, 64, 256)
     warmup(r, decode_batches=(4,))

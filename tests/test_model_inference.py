@@ -84,6 +84,30 @@ def test_rows_of_different_lengths_and_phases_share_a_step(model_env):
     assert np.abs(out[1, :3] - ref["c"][5:8]).max() < TOL
 
 
+def test_packed_step_runs_several_sequences_in_one_flat_pass(model_env):
+    hf, _, sess = model_env
+    a, b, c = prompts(seed=9, lengths=(12, 7, 13))
+    ref = {n: hf_logits(hf, [s])[0] for n, s in (("a", a), ("b", b), ("c", c))}
+    sess.step(np.array([a[:5]]), np.arange(5)[None], np.array([2]), np.array([4]))  # a's first chunk, earlier
+    # a's second chunk, all of b, c's first 9 tokens: 24 tokens one after the other (CPU kernels: one (1, 32) row).
+    ids = np.concatenate([a[5:], b, c[:9]])
+    pos = np.concatenate([np.arange(5, 12), np.arange(7), np.arange(9)])
+    slots = np.repeat([2, 0, 3], [7, 7, 9])
+    out = sess.step_packed(ids, pos, slots, np.array([6, 13, 22]))
+    assert out.shape == (3, TINY["vocab_size"])
+    for got, want in zip(out, (ref["a"][11], ref["b"][6], ref["c"][8])):
+        assert np.abs(got - want).max() < TOL
+    # Every token's logits, and the caches left for decode.
+    every = sess.step_packed(c[9:], np.arange(9, 13), np.full(4, 3), None)
+    assert np.abs(every - ref["c"][9:13]).max() < TOL
+    nxt = sess.step(np.array([[b[-1]]]), np.array([[7]]), np.array([0]), np.array([0]))
+    assert np.abs(nxt[0] - hf_logits(hf, [list(b) + [b[-1]]])[0][7]).max() < TOL
+    with pytest.raises(ValueError, match="logits_index"):
+        sess.step_packed(ids, pos, slots, np.array([24]))
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        sess.step_packed(ids, np.where(pos == 0, -1, pos), slots, None)
+
+
 def test_a_reused_slot_does_not_see_its_previous_sequence(model_env):
     hf, _, sess = model_env
     long, short = prompts(seed=4, lengths=(50, 10))

@@ -268,6 +268,24 @@ def test_packed_prefill_admits_no_more_than_the_free_slots_and_reuses_freed_ones
     assert [q.request_id for q in out.decode] == ["b"]
 
 
+def test_flat_packed_prefill_counts_prompt_tokens_not_padded_rows():
+    s = packed(budget=256, flat_prefill=True)
+    s.add([seq("a", 40), seq("b", 30), seq("c", 50), seq("d", 10), seq("e", 20), seq("f", 200)])
+    out = run_step(s)
+    # 150 tokens for a-e (the padded form took 4 rows); f takes the 106 the budget leaves.
+    assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [
+        ("a", 40), ("b", 30), ("c", 50), ("d", 10), ("e", 20), ("f", 106)]
+    out = run_step(s)
+    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("f", 106, 200)]
+
+
+def test_a_flat_pass_stays_within_the_largest_chunk_bucket():
+    s = packed(budget=1024, chunk=256, flat_prefill=True)  # the model pads a pass to a chunk bucket (<= 256)
+    s.add([seq("a", 100), seq("b", 300)])
+    out = run_step(s)
+    assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [("a", 100), ("b", 156)]
+
+
 def test_packed_prefill_mixes_score_only_and_generating_prompts():
     s = packed()
     s.add([score_seq("s1", 10), seq("g", 10), score_seq("s2", 10)])
@@ -283,8 +301,9 @@ def test_packed_prefill_mixes_score_only_and_generating_prompts():
     st.sampled_from([16, 64, 256, 512]),
     st.lists(st.tuples(st.integers(1, 700), st.integers(0, 6), st.booleans()), min_size=1, max_size=12),
 )
-def test_packed_random_workloads_keep_the_budget_fifo_and_invariants(num_slots, chunk, budget, reqs):
-    s = packed(num_slots=num_slots, budget=budget, chunk=chunk)
+@pytest.mark.parametrize("flat", [False, True])
+def test_packed_random_workloads_keep_the_budget_fifo_and_invariants(flat, num_slots, chunk, budget, reqs):
+    s = packed(num_slots=num_slots, budget=budget, chunk=chunk, flat_prefill=flat)
     seqs = [(Sequence(str(i), [1] * n, SamplingParams(max_new_tokens=m)), ab) for i, (n, m, ab) in enumerate(reqs)]
     s.add([q for q, _ in seqs])
     for step in range(5000):
@@ -297,7 +316,10 @@ def test_packed_random_workloads_keep_the_budget_fifo_and_invariants(num_slots, 
             # FIFO: the pass starts with the oldest unfinished prompt, which gets a whole chunk.
             assert first.seq is holders_before[0]
             assert first.end - first.start == min(chunk, first.seq.num_prompt - first.start)
-            assert len(out.prefill) == 1 or padded_size(s, out.prefill) <= budget
+            if flat:
+                assert len(out.prefill) == 1 or sum(c.end - c.start for c in out.prefill) <= min(budget, CHUNKS[-1])
+            else:
+                assert len(out.prefill) == 1 or padded_size(s, out.prefill) <= budget
             order = [int(c.seq.request_id) for c in out.prefill]
             assert order == sorted(order)
         holders = s.prefilling + s.running

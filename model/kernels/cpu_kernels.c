@@ -426,6 +426,7 @@ typedef struct {
     float *kc, *vc, *y;
     const int32_t *write_base, *read_base, *pos;
     int64_t B, T, D, hs, nh, L;
+    int per_token; /* read_base has one entry per token (packed sequences), not one per row */
     float scale;
     _Atomic int64_t next;
 } attn_args;
@@ -453,7 +454,7 @@ static void attend_task(void *p, int tid, int nt) {
         /* Items (token, head) handed out one at a time: sequences differ in length. */
         const int64_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
         if (i >= n_items) break;
-        const int64_t bt = i / a->nh, h = i % a->nh, b = bt / a->T;
+        const int64_t bt = i / a->nh, h = i % a->nh, b = a->per_token ? bt : bt / a->T;
         const float *q = a->qkv + bt * 3 * D + h * hs;
         float *y = a->y + bt * D + h * hs;
         const int64_t n = (int64_t)a->pos[bt] + 1;
@@ -523,7 +524,8 @@ static void attend_task(void *p, int tid, int nt) {
  * CachedAttention: write this step's keys and values into the cache, then attend, reading the cache in place.
  * Inputs: qkv (B, T, 3*D) (c_attn's output); k_cache, v_cache (rows, hs), written in place; write_base (B, T)
  * int32: cache row of (slot, head 0, this token's position), scratch rows for padding; read_base (B,) int32: row of
- * (slot, head 0, position 0); positions (B, T) int32, -1 = padding; meta (2,) int32 [max_seq_len, n_head];
+ * (slot, head 0, position 0), or (B*T,) one per token, for rows that pack several sequences one after the other;
+ * positions (B, T) int32, -1 = padding; meta (2,) int32 [max_seq_len, n_head];
  * scale (1,) float32. Output: y (B, T, D). Row of (slot, head h, position j) = read_base + h * max_seq_len + j;
  * a token at position p attends to positions 0..p of its slot. Padding tokens get zeros.
  */
@@ -534,7 +536,8 @@ int CachedAttention(int nparam, void **params, int *ndims, int64_t **shapes, con
     attn_args a = {.qkv = params[0], .kc = params[1], .vc = params[2], .write_base = params[3],
                    .read_base = params[4], .pos = params[5], .scale = ((const float *)params[7])[0],
                    .y = params[8], .B = shapes[0][0], .T = shapes[0][1], .D = shapes[0][2] / 3,
-                   .hs = shapes[1][1], .L = meta[0], .nh = meta[1]};
+                   .hs = shapes[1][1], .L = meta[0], .nh = meta[1],
+                   .per_token = shapes[4][0] == shapes[0][0] * shapes[0][1] && shapes[0][1] > 1};
     atomic_store(&a.next, 0);
     if (a.nh * a.hs != a.D || a.hs % VW) return 1;
     run_parallel(write_task, &a);

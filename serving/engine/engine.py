@@ -221,6 +221,7 @@ class AsyncEngine:
                 prefill_row_buckets=c.batch_buckets,
                 prefill_chunk_buckets=c.chunk_buckets,
                 max_prefill_tokens=c.max_prefill_tokens if c.packed_prefill else None,
+                flat_prefill=getattr(parts.runner, "flat_prefill", False),
             )
             self._core = EngineCore(parts.runner, sched, parts.tokenizer.token_bytes, self.stats)
         except BaseException as e:  # noqa: BLE001 - reported by /health

@@ -38,11 +38,14 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
             compile_cache_dir=settings.compile_cache,
         )
         fixed = config.decode_batching == "fixed"
+        # Packed prefill runs flat (no padding between prompts) where the attention kernel allows it.
+        flat = config.packed_prefill and getattr(session, "cpu_kernels", False)
         runner = ModelRunner(
             session,
             num_slots=config.max_batch_size,
             eos_token_id=tok.eos_token_id,
             decode_batch=config.max_batch_size if fixed else None,
+            flat_prefill=flat,
         )
         log.info("model loaded in %.1f s", time.monotonic() - t0)
         if settings.warmup:
@@ -51,6 +54,7 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
                 session,
                 decode_batches=(config.max_batch_size,) if fixed else config.batch_buckets,
                 max_prefill_tokens=config.max_prefill_tokens if config.packed_prefill else None,
+                flat_prefill=flat,
             )
             log.info("compiled %d step shapes in %.1f s", n, time.monotonic() - t0)
         return EngineParts(runner, tok)

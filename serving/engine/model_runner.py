@@ -42,9 +42,13 @@ class ModelRunner:
         eos_token_id: int,
         special_ids: frozenset[int] = frozenset(),
         decode_batch: int | None,
+        flat_prefill: bool = False,
     ) -> None:
-        """decode_batch: pad every decode step to this many rows (batch-invariant results); None = no padding."""
+        """decode_batch: pad every decode step to this many rows (batch-invariant results); None = no padding.
+        flat_prefill: run prefill passes through the session's `step_packed` (the chunks one after the other in
+        one row, no padding between them) rather than one padded row per chunk."""
         self.session = session
+        self.flat_prefill = flat_prefill
         self.num_slots = num_slots
         self.eos_token_id = eos_token_id
         self.special_ids = special_ids | {eos_token_id}
@@ -54,7 +58,10 @@ class ModelRunner:
     # ---- prefill -------------------------------------------------------------------------------------------
 
     def prefill(self, chunks: Seq[PrefillChunk]) -> list[ChunkResult]:
-        """One step over prompt chunks (one row each); all positions' logits only if a row wants prompt logprobs."""
+        """One step over prompt chunks (one row each, or one flat row); all positions' logits only if a chunk
+        wants prompt logprobs."""
+        if self.flat_prefill:
+            return self._prefill_flat(chunks)
         r = len(chunks)
         t = max(c.end - c.start for c in chunks)
         ids = np.zeros((r, t), np.int32)
@@ -68,10 +75,27 @@ class ModelRunner:
         all_logits = any(c.seq.wants_prompt_logprobs for c in chunks)
         out = self.session.step(ids, pos, slots, None if all_logits else last)
         last_logits = out[np.arange(r), last] if all_logits else out
+        return self._chunk_results(chunks, last_logits, out if all_logits else None)
+
+    def _prefill_flat(self, chunks: Seq[PrefillChunk]) -> list[ChunkResult]:
+        lens = np.array([c.end - c.start for c in chunks])
+        ends = np.cumsum(lens)
+        ids = np.concatenate([np.asarray(c.seq.prompt_ids[c.start : c.end], np.int32) for c in chunks])
+        pos = np.concatenate([np.arange(c.start, c.end, dtype=np.int32) for c in chunks])
+        slots = np.repeat(np.array([c.seq.slot for c in chunks], np.int32), lens)
+        all_logits = any(c.seq.wants_prompt_logprobs for c in chunks)
+        out = self.session.step_packed(ids, pos, slots, None if all_logits else ends - 1)
+        if not all_logits:
+            return self._chunk_results(chunks, out, None)
+        per_chunk = [out[e - n : e] for e, n in zip(ends, lens)]
+        return self._chunk_results(chunks, out[ends - 1], per_chunk)
+
+    def _chunk_results(self, chunks: Seq[PrefillChunk], last_logits: np.ndarray, all_logits) -> list[ChunkResult]:
+        """Prompt logprobs (from each chunk's every-position logits, when given) and first tokens."""
         results = [ChunkResult() for _ in chunks]
         for i, c in enumerate(chunks):
             if c.seq.wants_prompt_logprobs:
-                results[i].prompt = self._prompt_logprobs(c, out[i])
+                results[i].prompt = self._prompt_logprobs(c, all_logits[i])
         gen = [i for i, c in enumerate(chunks) if c.is_last and not c.seq.score_only]
         if gen:
             res = self._sample(last_logits[gen], [chunks[i].seq for i in gen])
@@ -165,7 +189,9 @@ def load_session(
     )
 
 
-def warmup(session, *, decode_batches: tuple[int, ...], max_prefill_tokens: int | None = None) -> int:
+def warmup(
+    session, *, decode_batches: tuple[int, ...], max_prefill_tokens: int | None = None, flat_prefill: bool = False
+) -> int:
     """Compile the shapes most requests hit, so that requests do not stall on compilation: decode at every decode
     batch size (one with fixed decode batching) and context bucket, and a first prefill chunk of each chunk
     bucket (at each context a first chunk of that bucket can need), alone and, with packed prefill, at every row
@@ -177,6 +203,12 @@ def warmup(session, *, decode_batches: tuple[int, ...], max_prefill_tokens: int 
         return next(c for c in contexts if c >= n)
 
     shapes = [(b, 1, cb) for b in sorted(decode_batches, reverse=True) for cb in contexts]
+    if flat_prefill:
+        # Packed passes: (tokens, logits rows) per chunk bucket; the context is not a compiled dimension here.
+        flat = [(tb, r) for tb in session.chunk_buckets if tb > 1 for r in session.packed_row_buckets if r <= tb]
+        session.warmup(shapes)
+        session.warmup_packed(flat)
+        return len(shapes) + len(flat)
     shorter = 0  # first chunks of shorter+1 .. tb tokens pad to chunk bucket tb
     for tb in session.chunk_buckets:
         rows = [1]

@@ -8,8 +8,9 @@ Policy, per step (the engine runs the step's prefill pass, then its decode pass)
 - at most one prefill pass, a long prompt split into chunks of at most `prefill_chunk` tokens (one chunk per
   step, so a step delays the running sequences' next token by at most one pass):
   - packed (`max_prefill_tokens` set): prompts in progress, then waiting ones in arrival order, share the pass
-    while padded rows x padded chunk length stays within `max_prefill_tokens`; the oldest prompt always takes a
-    whole chunk and younger ones fill what the budget leaves (FIFO: the oldest gets its first token first);
+    while padded rows x padded chunk length (flat passes: prompt tokens) stays within `max_prefill_tokens`; the
+    oldest prompt always takes a whole chunk and younger ones fill what the budget leaves (FIFO: the oldest gets
+    its first token first);
   - one at a time (`max_prefill_tokens` None, for batch-invariant results): one generating sequence alone, so
     its prefill is computed the same way whatever else runs, or a group of score-only sequences packed within
     one `prefill_chunk` of tokens;
@@ -49,6 +50,9 @@ class SchedulerConfig:
     # Padded prompt tokens per packed prefill pass (several generating prompts share it); None: one generating
     # prompt per pass. The oldest row always gets its chunk, even when that alone exceeds the budget.
     max_prefill_tokens: int | None = None
+    # Packed passes are flat (the model runs the chunks one after the other in a single row, as the CPU kernels
+    # do): the budget counts real prompt tokens, not padded rows x padded length.
+    flat_prefill: bool = False
 
     def __post_init__(self) -> None:
         if self.num_slots < 1 or self.max_waiting < 0 or self.prefill_chunk < 1:
@@ -176,6 +180,8 @@ class Scheduler:
         chunks: list[PrefillChunk] = []
         width = 0  # the pass's padded chunk length so far
         free = len(self._free_slots)
+        if self.config.flat_prefill:
+            return self._pack_flat(now, budget, cap, free)
         for s in self.prefilling + list(self.waiting)[:free]:
             rows = self._padded_rows(len(chunks) + 1)
             if chunks and rows * width > budget:
@@ -188,6 +194,23 @@ class Scheduler:
             if s.status is SequenceStatus.WAITING:
                 self._start(s, now)
             chunks.append(PrefillChunk(s, s.num_cached, s.num_cached + n))
+        return chunks
+
+    def _pack_flat(self, now: float, budget: int, cap: int, free: int) -> list[PrefillChunk]:
+        # Tokens one after the other: the oldest prompt takes a whole chunk, later ones what the budget leaves.
+        # The pass pads to a chunk bucket, so it may not outgrow the largest.
+        buckets = self.config.prefill_chunk_buckets
+        budget = min(budget, max(buckets)) if buckets else budget
+        chunks: list[PrefillChunk] = []
+        total = 0
+        for s in self.prefilling + list(self.waiting)[:free]:
+            if chunks and total >= budget:
+                break
+            n = min(s.prefill_remaining, cap if not chunks else min(cap, budget - total))
+            if s.status is SequenceStatus.WAITING:
+                self._start(s, now)
+            chunks.append(PrefillChunk(s, s.num_cached, s.num_cached + n))
+            total += n
         return chunks
 
     def _admit_one(self, now: float) -> None:
