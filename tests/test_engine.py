@@ -137,6 +137,26 @@ def test_a_steps_first_tokens_are_out_before_its_decode_pass_runs():
     assert core.postprocess_decode(sched, res) == [] and len(session.calls) == 2
 
 
+def test_with_flat_prefill_a_step_runs_prefill_and_decode_as_one_pass():
+    session = FakeSession(4, 128)
+    runner = ModelRunner(session, num_slots=4, eos_token_id=EOS, decode_batch=None, flat_prefill=True)
+    core = EngineCore(runner, SchedulerConfig(num_slots=4, max_waiting=4, prefill_chunk=16, max_prefill_tokens=16,
+                                              prefill_chunk_buckets=(1, 16), flat_prefill=True), TOK.token_bytes)
+    a, b = TOK.encode("first"), TOK.encode("a second, longer prompt")
+    core.add([Sequence("a", a, greedy(6))])
+    outs = core.step()  # a's prefill alone
+    core.add([Sequence("b", b, greedy(4))])
+    sched = core.schedule()
+    # b's first chunk leaves room in the 16-token pass for a's decode token.
+    assert [(c.seq.request_id, c.end - c.start) for c in sched.prefill] == [("b", 15)] and core.can_fuse(sched)
+    outs += core.postprocess(sched, core.execute(sched))
+    assert session.packed_calls[-1][:2] == (16, 2) and session.calls == []  # one pass, no separate decode
+    while core.has_work():
+        outs += core.step()
+    for rid, prompt, n in (("a", a, 6), ("b", b, 4)):
+        assert [t.id for o in outs if o.request_id == rid for t in o.tokens] == fake_greedy(prompt, n)
+
+
 def test_eos_stops_unless_ignored():
     prompt = "x"
     ref = fake_greedy(TOK.encode(prompt), 60, eos_every=7)

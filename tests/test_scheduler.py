@@ -286,6 +286,16 @@ def test_a_flat_pass_stays_within_the_largest_chunk_bucket():
     assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [("a", 100), ("b", 156)]
 
 
+def test_a_flat_pass_leaves_room_for_the_running_sequences_decode_tokens():
+    s = packed(budget=256, chunk=256, flat_prefill=True)
+    s.add([seq(f"r{i}", 3, max_new=20) for i in range(6)])
+    run_step(s)  # six running sequences
+    s.add([seq("long", 400)])
+    out = run_step(s)
+    # 256 - 6: the decode tokens join the pass, which must stay within the largest chunk bucket.
+    assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [("long", 250)] and len(out.decode) == 6
+
+
 def test_packed_prefill_mixes_score_only_and_generating_prompts():
     s = packed()
     s.add([score_seq("s1", 10), seq("g", 10), score_seq("s2", 10)])
@@ -315,9 +325,12 @@ def test_packed_random_workloads_keep_the_budget_fifo_and_invariants(flat, num_s
             first = out.prefill[0]
             # FIFO: the pass starts with the oldest unfinished prompt, which gets a whole chunk.
             assert first.seq is holders_before[0]
-            assert first.end - first.start == min(chunk, first.seq.num_prompt - first.start)
+            whole = min(chunk, max(1, CHUNKS[-1] - len(out.decode))) if flat else chunk  # flat: room for decode
+            assert first.end - first.start == min(whole, first.seq.num_prompt - first.start)
             if flat:
-                assert len(out.prefill) == 1 or sum(c.end - c.start for c in out.prefill) <= min(budget, CHUNKS[-1])
+                tokens = sum(c.end - c.start for c in out.prefill)
+                assert tokens + len(out.decode) <= CHUNKS[-1] or len(out.decode) >= CHUNKS[-1]
+                assert len(out.prefill) == 1 or tokens <= budget
             else:
                 assert len(out.prefill) == 1 or padded_size(s, out.prefill) <= budget
             order = [int(c.seq.request_id) for c in out.prefill]

@@ -2,7 +2,9 @@
 
 Split so the engine thread can hold its lock only while scheduling and post-processing, not while the model
 runs, and so a step's prefill results (first tokens) go out before its decode pass runs: schedule, then
-execute_prefill + postprocess_prefill, then execute_decode + postprocess_decode. Knows sequences, the model
+execute_prefill + postprocess_prefill, then execute_decode + postprocess_decode. With flat prefill (the CPU
+kernels) a step that has both runs them as one pass instead (execute_fused): the decode tokens ride along after
+the prompt chunks, so the weights are read once per step rather than twice. Knows sequences, the model
 runner and token bytes; nothing of threads, asyncio or HTTP.
 """
 
@@ -94,8 +96,11 @@ class EngineCore:
         return self.scheduler.schedule(self.clock())
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Run the model for a whole schedule (prefill pass, then decode pass)."""
+        """Run the model for a whole schedule (prefill pass, then decode pass; one pass when they fuse)."""
         res = StepResult()
+        if self.can_fuse(sched):
+            self.execute_fused(sched, res)
+            return res
         self.execute_prefill(sched, res)
         self.execute_decode(sched, res)
         return res
@@ -110,6 +115,29 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - reported to the affected requests
             log.exception("prefill step failed")
             res.prefill_error = e
+        res.prefill_time = self.clock() - t0
+
+    def can_fuse(self, sched: SchedulerOutput) -> bool:
+        """Whether the step's prefill and decode can run as one pass (flat prefill, both parts present, and the
+        decode tokens fit the pass's largest chunk bucket along with the prompt chunks)."""
+        if not (getattr(self.runner, "flat_prefill", False) and sched.prefill and sched.decode):
+            return False
+        buckets = self.scheduler_config.prefill_chunk_buckets
+        tokens = sum(c.end - c.start for c in sched.prefill) + len(sched.decode)
+        return not buckets or tokens <= max(buckets)
+
+    def execute_fused(self, sched: SchedulerOutput, res: StepResult) -> None:
+        """Run the step's prefill and decode as one pass (without the engine lock); see can_fuse."""
+        sched.decode = [s for s in sched.decode if not s.is_finished]
+        if not sched.decode:
+            self.execute_prefill(sched, res)
+            return
+        t0 = self.clock()
+        try:
+            res.prefill, res.decode = self.runner.prefill_and_decode(sched.prefill, sched.decode)
+        except Exception as e:  # noqa: BLE001 - reported to the affected requests
+            log.exception("prefill+decode step failed")
+            res.prefill_error = res.decode_error = e
         res.prefill_time = self.clock() - t0
 
     def execute_decode(self, sched: SchedulerOutput, res: StepResult) -> None:

@@ -251,12 +251,17 @@ class AsyncEngine:
                     return
                 sched = core.schedule()
             res = StepResult()
-            core.execute_prefill(sched, res)
+            fused = core.can_fuse(sched)
+            if fused:  # one pass for both parts
+                core.execute_fused(sched, res)
+            else:
+                core.execute_prefill(sched, res)
             with self._cv:
                 first = core.postprocess_prefill(sched, res)
             # First tokens go out before the decode pass runs: a new request need not wait for it.
             self._deliver_threadsafe(first)
-            core.execute_decode(sched, res)
+            if not fused:
+                core.execute_decode(sched, res)
             with self._cv:
                 decoded = core.postprocess_decode(sched, res)
             self._deliver_threadsafe(decoded)

@@ -90,6 +90,30 @@ class ModelRunner:
         per_chunk = [out[e - n : e] for e, n in zip(ends, lens)]
         return self._chunk_results(chunks, out[ends - 1], per_chunk)
 
+    def prefill_and_decode(
+        self, chunks: Seq[PrefillChunk], seqs: Seq[Sequence]
+    ) -> tuple[list[ChunkResult], list[TokenInfo]]:
+        """A flat prefill pass and a decode step as one pass: the running sequences' next tokens ride along after
+        the prompt chunks (one token each, at its own slot and position), so the weights are read once for both."""
+        assert self.flat_prefill and chunks and seqs
+        lens = [c.end - c.start for c in chunks]
+        ends = np.cumsum(lens)
+        n = int(ends[-1])
+        ids = np.concatenate([np.asarray(c.seq.prompt_ids[c.start : c.end], np.int32) for c in chunks]
+                             + [np.array([s.last_token for s in seqs], np.int32)])
+        pos = np.concatenate([np.arange(c.start, c.end, dtype=np.int32) for c in chunks]
+                             + [np.array([s.num_cached for s in seqs], np.int32)])
+        slots = np.concatenate([np.repeat(np.array([c.seq.slot for c in chunks], np.int32), lens),
+                                np.array([s.slot for s in seqs], np.int32)])
+        decode_rows = n + np.arange(len(seqs))
+        if any(c.seq.wants_prompt_logprobs for c in chunks):
+            out = self.session.step_packed(ids, pos, slots, None)
+            per_chunk = [out[e - m : e] for e, m in zip(ends, lens)]
+            prefilled = self._chunk_results(chunks, out[ends - 1], per_chunk)
+            return prefilled, self._sample(out[decode_rows], seqs)
+        out = self.session.step_packed(ids, pos, slots, np.concatenate([ends - 1, decode_rows]))
+        return self._chunk_results(chunks, out[: len(chunks)], None), self._sample(out[len(chunks) :], seqs)
+
     def _chunk_results(self, chunks: Seq[PrefillChunk], last_logits: np.ndarray, all_logits) -> list[ChunkResult]:
         """Prompt logprobs (from each chunk's every-position logits, when given) and first tokens."""
         results = [ChunkResult() for _ in chunks]
