@@ -296,12 +296,12 @@ class GPT2Model(nn.Cell):
     ):
         """The step over the KV cache (see GPT2Attention.cached for the row layout).
 
-        input_ids, positions (B, T) int32, position -1 = padding; write_base (B*T,) cache row of each token's
-        (slot, head 0, position); write_rows (B*T*nh,) and read_rows (B*nh*C,) every head's rows (unused with the
-        CPU kernels); read_base (B,) each row's first cache row; meta (2,) int32 [max_seq_len, n_head]; scales
-        (n_layer,) float32 each layer's attention score scale (both for the CPU kernels); kern: the session's
-        model.kernels.StepKernels, or None for MindSpore's ops; context_pos (C,) = arange(C), the positions of
-        the gathered context -> hidden (B, T, d) after ln_f.
+        input_ids, positions (B, T) int32, position -1 = padding; write_base (B*T,) cache row of each token's (slot,
+        head 0, position); write_rows (B*T*nh,) and read_rows (B*nh*C,) every head's rows (unused with the CPU
+        kernels); read_base (B,) each row's first cache row (or (B*T,) per token); meta (2,) int32 [max_seq_len,
+        n_head]; scales (n_layer,) float32 each layer's attention score scale (both for the CPU kernels); kern: the
+        session's model.kernels.StepKernels, or None for MindSpore's ops; context_pos (C,) = arange(C), the
+        positions of the gathered context -> hidden (B, T, d) after ln_f.
         """
         b, t = input_ids.shape
         c = context_pos.shape[0]

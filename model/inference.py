@@ -79,8 +79,9 @@ class _StepCell(nn.Cell):
     @ms.jit
     def construct(self, input_ids, positions, write_base, read_base, meta, scales, context_pos, logits_rows):
         # input_ids, positions (B, T); write_base (B*T,) slot_base + pos of each token (scratch for padding);
-        # read_base (B,) slot_base of each row; meta, scales: see GPT2Model.cached; context_pos (C,) = arange(C);
-        # logits_rows (B,) flat indices into B*T, or None for every position.
+        # read_base (B,) slot_base of each row, or (B*T,) of each token (step_packed); meta, scales: see
+        # GPT2Model.cached; context_pos (C,) = arange(C); logits_rows (B,) flat indices into B*T, or None for every
+        # position.
         nh = self.head_offset.shape[0]
         write_rows = (write_base.reshape(-1, 1) + self.head_offset.reshape(1, nh)).reshape(-1)  # (B*T*nh,)
         read_rows = (

@@ -118,8 +118,8 @@ class StepKernels(NamedTuple):
 
     linear, linear_gelu, linear_add: x (..., K), w (N, K) [, b (N,)] [, r (..., N)] -> (..., N): x @ w^T [+ b],
     gelu(x @ w^T + b) (GPT-2's tanh form), x @ w^T + b + r.
-    attention: (qkv (B, T, 3d), k_cache, v_cache, write_base (B*T,), read_base (B,), positions (B, T), meta (2,),
-    scale (1,)) -> (B, T, d); writes this step's keys and values into the caches in place.
+    attention: (qkv (B, T, 3d), k_cache, v_cache, write_base (B*T,), read_base (B,) or (B*T,), positions (B, T),
+    meta (2,), scale (1,)) -> (B, T, d); writes this step's keys and values into the caches in place.
     """
 
     linear: object
