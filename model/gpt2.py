@@ -41,14 +41,6 @@ TRANSPOSED_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.w
 SMALL_ROWS = 64
 
 
-def _use_kernel(x, kern):
-    # With the CPU kernels every projection runs on them, whatever the row count: they measured as fast or faster than
-    # MindSpore's MatMul at 1 to 512 rows and keep no per-graph copy of the weights. MindSpore's CPU MatMul packs each
-    # constant weight once per compiled graph and keeps the copy (measured: +360 MB RSS per 256-token prefill graph of
-    # GPT-2 124M, 11 such graphs in a server), which is what broke the server's memory budget.
-    return kern is not None
-
-
 def is_transposed_weight(name: str) -> bool:
     """Whether the parameter `name` is stored [out, in] here and [in, out] in Hugging Face files."""
     return name.endswith(TRANSPOSED_WEIGHTS)
@@ -70,21 +62,24 @@ class Conv1D(nn.Cell):
         self.matmul_nt = ops.MatMul(transpose_b=True)
     # The inference step's forms. `kern` is the session's model.kernels.StepKernels as a plain tuple (graph mode
     # indexes tuples but has no named fields: 0 linear, 1 linear_gelu, 2 linear_add, 3 attention) or None
-    # (decided when the graph compiles): the CPU kernels when given, MindSpore's ops otherwise.
+    # (decided when the graph compiles): the CPU kernels when given, whatever the row count, MindSpore's ops
+    # otherwise. The kernels measured as fast or faster than MindSpore's MatMul at 1 to 512 rows, and they keep no
+    # per-graph copy of the weights: MindSpore's CPU MatMul packs each constant weight once per compiled graph and
+    # keeps the copy (+360 MB RSS per 256-token prefill graph of GPT-2 124M).
     def infer(self, x, kern):
-        if _use_kernel(x, kern):
+        if kern is not None:
             return kern[0](x, self.weight, self.bias)
         return self.construct(x)
 
     def infer_gelu(self, x, kern):
         # gelu(x @ W + b), GPT-2's tanh form (the kernel's only form; GPT2MLP checks the activation).
-        if _use_kernel(x, kern):
+        if kern is not None:
             return kern[1](x, self.weight, self.bias)
         return gelu_tanh(self.construct(x))
 
     def infer_add(self, x, residual, kern):
         # x @ W + b + residual
-        if _use_kernel(x, kern):
+        if kern is not None:
             return kern[2](x, self.weight, self.bias, residual)
         return self.construct(x) + residual
 
@@ -343,7 +338,7 @@ class GPT2LMHeadModel(nn.Cell):
 
     def step_logits(self, hidden, kern):
         # lm_logits for the inference step: the CPU Linear kernel (no bias) when kern is given.
-        if _use_kernel(hidden, kern):
+        if kern is not None:
             return kern[0](hidden, self.transformer.wte.weight)
         return self.lm_logits(hidden)
 

@@ -258,8 +258,9 @@ class InferenceSession:
         pos_p[0, :n] = pos
         base = np.full(nb, self.num_slots * self._slot_stride, np.int64)  # padding: the scratch slot
         base[:n] = slots.astype(np.int64) * self._slot_stride
-        write = base + np.maximum(pos_p[0], 0)
-        write[n:] = self.num_slots * self._slot_stride + np.arange(n, nb) % L
+        write = base.copy()  # padding tokens write scratch rows, spread over the scratch slot
+        write[:n] += pos
+        write[n:] += np.arange(n, nb) % L
         if lidx is None:
             rows = None
         else:

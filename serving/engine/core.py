@@ -3,9 +3,9 @@
 Split so the engine thread can hold its lock only while scheduling and post-processing, not while the model
 runs, and so a step's prefill results (first tokens) go out before its decode pass runs: schedule, then
 execute_prefill + postprocess_prefill, then execute_decode + postprocess_decode. With flat prefill (the CPU
-kernels) a step that has both runs them as one pass instead (execute_fused): the decode tokens ride along after
-the prompt chunks, so the weights are read once per step rather than twice. Knows sequences, the model
-runner and token bytes; nothing of threads, asyncio or HTTP.
+kernels) execute_prefill runs a step's decode tokens too, after the prompt chunks in the same pass, so the
+weights are read once per step rather than twice, and execute_decode has nothing left to do. Knows sequences,
+the model runner and token bytes; nothing of threads, asyncio or HTTP.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class StepResult:
     decode_error: BaseException | None = None
     prefill_time: float = 0.0
     decode_time: float = 0.0
+    fused: bool = False  # the prefill pass also ran the decode tokens (EngineCore.execute_prefill)
 
     @property
     def failed(self) -> bool:
@@ -98,50 +99,43 @@ class EngineCore:
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Run the model for a whole schedule (prefill pass, then decode pass; one pass when they fuse)."""
         res = StepResult()
-        if self.can_fuse(sched):
-            self.execute_fused(sched, res)
-            return res
         self.execute_prefill(sched, res)
         self.execute_decode(sched, res)
         return res
 
     def execute_prefill(self, sched: SchedulerOutput, res: StepResult) -> None:
-        """Run the step's prefill pass (without the engine lock)."""
+        """Run the step's prefill pass (without the engine lock); with flat prefill it takes the step's decode
+        tokens along when they fit the pass (res.fused), leaving execute_decode nothing to do."""
         if not sched.prefill:
             return
+        sched.decode = [s for s in sched.decode if not s.is_finished]
+        res.fused = self.can_fuse(sched)
         t0 = self.clock()
         try:
-            res.prefill = self.runner.prefill(sched.prefill)
+            if res.fused:
+                res.prefill, res.decode = self.runner.prefill_and_decode(sched.prefill, sched.decode)
+            else:
+                res.prefill = self.runner.prefill(sched.prefill)
         except Exception as e:  # noqa: BLE001 - reported to the affected requests
             log.exception("prefill step failed")
             res.prefill_error = e
+            if res.fused:
+                res.decode_error = e
         res.prefill_time = self.clock() - t0
 
     def can_fuse(self, sched: SchedulerOutput) -> bool:
-        """Whether the step's prefill and decode can run as one pass (flat prefill, both parts present, and the
-        decode tokens fit the pass's largest chunk bucket along with the prompt chunks)."""
-        if not (getattr(self.runner, "flat_prefill", False) and sched.prefill and sched.decode):
+        """Whether the step's decode tokens can join its prefill pass: flat prefill, and they fit the pass's
+        largest chunk bucket (the scheduler leaves them room unless more sequences run than that)."""
+        if not (self.runner.flat_prefill and sched.prefill and sched.decode):
             return False
         buckets = self.scheduler_config.prefill_chunk_buckets
         tokens = sum(c.end - c.start for c in sched.prefill) + len(sched.decode)
         return not buckets or tokens <= max(buckets)
 
-    def execute_fused(self, sched: SchedulerOutput, res: StepResult) -> None:
-        """Run the step's prefill and decode as one pass (without the engine lock); see can_fuse."""
-        sched.decode = [s for s in sched.decode if not s.is_finished]
-        if not sched.decode:
-            self.execute_prefill(sched, res)
-            return
-        t0 = self.clock()
-        try:
-            res.prefill, res.decode = self.runner.prefill_and_decode(sched.prefill, sched.decode)
-        except Exception as e:  # noqa: BLE001 - reported to the affected requests
-            log.exception("prefill+decode step failed")
-            res.prefill_error = res.decode_error = e
-        res.prefill_time = self.clock() - t0
-
     def execute_decode(self, sched: SchedulerOutput, res: StepResult) -> None:
         """Run the step's decode pass (without the engine lock), less the requests that ended since scheduling."""
+        if res.fused:
+            return
         sched.decode = [s for s in sched.decode if not s.is_finished]
         if not sched.decode:
             return

@@ -221,7 +221,7 @@ class AsyncEngine:
                 prefill_row_buckets=c.batch_buckets,
                 prefill_chunk_buckets=c.chunk_buckets,
                 max_prefill_tokens=c.max_prefill_tokens if c.packed_prefill else None,
-                flat_prefill=getattr(parts.runner, "flat_prefill", False),
+                flat_prefill=parts.runner.flat_prefill,
             )
             self._core = EngineCore(parts.runner, sched, parts.tokenizer.token_bytes, self.stats)
         except BaseException as e:  # noqa: BLE001 - reported by /health
@@ -251,17 +251,12 @@ class AsyncEngine:
                     return
                 sched = core.schedule()
             res = StepResult()
-            fused = core.can_fuse(sched)
-            if fused:  # one pass for both parts
-                core.execute_fused(sched, res)
-            else:
-                core.execute_prefill(sched, res)
+            core.execute_prefill(sched, res)
             with self._cv:
                 first = core.postprocess_prefill(sched, res)
             # First tokens go out before the decode pass runs: a new request need not wait for it.
             self._deliver_threadsafe(first)
-            if not fused:
-                core.execute_decode(sched, res)
+            core.execute_decode(sched, res)
             with self._cv:
                 decoded = core.postprocess_decode(sched, res)
             self._deliver_threadsafe(decoded)

@@ -39,7 +39,7 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
         )
         fixed = config.decode_batching == "fixed"
         # Packed prefill runs flat (no padding between prompts) where the attention kernel allows it.
-        flat = config.packed_prefill and getattr(session, "cpu_kernels", False)
+        flat = config.packed_prefill and session.cpu_kernels
         runner = ModelRunner(
             session,
             num_slots=config.max_batch_size,

@@ -61,7 +61,7 @@ class ModelRunner:
         """One step over prompt chunks (one row each, or one flat row); all positions' logits only if a chunk
         wants prompt logprobs."""
         if self.flat_prefill:
-            return self._prefill_flat(chunks)
+            return self._flat_pass(chunks, [])[0]
         r = len(chunks)
         t = max(c.end - c.start for c in chunks)
         ids = np.zeros((r, t), np.int32)
@@ -77,25 +77,18 @@ class ModelRunner:
         last_logits = out[np.arange(r), last] if all_logits else out
         return self._chunk_results(chunks, last_logits, out if all_logits else None)
 
-    def _prefill_flat(self, chunks: Seq[PrefillChunk]) -> list[ChunkResult]:
-        lens = np.array([c.end - c.start for c in chunks])
-        ends = np.cumsum(lens)
-        ids = np.concatenate([np.asarray(c.seq.prompt_ids[c.start : c.end], np.int32) for c in chunks])
-        pos = np.concatenate([np.arange(c.start, c.end, dtype=np.int32) for c in chunks])
-        slots = np.repeat(np.array([c.seq.slot for c in chunks], np.int32), lens)
-        all_logits = any(c.seq.wants_prompt_logprobs for c in chunks)
-        out = self.session.step_packed(ids, pos, slots, None if all_logits else ends - 1)
-        if not all_logits:
-            return self._chunk_results(chunks, out, None)
-        per_chunk = [out[e - n : e] for e, n in zip(ends, lens)]
-        return self._chunk_results(chunks, out[ends - 1], per_chunk)
-
     def prefill_and_decode(
         self, chunks: Seq[PrefillChunk], seqs: Seq[Sequence]
     ) -> tuple[list[ChunkResult], list[TokenInfo]]:
         """A flat prefill pass and a decode step as one pass: the running sequences' next tokens ride along after
         the prompt chunks (one token each, at its own slot and position), so the weights are read once for both."""
         assert self.flat_prefill and chunks and seqs
+        return self._flat_pass(chunks, seqs)
+
+    def _flat_pass(
+        self, chunks: Seq[PrefillChunk], seqs: Seq[Sequence]
+    ) -> tuple[list[ChunkResult], list[TokenInfo]]:
+        # Through step_packed: the chunks' tokens one after the other, then one decode token per sequence in seqs.
         lens = [c.end - c.start for c in chunks]
         ends = np.cumsum(lens)
         n = int(ends[-1])
@@ -110,9 +103,12 @@ class ModelRunner:
             out = self.session.step_packed(ids, pos, slots, None)
             per_chunk = [out[e - m : e] for e, m in zip(ends, lens)]
             prefilled = self._chunk_results(chunks, out[ends - 1], per_chunk)
-            return prefilled, self._sample(out[decode_rows], seqs)
-        out = self.session.step_packed(ids, pos, slots, np.concatenate([ends - 1, decode_rows]))
-        return self._chunk_results(chunks, out[: len(chunks)], None), self._sample(out[len(chunks) :], seqs)
+            decoded = out[decode_rows]
+        else:
+            out = self.session.step_packed(ids, pos, slots, np.concatenate([ends - 1, decode_rows]))
+            prefilled = self._chunk_results(chunks, out[: len(chunks)], None)
+            decoded = out[len(chunks) :]
+        return prefilled, self._sample(decoded, seqs) if seqs else []
 
     def _chunk_results(self, chunks: Seq[PrefillChunk], last_logits: np.ndarray, all_logits) -> list[ChunkResult]:
         """Prompt logprobs (from each chunk's every-position logits, when given) and first tokens."""

@@ -199,7 +199,7 @@ class Scheduler:
     def _pack_flat(self, now: float, budget: int, cap: int, free: int) -> list[PrefillChunk]:
         # Tokens one after the other: the oldest prompt takes a whole chunk, later ones what the budget leaves.
         # The pass pads to a chunk bucket, so it may not outgrow the largest, and it leaves room for the running
-        # sequences' decode tokens, which ride along in the same pass (EngineCore.execute_fused).
+        # sequences' decode tokens, which ride along in the same pass (EngineCore.execute_prefill).
         buckets = self.config.prefill_chunk_buckets
         if buckets:
             room = max(1, max(buckets) - len(self.running))
