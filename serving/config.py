@@ -201,12 +201,15 @@ class EngineConfig:
     @property
     def chunk_buckets(self) -> tuple[int, ...]:
         """Token counts per row a step is padded to: 1 (decode), 16, then powers of two from 64 up to
-        prefill_chunk, and prefill_chunk itself (so a pass longer than 64 tokens pads to less than twice its
-        longest row)."""
+        prefill_chunk and 1.5 times each (96, 192, ...), and prefill_chunk itself: a pass longer than 64 tokens
+        pads to at most 1.5 times its length (at 256 tokens a pass takes ~0.4 s on 2 cores; a 140-token pass padded
+        to 256 spent 0.17 s on padding)."""
         c = self.prefill_chunk
         out, b = {1, min(16, c), c}, 64
         while b < c:
             out.add(b)
+            if b * 3 // 2 < c:
+                out.add(b * 3 // 2)
             b *= 2
         return tuple(sorted(out))
 

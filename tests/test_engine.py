@@ -390,8 +390,8 @@ def test_step_shapes_the_loader_asks_for():
     from serving.engine.model_runner import warmup
 
     assert chunk_buckets(CONFIG) == (1, 16)  # 1 is decode's: a decode step must never pad to a prefill chunk
-    assert chunk_buckets(dataclasses.replace(CONFIG, prefill_chunk=256)) == (1, 16, 64, 128, 256)
-    assert chunk_buckets(dataclasses.replace(CONFIG, prefill_chunk=100)) == (1, 16, 64, 100)
+    assert chunk_buckets(dataclasses.replace(CONFIG, prefill_chunk=256)) == (1, 16, 64, 96, 128, 192, 256)
+    assert chunk_buckets(dataclasses.replace(CONFIG, prefill_chunk=100)) == (1, 16, 64, 96, 100)
     assert dataclasses.replace(CONFIG, max_batch_size=12).batch_buckets == (1, 2, 4, 8, 12)
 
     class Recorder:

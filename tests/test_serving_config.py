@@ -24,7 +24,7 @@ def test_batching_defaults_and_packed_prefill_settings():
     assert (s.decode_batching, s.prefill_chunk, s.max_prefill_tokens) == ("fixed", 64, 512)
     info = ModelInfo(n_positions=1024, vocab_size=50257, eos_token_id=50256)
     cfg = EngineConfig.from_settings(Settings(), info)
-    assert cfg.packed_prefill and cfg.max_prefill_tokens == 256 and cfg.chunk_buckets == (1, 16, 64, 128, 256)
+    assert cfg.packed_prefill and cfg.max_prefill_tokens == 256 and cfg.chunk_buckets == (1, 16, 64, 96, 128, 192, 256)
     assert not EngineConfig.from_settings(Settings(decode_batching="fixed"), info).packed_prefill
 
 
