@@ -66,20 +66,27 @@ class Conv1D(nn.Cell):
     # otherwise. The kernels measured as fast or faster than MindSpore's MatMul at 1 to 512 rows, and they keep no
     # per-graph copy of the weights: MindSpore's CPU MatMul packs each constant weight once per compiled graph and
     # keeps the copy (+360 MB RSS per 256-token prefill graph of GPT-2 124M).
-    def infer(self, x, kern):
+    # `wp` is the session's AMX packing of this weight (model.kernels.pack_weight_amx) or None.
+    def infer(self, x, kern, wp=None):
         if kern is not None:
+            if wp is not None:
+                return kern[0](x, self.weight, wp, self.bias)
             return kern[0](x, self.weight, self.bias)
         return self.construct(x)
 
-    def infer_gelu(self, x, kern):
+    def infer_gelu(self, x, kern, wp=None):
         # gelu(x @ W + b), GPT-2's tanh form (the kernel's only form; GPT2MLP checks the activation).
         if kern is not None:
+            if wp is not None:
+                return kern[1](x, self.weight, wp, self.bias)
             return kern[1](x, self.weight, self.bias)
         return gelu_tanh(self.construct(x))
 
-    def infer_add(self, x, residual, kern):
+    def infer_add(self, x, residual, kern, wp=None):
         # x @ W + b + residual
         if kern is not None:
+            if wp is not None:
+                return kern[2](x, self.weight, wp, self.bias, residual)
             return kern[2](x, self.weight, self.bias, residual)
         return self.construct(x) + residual
 
@@ -179,7 +186,7 @@ class GPT2Attention(nn.Cell):
         y = self._attend(self._heads(q), self._heads(k), self._heads(v), bias)
         return self.resid_dropout(self.c_proj(y))
 
-    def cached(self, x, k_cache, v_cache, ctx, scale, kern):
+    def cached(self, x, k_cache, v_cache, ctx, scale, kern, wp=None):
         """Attention over the KV cache, before the output projection: write this step's K/V, attend over the cache.
 
         The caches are 2-D (rows, hs) Parameters with one row per (slot, head, position). x (B, T, d); ctx is
@@ -191,7 +198,7 @@ class GPT2Attention(nn.Cell):
         bias, write_base, write_rows, read_rows, read_base, positions, meta = ctx
         b, t, d = x.shape
         nh, hs = self.n_head, self.head_dim
-        qkv = self.c_attn.infer(x, kern)
+        qkv = self.c_attn.infer(x, kern, wp)
         if kern is not None:
             return kern[3](qkv, k_cache, v_cache, write_base, read_base, positions, meta, scale)
         q, k, v = ops.split(qkv, d, axis=2)
@@ -219,11 +226,12 @@ class GPT2MLP(nn.Cell):
     def construct(self, x):
         return self.dropout(self.c_proj(self._gelu(self.c_fc(x))))
 
-    def inference_add(self, x, residual, kern):
-        # The MLP without dropout plus the residual, for the KV-cache step.
+    def inference_add(self, x, residual, kern, wps=(None, None)):
+        # The MLP without dropout plus the residual, for the KV-cache step; wps: c_fc's and c_proj's AMX packings.
         if self.approximate == "none":
-            return self.c_proj.infer_add(ops.gelu(self.c_fc.infer(x, kern), approximate="none"), residual, kern)
-        return self.c_proj.infer_add(self.c_fc.infer_gelu(x, kern), residual, kern)
+            h = ops.gelu(self.c_fc.infer(x, kern, wps[0]), approximate="none")
+            return self.c_proj.infer_add(h, residual, kern, wps[1])
+        return self.c_proj.infer_add(self.c_fc.infer_gelu(x, kern, wps[0]), residual, kern, wps[1])
 
     def _gelu(self, x):
         if self.approximate == "none":
@@ -249,9 +257,16 @@ class GPT2Block(nn.Cell):
         x = x + self.attn(self.ln_1(x), bias)
         return x + self.mlp(self.ln_2(x))
 
-    def cached(self, x, k_cache, v_cache, ctx, scale, kern):
-        x = self.attn.c_proj.infer_add(self.attn.cached(self.ln_1(x), k_cache, v_cache, ctx, scale, kern), x, kern)
-        return self.mlp.inference_add(self.ln_2(x), x, kern)
+    # The projections in the order of `projections()`; wps: their AMX packings, or None.
+    PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+    def projections(self):
+        return (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
+
+    def cached(self, x, k_cache, v_cache, ctx, scale, kern, wps=(None, None, None, None)):
+        a = self.attn.cached(self.ln_1(x), k_cache, v_cache, ctx, scale, kern, wps[0])
+        x = self.attn.c_proj.infer_add(a, x, kern, wps[1])
+        return self.mlp.inference_add(self.ln_2(x), x, kern, (wps[2], wps[3]))
 
 
 class GPT2Model(nn.Cell):
@@ -287,7 +302,7 @@ class GPT2Model(nn.Cell):
 
     def cached(
         self, input_ids, positions, k_caches, v_caches, write_base, write_rows, read_rows, read_base, meta, scales,
-        context_pos, kern,
+        context_pos, kern, packed=None,
     ):
         """The step over the KV cache (see GPT2Attention.cached for the row layout).
 
@@ -296,7 +311,8 @@ class GPT2Model(nn.Cell):
         kernels); read_base (B,) each row's first cache row (or (B*T,) per token); meta (2,) int32 [max_seq_len,
         n_head]; scales (n_layer,) float32 each layer's attention score scale (both for the CPU kernels); kern: the
         session's model.kernels.StepKernels, or None for MindSpore's ops; context_pos (C,) = arange(C), the
-        positions of the gathered context -> hidden (B, T, d) after ln_f.
+        positions of the gathered context; packed: the session's AMX packings of every block's projections (4 per
+        block, in GPT2Block.projections order) or None -> hidden (B, T, d) after ln_f.
         """
         b, t = input_ids.shape
         c = context_pos.shape[0]
@@ -309,7 +325,10 @@ class GPT2Model(nn.Cell):
             bias = ops.select(allowed, ops.zeros((), ms.float32), ops.full((), MASK_VALUE, dtype=ms.float32))
         ctx = (bias, write_base, write_rows, read_rows, read_base, positions, meta)
         for i, block in enumerate(self.h):
-            x = block.cached(x, k_caches[i], v_caches[i], ctx, scales[i : i + 1], kern)
+            wps = (None, None, None, None)
+            if packed is not None:
+                wps = (packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3])
+            x = block.cached(x, k_caches[i], v_caches[i], ctx, scales[i : i + 1], kern, wps)
         return self.ln_f(x)
 
 

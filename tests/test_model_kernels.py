@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_helpers import SESSION_KW, TINY, hf_model, our_model_from_hf, prompts, setup_device
+from model_helpers import SESSION_KW, TINY, hf_logits, hf_model, our_model_from_hf, prompts, setup_device
 
 pytest.importorskip("torch")
 REPO = Path(__file__).resolve().parent.parent
@@ -164,3 +164,95 @@ def test_a_second_model_works_after_the_first_is_freed():
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+# ---- AMX with pre-packed weights (Intel Sapphire Rapids and later; these machines have it) -------------------
+
+
+def _amx_or_skip():
+    from model import kernels
+
+    if not kernels.amx_available():
+        pytest.skip("this CPU (or kernel) does not offer AMX")
+    return kernels
+
+
+def test_amx_packing_splits_each_weight_into_two_bf16_parts():
+    from model import kernels
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 96)).astype(np.float32)
+    p = kernels.pack_weight_amx(w)
+    assert p.shape == (2, 4, 48, 16) and p.dtype == np.int32
+    # Undo the layout: part[n // 16][k // 2][n % 16] holds w[n][k] (low half: even k) as bf16 bits.
+    u = p.view(np.uint32)
+    halves = np.stack([(u & 0xFFFF), (u >> 16)], axis=-1).astype(np.uint32) << 16  # (2, 4, 48, 16, 2)
+    parts = halves.view(np.float32).transpose(0, 1, 3, 2, 4).reshape(2, 64, 96)
+    assert np.abs(parts[0] - w).max() <= np.abs(w).max() * 2.0**-8  # bf16: 8 significant bits
+    assert np.abs(parts[0] + parts[1] - w).max() <= np.abs(w).max() * 2.0**-16
+    with pytest.raises(ValueError, match="multiples of 32"):
+        kernels.pack_weight_amx(np.zeros((48, 64), np.float32))
+
+
+@pytest.mark.parametrize("m", [31, 32, 33, 97, 130])  # below 32 rows: the float32 kernels, even with wp
+@pytest.mark.parametrize("n,k", [(64, 32), (96, 1600)])  # K over one 768-deep block: sums stored and reloaded
+def test_amx_linear_matches_numpy_and_rows_stay_independent(m, n, k):
+    import ctypes
+
+    kernels = _amx_or_skip()
+    lib = ctypes.CDLL(kernels.library_path())
+    rng = np.random.default_rng(m + n)
+    x = rng.standard_normal((m, k), np.float32)
+    w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    r = rng.standard_normal((m, n)).astype(np.float32)
+    wp = kernels.pack_weight_amx(w)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    gelu = ref / (1 + np.exp(-1.5957691216057308 * (ref + 0.044715 * ref**3)))
+    for name, args, want in (
+        ("Linear", (x, w, wp, b), ref),
+        ("LinearGelu", (x, w, wp, b), gelu),
+        ("LinearAdd", (x, w, wp, b, r), ref + r),
+    ):
+        y = np.full((m, n), np.nan, np.float32)
+        assert _call(lib, name, *args, y) == 0
+        # bf16x3 keeps ~float32 accuracy (a plain bf16 product would be off by ~1e-2 of the scale).
+        assert np.abs(y - want).max() / np.abs(want).max() < 2e-5, name
+    plain = np.empty((m, n), np.float32)
+    _call(lib, "Linear", x, w, b, plain)
+    y = np.empty((m, n), np.float32)
+    _call(lib, "Linear", x, w, wp, b, y)
+    assert np.array_equal(y, plain) == (m < 32)  # the AMX path is taken from 32 rows on, and only there
+    if m >= 32:  # a row's result does not depend on the other rows or its position
+        x2 = np.concatenate([rng.standard_normal((5, k), np.float32), x])
+        y2 = np.empty((m + 5, n), np.float32)
+        _call(lib, "Linear", x2, w, wp, b, y2)
+        assert np.array_equal(y, y2[5:])
+    bad = np.zeros((2, n // 16, k // 2 + 1, 16), np.int32)  # a packing of another shape is refused
+    assert _call(lib, "Linear", x, w, bad, b, y) != 0
+
+
+def test_a_session_with_amx_weights_matches_transformers(monkeypatch):
+    from model import InferenceSession
+
+    _amx_or_skip()
+    setup_device()
+    hf = hf_model(seed=4)
+    ours = our_model_from_hf(hf)
+    sess = InferenceSession(ours, **SESSION_KW, cpu_kernels=True, packed_weights=True)
+    assert sess.packed_weights
+    ids = np.array(prompts(seed=9, lengths=(64,)))  # two chunks of 32 rows: the projections go through AMX
+    got = sess.step(ids[:, :32], np.arange(32)[None], np.array([1]), None)
+    got = np.concatenate([got, sess.step(ids[:, 32:], np.arange(32, 64)[None], np.array([1]), None)], axis=1)
+    want = hf_logits(hf, ids)
+    assert np.abs(got - want).max() < 1e-4
+    assert not InferenceSession(ours, **SESSION_KW, cpu_kernels=True).packed_weights  # only when asked for
+    monkeypatch.setenv("GPT2_AMX", "0")
+    from model import kernels
+
+    kernels.amx_available.cache_clear()
+    try:
+        assert not InferenceSession(ours, **SESSION_KW, cpu_kernels=True, packed_weights=True).packed_weights
+    finally:
+        monkeypatch.delenv("GPT2_AMX")
+        kernels.amx_available.cache_clear()

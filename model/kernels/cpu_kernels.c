@@ -7,7 +7,8 @@
  *
  * A row's results do not depend on the other rows of a call: each output element is computed by the same sequence
  * of operations in every row, so a request's logits are the same alone or in a batch of the same padded shape.
- * (Linear has two forms, up to 96 rows and above; they sum in different orders.)
+ * (Linear has three forms: up to 96 rows, above, and with AMX from 32 rows when the session packed the weights;
+ * they sum in different orders.)
  *
  * Threads: a small pool of our own (not OpenMP). Workers spin briefly after a kernel, because the next one
  * usually follows within tens of microseconds, then sleep on a futex, so they do not compete with MindSpore's
@@ -164,6 +165,7 @@ enum { EPI_NONE = 0, EPI_GELU = 1, EPI_ADD = 2 };
 
 typedef struct {
     const float *x, *w, *b, *r;
+    const uint32_t *wp; /* w pre-packed for AMX (see amx_task), or NULL */
     float *y;
     int64_t M, K, N;
     int epi;
@@ -388,14 +390,197 @@ static void gemm_task(void *p, int tid, int nt) {
     }
 }
 
+/* ---- AMX (bf16 tiles) for many rows --------------------------------------------------------------------------
+ * Where the CPU has AMX (Sapphire Rapids and later) and the session pre-packed the weights, rows above
+ * AMX_MIN_ROWS go through the tile unit: one TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 one into
+ * 16 x 16 float32 sums, about 2.5x our AVX-512 GEMM on one core here (313 against 120 GFLOPS at 256 x 768 x
+ * 2304). float32 precision is kept by splitting each operand into two bf16 (hi = bf16(v), lo = bf16(v - hi)) and
+ * summing hi.hi + hi.lo + lo.hi ("bf16x3"): measured error 5e-6 of the output's scale, against 1-2e-6 for the
+ * float32 kernels and the ~1e-2 of a plain bf16 product.
+ * wp holds W's two parts as [2][N / 16][K / 2][16] uint32: for 16 output columns, each k-pair's two bf16 side by
+ * side (the "VNNI" layout the tile unit reads), packed once by model.kernels.pack_weight_amx. x is split per call
+ * into per-thread buffers. Each output element's sums depend only on its row of x and the weights: not on M, the
+ * row's position or the thread count. */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define HAVE_AMX 1
+#define AMX_MIN_ROWS 32
+#define AMX_KC 768 /* K block: 256 rows of x split in two bf16 parts, 768 deep, fill 786 KB of the 2 MB L2 */
+
+static int amx_ok = 0; /* the kernel may use the tile registers (set by amx_enable) */
+
+static void amx_enable(void) {
+    /* Linux hands out the tile state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA). */
+    amx_ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+static __thread uint16_t *tls_xs;
+static __thread size_t tls_xs_cap;
+
+/* x rows [0, M) -> hi, lo bf16 (Mp x K each, rows past M zero). */
+static void split_x(const float *x, int64_t M, int64_t Mp, int64_t K, uint16_t *hi, uint16_t *lo) {
+    for (int64_t i = 0; i < Mp; i++)
+        for (int64_t k = 0; k < K; k += 32) {
+            if (i >= M) {
+                memset(hi + i * K + k, 0, 64);
+                memset(lo + i * K + k, 0, 64);
+                continue;
+            }
+            const __m512 a = _mm512_loadu_ps(x + i * K + k), b = _mm512_loadu_ps(x + i * K + k + 16);
+            const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+            const __m512 ah = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+            const __m512 bh = _mm512_castsi512_ps(
+                _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+            _mm512_storeu_si512(hi + i * K + k, h);
+            const __m512bh l = _mm512_cvtne2ps_pbh(_mm512_sub_ps(b, bh), _mm512_sub_ps(a, ah));
+            _mm512_storeu_si512(lo + i * K + k, (__m512i)l);
+        }
+}
+
+/* Tile numbers must be literals (the intrinsics paste them into the instruction). */
+#define AMX_LOAD_X(p) do { _tile_loadd(4, (p) + k, lda); _tile_loadd(5, (p) + 16 * K + k, lda); } while (0)
+#define AMX_LOAD_W(p0, p1) do { _tile_loadd(6, (p0) + kb, ldb); _tile_loadd(7, (p1) + kb, ldb); } while (0)
+#define AMX_PRODUCTS() \
+    do { \
+        _tile_dpbf16ps(0, 4, 6); \
+        _tile_dpbf16ps(1, 4, 7); \
+        _tile_dpbf16ps(2, 5, 6); \
+        _tile_dpbf16ps(3, 5, 7); \
+    } while (0)
+
+static void amx_task(void *p, int tid, int nt) {
+    linear_args *a = p;
+    const int64_t M = a->M, K = a->K, N = a->N, Mp = (M + 31) & ~(int64_t)31;
+    int64_t lo, hi;
+    split(N / 32, tid, nt, &lo, &hi);
+    if (lo >= hi) return;
+    const size_t need = (size_t)Mp * K * 2;
+    if (need > tls_xs_cap) {
+        free(tls_xs);
+        tls_xs_cap = need + (need >> 2);
+        tls_xs = aligned_alloc(64, (tls_xs_cap * sizeof(uint16_t) + 63) & ~(size_t)63);
+        if (!tls_xs) tls_xs_cap = 0;
+    }
+    if (!tls_xs) {
+        atomic_store(&a->failed, 1);
+        return;
+    }
+    uint16_t *xh = tls_xs, *xl = tls_xs + (size_t)Mp * K;
+    split_x(a->x, M, Mp, K, xh, xl);
+    /* The last rows' block (fewer than 32) keeps its sums here between K blocks: [32][this thread's columns]. */
+    const int64_t cols = (hi - lo) * 32, edge_rows = M % 32;
+    float *edge = NULL;
+    if (edge_rows && K > AMX_KC && !(edge = malloc(sizeof(float) * 32 * (size_t)cols))) {
+        atomic_store(&a->failed, 1);
+        return;
+    }
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    /* Tiles: 0-3 a 32 x 32 block of sums, 4-5 two 16-row x tiles, 6-7 two 16-column W tiles. K goes in blocks of
+     * AMX_KC so that the x block (all rows) stays in L2 across the column blocks; the sums are stored and reloaded
+     * between K blocks (exactly: the same result as one pass). */
+    const uint32_t *wh = a->wp, *wl = a->wp + (size_t)N * K / 2;
+    const int64_t lda = K * 2, ldb = 64, panel = (K / 2) * 16;
+    float tmp[32 * 32];
+    for (int64_t k0 = 0; k0 < K; k0 += AMX_KC) {
+        const int64_t k1 = K - k0 < AMX_KC ? K : k0 + AMX_KC;
+        const int first = k0 == 0, last = k1 == K;
+        for (int64_t nb = lo; nb < hi; nb++) {
+            const int64_t n0 = nb * 32;
+            const uint32_t *h0 = wh + (n0 / 16) * panel, *h1 = h0 + panel;
+            const uint32_t *l0 = wl + (n0 / 16) * panel, *l1 = l0 + panel;
+            for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+                const int64_t mm = M - m0 < 32 ? M - m0 : 32;
+                /* where this block's sums live between K blocks: y itself, or the edge buffer */
+                float *c = mm == 32 ? a->y + m0 * N + n0 : edge ? edge + (n0 - lo * 32) : tmp;
+                const int64_t ldc = mm == 32 ? N * 4 : edge ? cols * 4 : 128;
+                if (first) {
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    _tile_zero(2);
+                    _tile_zero(3);
+                } else {
+                    _tile_loadd(0, c, ldc);
+                    _tile_loadd(1, c + 16, ldc);
+                    _tile_loadd(2, c + 16 * (ldc / 4), ldc);
+                    _tile_loadd(3, c + 16 * (ldc / 4) + 16, ldc);
+                }
+                const uint16_t *ah = xh + m0 * K, *al = xl + m0 * K;
+                for (int64_t k = k0; k < k1; k += 32) {
+                    const int64_t kb = (k / 2) * 16;
+                    /* hi.hi, hi.lo, lo.hi: 10 tile loads for 12 products (x hi stays while both W parts pass) */
+                    AMX_LOAD_X(ah);
+                    AMX_LOAD_W(h0, h1);
+                    AMX_PRODUCTS();
+                    AMX_LOAD_W(l0, l1);
+                    AMX_PRODUCTS();
+                    AMX_LOAD_X(al);
+                    AMX_LOAD_W(h0, h1);
+                    AMX_PRODUCTS();
+                }
+                _tile_stored(0, c, ldc);
+                _tile_stored(1, c + 16, ldc);
+                _tile_stored(2, c + 16 * (ldc / 4), ldc);
+                _tile_stored(3, c + 16 * (ldc / 4) + 16, ldc);
+                if (last) {
+                    if (mm < 32) /* the padding rows dropped */
+                        for (int64_t i = 0; i < mm; i++) memcpy(a->y + (m0 + i) * N + n0, c + i * (ldc / 4), 128);
+                    epilogue(a, m0, mm, n0, 32);
+                }
+            }
+        }
+    }
+    free(edge);
+    _tile_release(); /* so a context switch need not save 8 KB of tile state */
+}
+#else
+#define HAVE_AMX 0
+#define AMX_MIN_ROWS INT64_MAX
+static const int amx_ok = 0;
+static void amx_enable(void) {}
+static void amx_task(void *p, int tid, int nt) { (void)p; (void)tid; (void)nt; }
+#endif
+
+/* 1 if Linear uses AMX with pre-packed weights in this process (model.kernels asks once, at session set-up). */
+int AmxAvailable(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, amx_enable);
+    return amx_ok;
+}
+
 static int linear(int nparam, void **params, int *ndims, int64_t **shapes, int epi) {
-    /* Linear may come without a bias (x, w, y): the tied LM head. */
-    const int has_bias = !(epi == EPI_NONE && nparam == 3);
-    linear_args a = {params[0], params[1], has_bias ? params[2] : NULL, epi == EPI_ADD ? params[3] : NULL,
-                     params[nparam - 1], rows_of(ndims[0], shapes[0]), shapes[0][ndims[0] - 1], shapes[1][0], epi};
+    /* (x, w[, wp][, b][, r], y): wp (4-D) is w packed for AMX; the tied LM head comes without a bias. */
+    int i = 2;
+    const uint32_t *wp = NULL;
+    if (i < nparam - 1 && ndims[i] == 4) {
+        const int64_t *ws = shapes[i];
+        if (ws[0] != 2 || ws[1] * 16 != shapes[1][0] || ws[2] * 2 != shapes[1][1] || ws[3] != 16) return 1;
+        wp = params[i++];
+    }
+    const float *b = epi == EPI_ADD ? params[i++] : i < nparam - 1 ? params[i++] : NULL;
+    const float *r = epi == EPI_ADD ? params[i++] : NULL;
+    linear_args a = {params[0], params[1], b, r, NULL, params[nparam - 1], rows_of(ndims[0], shapes[0]),
+                     shapes[0][ndims[0] - 1], shapes[1][0], epi};
     if (a.K % VW || shapes[1][1] != a.K) return 1;
     atomic_store(&a.failed, 0);
-    run_parallel(a.M > GEMM_MIN_ROWS ? gemm_task : linear_task, &a);
+    if (wp && AmxAvailable() && a.M >= AMX_MIN_ROWS && a.N % 32 == 0 && a.K % 32 == 0) {
+        a.wp = wp;
+        run_parallel(amx_task, &a);
+    } else {
+        run_parallel(a.M > GEMM_MIN_ROWS ? gemm_task : linear_task, &a);
+    }
     return atomic_load(&a.failed);
 }
 

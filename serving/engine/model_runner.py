@@ -206,6 +206,8 @@ def load_session(
         max_seq_len=max_seq_len,
         batch_buckets=batch_buckets,
         chunk_buckets=chunk_buckets,
+        # The server never changes its weights, so the AMX copy cannot go stale (used only where the CPU has AMX).
+        packed_weights=True,
     )
 
 
