@@ -256,3 +256,17 @@ def test_a_session_with_amx_weights_matches_transformers(monkeypatch):
     finally:
         monkeypatch.delenv("GPT2_AMX")
         kernels.amx_available.cache_clear()
+
+
+def test_the_servers_session_packs_its_weights_for_amx(tmp_path):
+    from serving.engine.model_runner import load_session
+
+    kernels = _amx_or_skip()
+    setup_device()
+    our_model_from_hf(hf_model(seed=5)).save_pretrained(tmp_path / "m")
+    sess = load_session(str(tmp_path / "m"), num_slots=2, max_seq_len=64, batch_buckets=(1, 2), chunk_buckets=(1, 32))
+    assert sess.packed_weights and kernels.amx_available()
+    ids = np.array(prompts(seed=10, lengths=(32,)))
+    plain = our_model_from_hf(hf_model(seed=5))
+    want = plain.generate(ids[0].tolist(), 4)  # the model's own session: no AMX copy
+    assert sess.generate(ids[0].tolist(), 4) == want
