@@ -257,7 +257,8 @@ class GPT2Block(nn.Cell):
         x = x + self.attn(self.ln_1(x), bias)
         return x + self.mlp(self.ln_2(x))
 
-    # The projections in the order of `projections()`; wps: their AMX packings, or None.
+    # Names of the four projections, in the order `projections()` returns them and `cached` takes their AMX
+    # packings (wps; None without them).
     PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
     def projections(self):

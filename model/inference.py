@@ -53,7 +53,7 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 
 
 class _StepCell(nn.Cell):
-    """The compiled step: the model's blocks plus the KV cache Parameters."""
+    """The compiled step: the model's blocks plus the KV cache Parameters (and, if asked, the AMX packings)."""
 
     def __init__(
         self,
