@@ -356,9 +356,12 @@ class GPT2LMHeadModel(nn.Cell):
         """Each layer's attention score scale (1/sqrt(head_dim), and 1/(layer+1) if the config asks)."""
         return [block.attn.scale for block in self.transformer.h]
 
-    def step_logits(self, hidden, kern):
-        # lm_logits for the inference step: the CPU Linear kernel (no bias) when kern is given.
+    def step_logits(self, hidden, kern, wp=None):
+        # lm_logits for the inference step: the CPU Linear kernel (no bias) when kern is given; wp: the session's
+        # AMX packing of the tied embedding, or None.
         if kern is not None:
+            if wp is not None:
+                return kern[0](hidden, self.transformer.wte.weight, wp)
             return kern[0](hidden, self.transformer.wte.weight)
         return self.lm_logits(hidden)
 

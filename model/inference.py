@@ -82,8 +82,14 @@ class _StepCell(nn.Cell):
         self.head_offset = Tensor(np.arange(cfg.n_head, dtype=np.int32) * max_seq_len)
         self.kern = kern  # the CPU kernels' ops, or None: MindSpore's ops
         # Every block's projections packed for the kernels' AMX path (a copy: not updated if the weights change).
-        self.packed = None
+        self.packed = self.packed_head = None
         if packed_weights:
+            # The LM head's (the tied embedding, rows padded to a multiple of 32): prefill's logits rows, scoring.
+            self.packed_head = Parameter(
+                Tensor(kernels.pack_weight_amx(model.transformer.wte.weight.asnumpy())),
+                name="amx_packed.lm_head",
+                requires_grad=False,
+            )
             self.packed = ms.ParameterTuple(
                 Parameter(
                     Tensor(kernels.pack_weight_amx(proj.weight.asnumpy())),
@@ -110,10 +116,10 @@ class _StepCell(nn.Cell):
             meta, scales, context_pos, self.kern, self.packed,
         )  # (B, T, d)
         if logits_rows is None:
-            return self.model.step_logits(hidden, self.kern)  # (B, T, V)
+            return self.model.step_logits(hidden, self.kern, self.packed_head)  # (B, T, V)
         b, t, d = hidden.shape
         last = ops.gather(hidden.reshape(b * t, d), logits_rows, 0)  # (B, d)
-        return self.model.step_logits(last, self.kern)  # (B, V)
+        return self.model.step_logits(last, self.kern, self.packed_head)  # (B, V)
 
 
 class InferenceSession:
@@ -137,9 +143,10 @@ class InferenceSession:
         packed_weights: bool = False,
     ) -> None:
         """cpu_kernels: use model.kernels' CPU kernels for the step (None: whenever they are available).
-        packed_weights: with the CPU kernels, keep a copy of the projections' weights packed for AMX where the CPU
-        has it (steps of 32 tokens and more run 1.4-2.5x faster; as much memory again as those weights). The copy
-        is made here: a session must not outlive a change of the model's weights."""
+        packed_weights: with the CPU kernels, keep a copy of the projections' and the LM head's weights packed for
+        AMX where the CPU has it (steps of 32 tokens or logits rows and more run 1.4-2.5x faster; as much memory
+        again as the weights). The copy is made here: a session must not outlive a change of the model's
+        weights."""
         cfg = model.config
         max_seq_len = cfg.n_positions if max_seq_len is None else max_seq_len
         if not 1 <= max_seq_len <= cfg.n_positions:

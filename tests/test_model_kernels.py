@@ -190,12 +190,16 @@ def test_amx_packing_splits_each_weight_into_two_bf16_parts():
     parts = halves.view(np.float32).transpose(0, 1, 3, 2, 4).reshape(2, 64, 96)
     assert np.abs(parts[0] - w).max() <= np.abs(w).max() * 2.0**-8  # bf16: 8 significant bits
     assert np.abs(parts[0] + parts[1] - w).max() <= np.abs(w).max() * 2.0**-16
-    with pytest.raises(ValueError, match="multiples of 32"):
-        kernels.pack_weight_amx(np.zeros((48, 64), np.float32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        kernels.pack_weight_amx(np.zeros((64, 48), np.float32))
+    # Rows are padded with zeros up to a multiple of 32 (the LM head has 50,257).
+    q = kernels.pack_weight_amx(w[:40]).view(np.uint32)
+    assert q.shape == (2, 4, 48, 16) and np.array_equal(q[:, :2], u[:, :2]) and not q[:, 2:, :, 8:].any()
 
 
 @pytest.mark.parametrize("m", [31, 32, 33, 97, 130])  # below 32 rows: the float32 kernels, even with wp
-@pytest.mark.parametrize("n,k", [(64, 32), (96, 1600)])  # K over one 768-deep block: sums stored and reloaded
+# K over one 768-deep block: sums stored and reloaded; N not a multiple of 32 (the LM head): a narrow last block.
+@pytest.mark.parametrize("n,k", [(64, 32), (96, 1600), (70, 96)])
 def test_amx_linear_matches_numpy_and_rows_stay_independent(m, n, k):
     import ctypes
 
@@ -228,7 +232,7 @@ def test_amx_linear_matches_numpy_and_rows_stay_independent(m, n, k):
         y2 = np.empty((m + 5, n), np.float32)
         _call(lib, "Linear", x2, w, wp, b, y2)
         assert np.array_equal(y, y2[5:])
-    bad = np.zeros((2, n // 16, k // 2 + 1, 16), np.int32)  # a packing of another shape is refused
+    bad = np.zeros((2, wp.shape[1], k // 2 + 1, 16), np.int32)  # a packing of another shape is refused
     assert _call(lib, "Linear", x, w, bad, b, y) != 0
 
 

@@ -10,8 +10,8 @@ gather (a copy of every cached row in use) plus small batched matmuls. `cpu_kern
 No library offers these for MindSpore's CPU backend; the Ascend equivalents (PagedAttention) are Ascend-only.
 
 On CPUs with AMX (Intel Sapphire Rapids and later; Linux grants the tile state per process) a session may also
-keep each projection's weight packed for the tile unit (`pack_weight_amx`: two bf16 parts, hi + lo, in the
-layout the unit reads): `Linear` then multiplies 32 rows and more there, summing hi.hi + hi.lo + lo.hi in float32
+keep each projection's weight and the LM head packed for the tile unit (`pack_weight_amx`: two bf16 parts,
+hi + lo, in the layout the unit reads): `Linear` then multiplies 32 rows and more there, summing hi.hi + hi.lo + lo.hi in float32
 ("bf16x3"), 1.4-2.5x the AVX-512 GEMM on this machine's cold weights at 32-256 rows, with errors of ~5e-6 of the
 output's scale (float32 kernels: 1-2e-6; a plain bf16 product: ~1e-2). The packed copy costs as much memory as
 the float32 weights and is not updated when they change, so only sessions that ask for it have one (the server's);
@@ -137,16 +137,20 @@ def _bf16_round(v: np.ndarray) -> np.ndarray:
 
 
 def pack_weight_amx(w: np.ndarray) -> np.ndarray:
-    """A (N, K) float32 weight ([out, in]) -> (2, N/16, K/2, 16) int32 for `Linear`'s AMX path.
+    """A (N, K) float32 weight ([out, in]) -> (2, Np/16, K/2, 16) int32 for `Linear`'s AMX path, Np = N rounded
+    up to a multiple of 32 (zero rows: the LM head has 50,257).
 
     Part 0 is bf16(w), part 1 bf16(w - part 0); within a part, for each 16 output columns, each pair of
     consecutive k's two bf16 side by side in one 32-bit word (the tile unit's "VNNI" layout for the B operand).
-    N and K must be multiples of 32.
+    K must be a multiple of 32; the kernel takes an N that is not a multiple of 32 only with K <= 768.
     """
     w = np.ascontiguousarray(w, dtype=np.float32)
     n, k = w.shape
-    if n % 32 or k % 32:
-        raise ValueError(f"pack_weight_amx needs both dimensions multiples of 32, got {w.shape}")
+    if k % 32:
+        raise ValueError(f"pack_weight_amx needs K (the second dimension) a multiple of 32, got {w.shape}")
+    if n % 32:
+        w = np.concatenate([w, np.zeros((32 - n % 32, k), np.float32)])
+        n = w.shape[0]
     hi = _bf16_round(w)
     lo = _bf16_round((w - (hi.astype(np.uint32) << np.uint32(16)).view(np.float32)).astype(np.float32))
     out = np.empty((2, n // 16, k // 2, 16), np.uint32)

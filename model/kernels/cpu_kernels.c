@@ -458,7 +458,7 @@ static void amx_task(void *p, int tid, int nt) {
     linear_args *a = p;
     const int64_t M = a->M, K = a->K, N = a->N, Mp = (M + 31) & ~(int64_t)31;
     int64_t lo, hi;
-    split(N / 32, tid, nt, &lo, &hi);
+    split((N + 31) / 32, tid, nt, &lo, &hi); /* the last block may be narrower (the LM head: 50,257 columns) */
     if (lo >= hi) return;
     const size_t need = (size_t)Mp * K * 2;
     if (need > tls_xs_cap) {
@@ -491,7 +491,8 @@ static void amx_task(void *p, int tid, int nt) {
     /* Tiles: 0-3 a 32 x 32 block of sums, 4-5 two 16-row x tiles, 6-7 two 16-column W tiles. K goes in blocks of
      * AMX_KC, the sums stored and reloaded between blocks (exactly: the same result as one pass), so that a long
      * prompt's x block stays within L2; 128, 256 or no blocking measured the same here (within this VM's noise). */
-    const uint32_t *wh = a->wp, *wl = a->wp + (size_t)N * K / 2;
+    const int64_t Np = (N + 31) & ~(int64_t)31; /* packed columns: N padded with zero rows of W */
+    const uint32_t *wh = a->wp, *wl = a->wp + (size_t)Np * K / 2;
     const int64_t lda = K * 2, ldb = 64, panel = (K / 2) * 16;
     float tmp[32 * 32];
     for (int64_t k0 = 0; k0 < K; k0 += AMX_KC) {
@@ -502,10 +503,12 @@ static void amx_task(void *p, int tid, int nt) {
             const uint32_t *h0 = wh + (n0 / 16) * panel, *h1 = h0 + panel;
             const uint32_t *l0 = wl + (n0 / 16) * panel, *l1 = l0 + panel;
             for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
-                const int64_t mm = M - m0 < 32 ? M - m0 : 32;
-                /* where this block's sums live between K blocks: y itself, or the edge buffer */
-                float *c = mm == 32 ? a->y + m0 * N + n0 : edge ? edge + (n0 - lo * 32) : tmp;
-                const int64_t ldc = mm == 32 ? N * 4 : edge ? cols * 4 : 128;
+                const int64_t mm = M - m0 < 32 ? M - m0 : 32, nn = N - n0 < 32 ? N - n0 : 32;
+                /* where this block's sums live between K blocks: y itself, or the edge buffer (a narrow last
+                 * column block comes with a single K block: linear() checks) */
+                const int whole = mm == 32 && nn == 32;
+                float *c = whole ? a->y + m0 * N + n0 : edge ? edge + (n0 - lo * 32) : tmp;
+                const int64_t ldc = whole ? N * 4 : edge ? cols * 4 : 128;
                 if (first) {
                     _tile_zero(0);
                     _tile_zero(1);
@@ -535,9 +538,10 @@ static void amx_task(void *p, int tid, int nt) {
                 _tile_stored(2, c + 16 * (ldc / 4), ldc);
                 _tile_stored(3, c + 16 * (ldc / 4) + 16, ldc);
                 if (last) {
-                    if (mm < 32) /* the padding rows dropped */
-                        for (int64_t i = 0; i < mm; i++) memcpy(a->y + (m0 + i) * N + n0, c + i * (ldc / 4), 128);
-                    epilogue(a, m0, mm, n0, 32);
+                    if (!whole) /* the padding rows and columns dropped */
+                        for (int64_t i = 0; i < mm; i++)
+                            memcpy(a->y + (m0 + i) * N + n0, c + i * (ldc / 4), sizeof(float) * (size_t)nn);
+                    epilogue(a, m0, mm, n0, nn);
                 }
             }
         }
@@ -548,6 +552,7 @@ static void amx_task(void *p, int tid, int nt) {
 #else
 #define HAVE_AMX 0
 #define AMX_MIN_ROWS INT64_MAX
+#define AMX_KC 0
 static const int amx_ok = 0;
 static void amx_enable(void) {}
 static void amx_task(void *p, int tid, int nt) { (void)p; (void)tid; (void)nt; }
@@ -566,7 +571,8 @@ static int linear(int nparam, void **params, int *ndims, int64_t **shapes, int e
     const uint32_t *wp = NULL;
     if (i < nparam - 1 && ndims[i] == 4) {
         const int64_t *ws = shapes[i];
-        if (ws[0] != 2 || ws[1] * 16 != shapes[1][0] || ws[2] * 2 != shapes[1][1] || ws[3] != 16) return 1;
+        if (ws[0] != 2 || ws[1] * 16 != (shapes[1][0] + 31) / 32 * 32 || ws[2] * 2 != shapes[1][1] || ws[3] != 16)
+            return 1;
         wp = params[i++];
     }
     const float *b = epi == EPI_ADD ? params[i++] : i < nparam - 1 ? params[i++] : NULL;
@@ -575,7 +581,7 @@ static int linear(int nparam, void **params, int *ndims, int64_t **shapes, int e
                      shapes[0][ndims[0] - 1], shapes[1][0], epi};
     if (a.K % VW || shapes[1][1] != a.K) return 1;
     atomic_store(&a.failed, 0);
-    if (wp && AmxAvailable() && a.M >= AMX_MIN_ROWS && a.N % 32 == 0 && a.K % 32 == 0) {
+    if (wp && AmxAvailable() && a.M >= AMX_MIN_ROWS && a.K % 32 == 0 && (a.N % 32 == 0 || a.K <= AMX_KC)) {
         a.wp = wp;
         run_parallel(amx_task, &a);
     } else {
