@@ -257,11 +257,8 @@ class GPT2Block(nn.Cell):
         x = x + self.attn(self.ln_1(x), bias)
         return x + self.mlp(self.ln_2(x))
 
-    # Names of the four projections, in the order `projections()` returns them and `cached` takes their AMX
-    # packings (wps; None without them).
-    PROJECTIONS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
     def projections(self):
+        # The four projections, in the order `cached` takes their AMX packings (wps; None without them).
         return (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
 
     def cached(self, x, k_cache, v_cache, ctx, scale, kern, wps=(None, None, None, None)):

@@ -52,6 +52,11 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out) + (hi,)
 
 
+def _amx_packed(weight: Parameter) -> Parameter:
+    # A copy of `weight` packed for the kernels' AMX path, named after it (e.g. transformer.h.0.mlp.c_fc.weight.amx).
+    return Parameter(Tensor(kernels.pack_weight_amx(weight.asnumpy())), name=f"{weight.name}.amx", requires_grad=False)
+
+
 class _StepCell(nn.Cell):
     """The compiled step: the model's blocks plus the KV cache Parameters (and, if asked, the AMX packings)."""
 
@@ -85,19 +90,9 @@ class _StepCell(nn.Cell):
         self.packed = self.packed_head = None
         if packed_weights:
             # The LM head's (the tied embedding, rows padded to a multiple of 32): prefill's logits rows, scoring.
-            self.packed_head = Parameter(
-                Tensor(kernels.pack_weight_amx(model.transformer.wte.weight.asnumpy())),
-                name="amx_packed.lm_head",
-                requires_grad=False,
-            )
+            self.packed_head = _amx_packed(model.transformer.wte.weight)
             self.packed = ms.ParameterTuple(
-                Parameter(
-                    Tensor(kernels.pack_weight_amx(proj.weight.asnumpy())),
-                    name=f"amx_packed.h.{i}.{name}",
-                    requires_grad=False,
-                )
-                for i, block in enumerate(model.transformer.h)
-                for name, proj in zip(block.PROJECTIONS, block.projections())
+                _amx_packed(proj.weight) for block in model.transformer.h for proj in block.projections()
             )
 
     @ms.jit
@@ -179,7 +174,7 @@ class InferenceSession:
             # compiled dimension, so one graph serves every context length.
             self.context_buckets = (max_seq_len,)
         # The step path has no dropout, so the model's train/eval flag is left as the caller set it.
-        # The AMX tiles take 32 columns and 32 k's at a time.
+        # The AMX tiles take 32 k's at a time; every packed weight's K is n_embd or inner_dim.
         aligned = cfg.n_embd % 32 == 0 and cfg.inner_dim % 32 == 0
         self.packed_weights = bool(packed_weights and cpu_kernels and aligned and kernels.amx_available())
         self._cell = _StepCell(

@@ -198,7 +198,7 @@ def test_amx_packing_splits_each_weight_into_two_bf16_parts():
 
 
 @pytest.mark.parametrize("m", [31, 32, 33, 97, 130])  # below 32 rows: the float32 kernels, even with wp
-# K over one 768-deep block: sums stored and reloaded; N not a multiple of 32 (the LM head): a narrow last block.
+# A long K (50 tile steps); N not a multiple of 32 (as the LM head's): a narrow last column block.
 @pytest.mark.parametrize("n,k", [(64, 32), (96, 1600), (70, 96)])
 def test_amx_linear_matches_numpy_and_rows_stay_independent(m, n, k):
     import ctypes

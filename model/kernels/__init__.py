@@ -11,11 +11,11 @@ No library offers these for MindSpore's CPU backend; the Ascend equivalents (Pag
 
 On CPUs with AMX (Intel Sapphire Rapids and later; Linux grants the tile state per process) a session may also
 keep each projection's weight and the LM head packed for the tile unit (`pack_weight_amx`: two bf16 parts,
-hi + lo, in the layout the unit reads): `Linear` then multiplies 32 rows and more there, summing hi.hi + hi.lo + lo.hi in float32
-("bf16x3"), 1.4-2.5x the AVX-512 GEMM on this machine's cold weights at 32-256 rows, with errors of ~5e-6 of the
-output's scale (float32 kernels: 1-2e-6; a plain bf16 product: ~1e-2). The packed copy costs as much memory as
-the float32 weights and is not updated when they change, so only sessions that ask for it have one (the server's);
-GPT2_AMX=0 turns the AMX path off.
+hi + lo, in the layout the unit reads): `Linear` then multiplies 32 rows and more there, summing
+hi.hi + hi.lo + lo.hi in float32 ("bf16x3"), 1.4-2.5x the AVX-512 GEMM on this machine's cold weights at 32-256
+rows, with errors of ~5e-6 of the output's scale (float32 kernels: 1-2e-6; a plain bf16 product: ~1e-2). The
+packed copy costs as much memory as the float32 weights and is not updated when they change, so only sessions
+that ask for it have one (the server's); GPT2_AMX=0 turns the AMX path off.
 
 The source is compiled once per machine with the system C compiler (`cc -O3 -march=native`) into a cache
 directory (GPT2_KERNEL_CACHE, default ~/.cache/gpt2-mindspore/kernels), keyed by the source, the flags and the
@@ -48,8 +48,12 @@ ENV_CACHE = "GPT2_KERNEL_CACHE"
 ENV_AMX = "GPT2_AMX"  # 0: never use AMX, even for sessions with packed weights
 
 
+def _switched_off(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def enabled_by_env() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return not _switched_off(ENV_SWITCH)
 
 
 def _cpu_flags() -> str:
@@ -124,7 +128,7 @@ def amx_available() -> bool:
     with AMX and Linux granted the tile state)."""
     import ctypes
 
-    if os.environ.get(ENV_AMX, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off(ENV_AMX):
         return False
     path = library_path()
     return path is not None and bool(ctypes.CDLL(path).AmxAvailable())
@@ -142,7 +146,7 @@ def pack_weight_amx(w: np.ndarray) -> np.ndarray:
 
     Part 0 is bf16(w), part 1 bf16(w - part 0); within a part, for each 16 output columns, each pair of
     consecutive k's two bf16 side by side in one 32-bit word (the tile unit's "VNNI" layout for the B operand).
-    K must be a multiple of 32; the kernel takes an N that is not a multiple of 32 only with K <= 768.
+    K must be a multiple of 32.
     """
     w = np.ascontiguousarray(w, dtype=np.float32)
     n, k = w.shape

@@ -391,20 +391,18 @@ static void gemm_task(void *p, int tid, int nt) {
 }
 
 /* ---- AMX (bf16 tiles) for many rows --------------------------------------------------------------------------
- * Where the CPU has AMX (Sapphire Rapids and later) and the session pre-packed the weights, rows above
- * AMX_MIN_ROWS go through the tile unit: one TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 one into
- * 16 x 16 float32 sums, about 2.5x our AVX-512 GEMM on one core here (313 against 120 GFLOPS at 256 x 768 x
- * 2304). float32 precision is kept by splitting each operand into two bf16 (hi = bf16(v), lo = bf16(v - hi)) and
- * summing hi.hi + hi.lo + lo.hi ("bf16x3"): measured error 5e-6 of the output's scale, against 1-2e-6 for the
- * float32 kernels and the ~1e-2 of a plain bf16 product.
- * wp holds W's two parts as [2][N / 16][K / 2][16] uint32: for 16 output columns, each k-pair's two bf16 side by
- * side (the "VNNI" layout the tile unit reads), packed once by model.kernels.pack_weight_amx. x is split per call
- * into per-thread buffers. Each output element's sums depend only on its row of x and the weights: not on M, the
- * row's position or the thread count. */
+ * Where the CPU has AMX (Sapphire Rapids and later) and the session pre-packed the weights, AMX_MIN_ROWS rows and
+ * more go through the tile unit: one TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16
+ * float32 sums, about 2.5x our AVX-512 GEMM on one core here (313 against 120 GFLOPS at 256 x 768 x 2304).
+ * float32 precision is kept by splitting each operand into two bf16 (hi = bf16(v), lo = bf16(v - hi)) and summing
+ * hi.hi + hi.lo + lo.hi ("bf16x3"): measured error 5e-6 of the output's scale, against 1-2e-6 for the float32
+ * kernels and the ~1e-2 of a plain bf16 product.
+ * wp holds W's two parts as [2][Np / 16][K / 2][16] uint32 (Np: N rounded up to a multiple of 32 with zero rows):
+ * for 16 output columns, each k-pair's two bf16 side by side (the "VNNI" layout the tile unit reads), packed once
+ * by model.kernels.pack_weight_amx. x is split per call into the thread's scratch buffer. Each output element's
+ * sums depend only on its row of x and the weights: not on M, the row's position or the thread count. */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define HAVE_AMX 1
 #define AMX_MIN_ROWS 32
-#define AMX_KC 768 /* K block: 256 rows of x in two bf16 parts, 768 deep, are 786 KB of the 2 MB L2 */
 
 static int amx_ok = 0; /* the kernel may use the tile registers (set by amx_enable) */
 
@@ -418,9 +416,6 @@ typedef struct {
     uint16_t colsb[16];
     uint8_t rows[16];
 } tile_config;
-
-static __thread uint16_t *tls_xs;
-static __thread size_t tls_xs_cap;
 
 /* x rows [0, M) -> hi, lo bf16 (Mp x K each, rows past M zero). */
 static void split_x(const float *x, int64_t M, int64_t Mp, int64_t K, uint16_t *hi, uint16_t *lo) {
@@ -460,26 +455,14 @@ static void amx_task(void *p, int tid, int nt) {
     int64_t lo, hi;
     split((N + 31) / 32, tid, nt, &lo, &hi); /* the last block may be narrower (the LM head: 50,257 columns) */
     if (lo >= hi) return;
-    const size_t need = (size_t)Mp * K * 2;
-    if (need > tls_xs_cap) {
-        free(tls_xs);
-        tls_xs_cap = need + (need >> 2);
-        tls_xs = aligned_alloc(64, (tls_xs_cap * sizeof(uint16_t) + 63) & ~(size_t)63);
-        if (!tls_xs) tls_xs_cap = 0;
-    }
-    if (!tls_xs) {
+    /* x's two bf16 parts (Mp x K each) in the thread's scratch buffer (the float32 GEMM's, never in use at once) */
+    uint16_t *xh = (uint16_t *)scratch((size_t)Mp * K);
+    if (!xh) {
         atomic_store(&a->failed, 1);
         return;
     }
-    uint16_t *xh = tls_xs, *xl = tls_xs + (size_t)Mp * K;
+    uint16_t *xl = xh + (size_t)Mp * K;
     split_x(a->x, M, Mp, K, xh, xl);
-    /* The last rows' block (fewer than 32) keeps its sums here between K blocks: [32][this thread's columns]. */
-    const int64_t cols = (hi - lo) * 32, edge_rows = M % 32;
-    float *edge = NULL;
-    if (edge_rows && K > AMX_KC && !(edge = malloc(sizeof(float) * 32 * (size_t)cols))) {
-        atomic_store(&a->failed, 1);
-        return;
-    }
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette_id = 1;
@@ -488,71 +471,52 @@ static void amx_task(void *p, int tid, int nt) {
         cfg.colsb[t] = 64;
     }
     _tile_loadconfig(&cfg);
-    /* Tiles: 0-3 a 32 x 32 block of sums, 4-5 two 16-row x tiles, 6-7 two 16-column W tiles. K goes in blocks of
-     * AMX_KC, the sums stored and reloaded between blocks (exactly: the same result as one pass), so that a long
-     * prompt's x block stays within L2; 128, 256 or no blocking measured the same here (within this VM's noise). */
+    /* Tiles: 0-3 a 32 x 32 block of sums over all of K, 4-5 two 16-row x tiles, 6-7 two 16-column W tiles.
+     * (Blocking K, with the sums stored and reloaded between blocks, measured no faster here.) */
     const int64_t Np = (N + 31) & ~(int64_t)31; /* packed columns: N padded with zero rows of W */
     const uint32_t *wh = a->wp, *wl = a->wp + (size_t)Np * K / 2;
     const int64_t lda = K * 2, ldb = 64, panel = (K / 2) * 16;
     float tmp[32 * 32];
-    for (int64_t k0 = 0; k0 < K; k0 += AMX_KC) {
-        const int64_t k1 = K - k0 < AMX_KC ? K : k0 + AMX_KC;
-        const int first = k0 == 0, last = k1 == K;
-        for (int64_t nb = lo; nb < hi; nb++) {
-            const int64_t n0 = nb * 32;
-            const uint32_t *h0 = wh + (n0 / 16) * panel, *h1 = h0 + panel;
-            const uint32_t *l0 = wl + (n0 / 16) * panel, *l1 = l0 + panel;
-            for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
-                const int64_t mm = M - m0 < 32 ? M - m0 : 32, nn = N - n0 < 32 ? N - n0 : 32;
-                /* where this block's sums live between K blocks: y itself, or the edge buffer (a narrow last
-                 * column block comes with a single K block: linear() checks) */
-                const int whole = mm == 32 && nn == 32;
-                float *c = whole ? a->y + m0 * N + n0 : edge ? edge + (n0 - lo * 32) : tmp;
-                const int64_t ldc = whole ? N * 4 : edge ? cols * 4 : 128;
-                if (first) {
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    _tile_zero(2);
-                    _tile_zero(3);
-                } else {
-                    _tile_loadd(0, c, ldc);
-                    _tile_loadd(1, c + 16, ldc);
-                    _tile_loadd(2, c + 16 * (ldc / 4), ldc);
-                    _tile_loadd(3, c + 16 * (ldc / 4) + 16, ldc);
-                }
-                const uint16_t *ah = xh + m0 * K, *al = xl + m0 * K;
-                for (int64_t k = k0; k < k1; k += 32) {
-                    const int64_t kb = (k / 2) * 16;
-                    /* hi.hi, hi.lo, lo.hi: 10 tile loads for 12 products (x hi stays while both W parts pass) */
-                    AMX_LOAD_X(ah);
-                    AMX_LOAD_W(h0, h1);
-                    AMX_PRODUCTS();
-                    AMX_LOAD_W(l0, l1);
-                    AMX_PRODUCTS();
-                    AMX_LOAD_X(al);
-                    AMX_LOAD_W(h0, h1);
-                    AMX_PRODUCTS();
-                }
-                _tile_stored(0, c, ldc);
-                _tile_stored(1, c + 16, ldc);
-                _tile_stored(2, c + 16 * (ldc / 4), ldc);
-                _tile_stored(3, c + 16 * (ldc / 4) + 16, ldc);
-                if (last) {
-                    if (!whole) /* the padding rows and columns dropped */
-                        for (int64_t i = 0; i < mm; i++)
-                            memcpy(a->y + (m0 + i) * N + n0, c + i * (ldc / 4), sizeof(float) * (size_t)nn);
-                    epilogue(a, m0, mm, n0, nn);
-                }
+    for (int64_t nb = lo; nb < hi; nb++) {
+        const int64_t n0 = nb * 32, nn = N - n0 < 32 ? N - n0 : 32;
+        const uint32_t *h0 = wh + (n0 / 16) * panel, *h1 = h0 + panel;
+        const uint32_t *l0 = wl + (n0 / 16) * panel, *l1 = l0 + panel;
+        for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+            const int64_t mm = M - m0 < 32 ? M - m0 : 32;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            const uint16_t *ah = xh + m0 * K, *al = xl + m0 * K;
+            for (int64_t k = 0; k < K; k += 32) {
+                const int64_t kb = (k / 2) * 16;
+                /* hi.hi, hi.lo, lo.hi: 10 tile loads for 12 products (x hi stays while both W parts pass) */
+                AMX_LOAD_X(ah);
+                AMX_LOAD_W(h0, h1);
+                AMX_PRODUCTS();
+                AMX_LOAD_W(l0, l1);
+                AMX_PRODUCTS();
+                AMX_LOAD_X(al);
+                AMX_LOAD_W(h0, h1);
+                AMX_PRODUCTS();
             }
+            /* a whole block straight into y; an edge block through tmp, its padding rows and columns dropped */
+            const int whole = mm == 32 && nn == 32;
+            float *c = whole ? a->y + m0 * N + n0 : tmp;
+            const int64_t ldc = whole ? N : 32;
+            _tile_stored(0, c, ldc * 4);
+            _tile_stored(1, c + 16, ldc * 4);
+            _tile_stored(2, c + 16 * ldc, ldc * 4);
+            _tile_stored(3, c + 16 * ldc + 16, ldc * 4);
+            if (!whole)
+                for (int64_t i = 0; i < mm; i++) memcpy(a->y + (m0 + i) * N + n0, tmp + i * 32, sizeof(float) * nn);
+            epilogue(a, m0, mm, n0, nn);
         }
     }
-    free(edge);
     _tile_release(); /* so a context switch need not save 8 KB of tile state */
 }
 #else
-#define HAVE_AMX 0
 #define AMX_MIN_ROWS INT64_MAX
-#define AMX_KC 0
 static const int amx_ok = 0;
 static void amx_enable(void) {}
 static void amx_task(void *p, int tid, int nt) { (void)p; (void)tid; (void)nt; }
@@ -581,7 +545,7 @@ static int linear(int nparam, void **params, int *ndims, int64_t **shapes, int e
                      shapes[0][ndims[0] - 1], shapes[1][0], epi};
     if (a.K % VW || shapes[1][1] != a.K) return 1;
     atomic_store(&a.failed, 0);
-    if (wp && AmxAvailable() && a.M >= AMX_MIN_ROWS && a.K % 32 == 0 && (a.N % 32 == 0 || a.K <= AMX_KC)) {
+    if (wp && AmxAvailable() && a.M >= AMX_MIN_ROWS && a.K % 32 == 0) {
         a.wp = wp;
         run_parallel(amx_task, &a);
     } else {
