@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                  "score": []}
     print(f"GPT-2 {args.layers} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, fp32, {threads} threads; "
           f"our session: {slots} slots x {args.max_seq_len} positions"
-          f"{', AMX for 32+ rows' if sess.packed_weights else ''}; mindspore vs transformers "
+          f"{', AMX for 8+ rows' if sess.packed_weights else ''}; mindspore vs transformers "
           f"{transformers.__version__} (torch {torch.__version__})", flush=True)
 
     bw = copy_bandwidth(args.copy_mb)

@@ -197,7 +197,8 @@ def test_amx_packing_splits_each_weight_into_two_bf16_parts():
     assert q.shape == (2, 4, 48, 16) and np.array_equal(q[:, :2], u[:, :2]) and not q[:, 2:, :, 8:].any()
 
 
-@pytest.mark.parametrize("m", [31, 32, 33, 97, 130])  # below 32 rows: the float32 kernels, even with wp
+# Below 8 rows the float32 kernels, even with wp; AMX takes 32 rows at a time and a last 16 (zero-padded).
+@pytest.mark.parametrize("m", [7, 8, 16, 31, 33, 48, 130])
 # A long K (50 tile steps); N not a multiple of 32 (as the LM head's): a narrow last column block.
 @pytest.mark.parametrize("n,k", [(64, 32), (96, 1600), (70, 96)])
 def test_amx_linear_matches_numpy_and_rows_stay_independent(m, n, k):
@@ -226,8 +227,8 @@ def test_amx_linear_matches_numpy_and_rows_stay_independent(m, n, k):
     _call(lib, "Linear", x, w, b, plain)
     y = np.empty((m, n), np.float32)
     _call(lib, "Linear", x, w, wp, b, y)
-    assert np.array_equal(y, plain) == (m < 32)  # the AMX path is taken from 32 rows on, and only there
-    if m >= 32:  # a row's result does not depend on the other rows or its position
+    assert np.array_equal(y, plain) == (m < 8)  # the AMX path is taken from 8 rows on, and only there
+    if m >= 8:  # a row's result does not depend on the other rows, its position or its block (32 or 16 rows)
         x2 = np.concatenate([rng.standard_normal((5, k), np.float32), x])
         y2 = np.empty((m + 5, n), np.float32)
         _call(lib, "Linear", x2, w, wp, b, y2)

@@ -11,8 +11,8 @@ No library offers these for MindSpore's CPU backend; the Ascend equivalents (Pag
 
 On CPUs with AMX (Intel Sapphire Rapids and later; Linux grants the tile state per process) a session may also
 keep each projection's weight and the LM head packed for the tile unit (`pack_weight_amx`: two bf16 parts,
-hi + lo, in the layout the unit reads): `Linear` then multiplies 32 rows and more there, summing
-hi.hi + hi.lo + lo.hi in float32 ("bf16x3"), 1.4-2.5x the AVX-512 GEMM on this machine's cold weights at 32-256
+hi + lo, in the layout the unit reads): `Linear` then multiplies 8 rows and more there, summing
+hi.hi + hi.lo + lo.hi in float32 ("bf16x3"), 1.4-2.5x the AVX-512 GEMM on this machine's cold weights at 12-256
 rows, with errors of ~5e-6 of the output's scale (float32 kernels: 1-2e-6; a plain bf16 product: ~1e-2). The
 packed copy costs as much memory as the float32 weights and is not updated when they change, so only sessions
 that ask for it have one (the server's); GPT2_AMX=0 turns the AMX path off.
@@ -174,7 +174,7 @@ class StepKernels(NamedTuple):
 
     linear, linear_gelu, linear_add: x (..., K), w (N, K) [, wp] [, b (N,)] [, r (..., N)] -> (..., N):
     x @ w^T [+ b], gelu(x @ w^T + b) (GPT-2's tanh form), x @ w^T + b + r; wp = pack_weight_amx(w), if given, is
-    used for 32 rows and more where AMX is available.
+    used for 8 rows and more where AMX is available.
     attention: (qkv (B, T, 3d), k_cache, v_cache, write_base (B*T,), read_base (B,) or (B*T,), positions (B, T),
     meta (2,), scale (1,)) -> (B, T, d); writes this step's keys and values into the caches in place.
     """

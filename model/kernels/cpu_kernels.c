@@ -7,7 +7,7 @@
  *
  * A row's results do not depend on the other rows of a call: each output element is computed by the same sequence
  * of operations in every row, so a request's logits are the same alone or in a batch of the same padded shape.
- * (Linear has three forms: up to 96 rows, above, and with AMX from 32 rows when the session packed the weights;
+ * (Linear has three forms: up to 96 rows, above, and with AMX from 8 rows when the session packed the weights;
  * they sum in different orders.)
  *
  * Threads: a small pool of our own (not OpenMP). Workers spin briefly after a kernel, because the next one
@@ -153,6 +153,18 @@ static void split(int64_t n, int tid, int nt, int64_t *lo, int64_t *hi) {
     *hi = n * (tid + 1) / nt;
 }
 
+/* Claim the next chunk [lo, hi) of n items from *next (shared by a task's threads), about 8 chunks per thread and
+ * at least `least` items:
+ * a thread that the OS holds up (the event loop, the HTTP client on the same 2 cores) leaves the rest of its share
+ * to the others instead of stalling the whole op. A static split made decode at batch 16 44% slower next to a
+ * process busy 30% of one core (46 against 66 ms per step); claiming held it at 48 ms. 0 when none is left. */
+static int claim(_Atomic int64_t *next, int64_t n, int nt, int64_t least, int64_t *lo, int64_t *hi) {
+    const int64_t chunk = n / (8 * (int64_t)nt) > least ? n / (8 * (int64_t)nt) : least;
+    *lo = atomic_fetch_add_explicit(next, chunk, memory_order_relaxed);
+    *hi = *lo + chunk < n ? *lo + chunk : n;
+    return *lo < n;
+}
+
 static int64_t rows_of(int nd, const int64_t *shape) {
     int64_t m = 1;
     for (int i = 0; i < nd - 1; i++) m *= shape[i];
@@ -170,6 +182,7 @@ typedef struct {
     int64_t M, K, N;
     int epi;
     _Atomic int failed;
+    _Atomic int64_t next; /* the next column block to claim */
 } linear_args;
 
 /* GPT-2's GELU (tanh form) as x * sigmoid(2z), the form model/gpt2.py uses. The exponent is capped: with
@@ -205,46 +218,51 @@ static void epilogue(const linear_args *a, int64_t m0, int64_t mm, int64_t n0, i
 #define XB 2
 #endif
 
-static void linear_task(void *p, int tid, int nt) {
-    const linear_args *a = p;
+/* Columns [n0, n0 + nn) (nn <= WB) of every row. */
+static void linear_block(const linear_args *a, int64_t n0, int64_t nn) {
     const int64_t K = a->K, M = a->M, N = a->N;
-    int64_t lo, hi;
-    split((N + WB - 1) / WB, tid, nt, &lo, &hi);
-    for (int64_t nb = lo; nb < hi; nb++) {
-        const int64_t n0 = nb * WB, nn = N - n0 < WB ? N - n0 : WB;
-        const float *wr[WB];
-        for (int j = 0; j < WB; j++) wr[j] = a->w + (n0 + (j < nn ? j : 0)) * K;
-        int64_t m = 0;
-        for (; m + XB <= M; m += XB) {
-            vec acc[XB][WB];
-            for (int i = 0; i < XB; i++)
-                for (int j = 0; j < WB; j++) acc[i][j] = vzero();
-            const float *xr = a->x + m * K;
-            for (int64_t k = 0; k < K; k += VW) {
-                vec wv[WB];
-                for (int j = 0; j < WB; j++) wv[j] = vload(wr[j] + k);
-                for (int i = 0; i < XB; i++) {
-                    const vec xv = vload(xr + i * K + k);
-                    for (int j = 0; j < WB; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
-                }
+    const float *wr[WB];
+    for (int j = 0; j < WB; j++) wr[j] = a->w + (n0 + (j < nn ? j : 0)) * K;
+    int64_t m = 0;
+    for (; m + XB <= M; m += XB) {
+        vec acc[XB][WB];
+        for (int i = 0; i < XB; i++)
+            for (int j = 0; j < WB; j++) acc[i][j] = vzero();
+        const float *xr = a->x + m * K;
+        for (int64_t k = 0; k < K; k += VW) {
+            vec wv[WB];
+            for (int j = 0; j < WB; j++) wv[j] = vload(wr[j] + k);
+            for (int i = 0; i < XB; i++) {
+                const vec xv = vload(xr + i * K + k);
+                for (int j = 0; j < WB; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
             }
-            for (int i = 0; i < XB; i++)
-                for (int j = 0; j < nn; j++) a->y[(m + i) * N + n0 + j] = vsum(acc[i][j]);
         }
-        for (; m < M; m++) {
-            vec acc[WB];
-            for (int j = 0; j < WB; j++) acc[j] = vzero();
-            const float *xr = a->x + m * K;
-            for (int64_t k = 0; k < K; k += VW) {
-                const vec xv = vload(xr + k);
-                for (int j = 0; j < WB; j++) acc[j] = vfma(xv, vload(wr[j] + k), acc[j]);
-            }
-            for (int j = 0; j < nn; j++) a->y[m * N + n0 + j] = vsum(acc[j]);
-        }
+        for (int i = 0; i < XB; i++)
+            for (int j = 0; j < nn; j++) a->y[(m + i) * N + n0 + j] = vsum(acc[i][j]);
     }
-    /* The epilogue over this thread's whole column range, so that GELU's exponentials are vectorised. */
-    const int64_t c0 = lo * WB, c1 = hi * WB < N ? hi * WB : N;
-    if (c1 > c0) epilogue(a, 0, M, c0, c1 - c0);
+    for (; m < M; m++) {
+        vec acc[WB];
+        for (int j = 0; j < WB; j++) acc[j] = vzero();
+        const float *xr = a->x + m * K;
+        for (int64_t k = 0; k < K; k += VW) {
+            const vec xv = vload(xr + k);
+            for (int j = 0; j < WB; j++) acc[j] = vfma(xv, vload(wr[j] + k), acc[j]);
+        }
+        for (int j = 0; j < nn; j++) a->y[m * N + n0 + j] = vsum(acc[j]);
+    }
+}
+
+static void linear_task(void *p, int tid, int nt) {
+    (void)tid;
+    linear_args *a = p;
+    const int64_t N = a->N;
+    int64_t lo, hi;
+    while (claim(&a->next, (N + WB - 1) / WB, nt, 1, &lo, &hi)) {
+        for (int64_t nb = lo; nb < hi; nb++) linear_block(a, nb * WB, N - nb * WB < WB ? N - nb * WB : WB);
+        /* The epilogue over the chunk's columns at once, so that GELU's exponentials are vectorised. */
+        const int64_t c0 = lo * WB, c1 = hi * WB < N ? hi * WB : N;
+        epilogue(a, 0, a->M, c0, c1 - c0);
+    }
 }
 
 /* ---- GEMM for many rows ------------------------------------------------------------------------------------
@@ -351,15 +369,16 @@ static void pack_x(const float *x, int64_t K, int64_t M, int64_t m0, int64_t k0,
 static void gemm_task(void *p, int tid, int nt) {
     linear_args *a = p;
     const int64_t M = a->M, K = a->K, N = a->N;
-    int64_t lo, hi;
-    split((N + NR - 1) / NR, tid, nt, &lo, &hi);
-    if (lo >= hi) return;
+    (void)tid;
     float *buf = scratch((size_t)(NP * KC * NR + MC * KC + MR * NR));
     if (!buf) { /* no memory for the packing buffers (about 2.2 MB): fail the op, MindSpore raises */
         atomic_store(&a->failed, 1);
         return;
     }
     float *bp = buf, *ap = buf + NP * KC * NR, *tile = ap + MC * KC;
+    /* Chunks of at least 4 panels: x is packed again for each (about 1 copy per 256 multiply-adds). */
+    int64_t lo, hi;
+    while (claim(&a->next, (N + NR - 1) / NR, nt, 4, &lo, &hi))
     for (int64_t p0 = lo; p0 < hi; p0 += NP) { /* NP panels at a time bound the buffer (LM head: 1,571 panels) */
         const int64_t np = hi - p0 < NP ? hi - p0 : NP;
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -402,7 +421,11 @@ static void gemm_task(void *p, int tid, int nt) {
  * by model.kernels.pack_weight_amx. x is split per call into the thread's scratch buffer. Each output element's
  * sums depend only on its row of x and the weights: not on M, the row's position or the thread count. */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#define AMX_MIN_ROWS 32
+/* From 8 rows (decode at batch 8 and up): below that the float32 kernel, bound by reading W, is as fast or faster
+ * (12 layers' projections: 1 row 16 against 20 ms, 4 rows 19 either way, 12 rows 32 against 21, 16 rows 35 against
+ * 22). Rows are taken 32 at a time and a last 16 (zero-padded). */
+#define AMX_MIN_ROWS 8
+#define AMX_PREFETCH 2 /* k-steps ahead */
 
 static int amx_ok = 0; /* the kernel may use the tile registers (set by amx_enable) */
 
@@ -451,10 +474,8 @@ static void split_x(const float *x, int64_t M, int64_t Mp, int64_t K, uint16_t *
 
 static void amx_task(void *p, int tid, int nt) {
     linear_args *a = p;
-    const int64_t M = a->M, K = a->K, N = a->N, Mp = (M + 31) & ~(int64_t)31;
-    int64_t lo, hi;
-    split((N + 31) / 32, tid, nt, &lo, &hi); /* the last block may be narrower (the LM head: 50,257 columns) */
-    if (lo >= hi) return;
+    const int64_t M = a->M, K = a->K, N = a->N, Mp = (M + 15) & ~(int64_t)15;
+    (void)tid;
     /* x's two bf16 parts (Mp x K each) in the thread's scratch buffer (the float32 GEMM's, never in use at once) */
     uint16_t *xh = (uint16_t *)scratch((size_t)Mp * K);
     if (!xh) {
@@ -471,23 +492,62 @@ static void amx_task(void *p, int tid, int nt) {
         cfg.colsb[t] = 64;
     }
     _tile_loadconfig(&cfg);
-    /* Tiles: 0-3 a 32 x 32 block of sums over all of K, 4-5 two 16-row x tiles, 6-7 two 16-column W tiles.
-     * (Blocking K, with the sums stored and reloaded between blocks, measured no faster here.) */
+    /* 32-row blocks, tiles: 0-3 a 32 x 32 block of sums over all of K, 4-5 two 16-row x tiles, 6-7 two 16-column
+     * W tiles. A last block of 16 rows (and decode's 1-16 rows, zero-padded to 16): 0-1 its 16 x 32 sums, 4-5 x's
+     * hi and lo, 6-7 and 2-3 W's hi and lo. Either way each sum takes hi.hi, hi.lo, lo.hi per 32-deep step, in that
+     * order: a row's result does not depend on the block it falls in. (Blocking K, with the sums stored and
+     * reloaded between blocks, measured no faster here.) */
     const int64_t Np = (N + 31) & ~(int64_t)31; /* packed columns: N padded with zero rows of W */
     const uint32_t *wh = a->wp, *wl = a->wp + (size_t)Np * K / 2;
     const int64_t lda = K * 2, ldb = 64, panel = (K / 2) * 16;
     float tmp[32 * 32];
-    for (int64_t nb = lo; nb < hi; nb++) {
+    int64_t lo, hi;
+    while (claim(&a->next, (N + 31) / 32, nt, 1, &lo, &hi))
+    for (int64_t nb = lo; nb < hi; nb++) { /* the last block may be narrower (the LM head: 50,257 columns) */
         const int64_t n0 = nb * 32, nn = N - n0 < 32 ? N - n0 : 32;
         const uint32_t *h0 = wh + (n0 / 16) * panel, *h1 = h0 + panel;
         const uint32_t *l0 = wl + (n0 / 16) * panel, *l1 = l0 + panel;
         for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
             const int64_t mm = M - m0 < 32 ? M - m0 : 32;
+            const uint16_t *ah = xh + m0 * K, *al = xl + m0 * K;
+            if (Mp - m0 == 16) {
+                _tile_zero(0);
+                _tile_zero(1);
+                for (int64_t k = 0; k < K; k += 32) {
+                    const int64_t kb = (k / 2) * 16;
+                    /* Few rows: the step is bound by reading W, which the tile loads alone stream poorly (16 rows
+                     * in 28 ms for 12 layers without this, 22 with it; float32 kernels 35). */
+                    if (k + 32 * AMX_PREFETCH < K)
+                        for (int l = 0; l < 256; l += 16) {
+                            const int64_t at = kb + 256 * AMX_PREFETCH + l;
+                            _mm_prefetch((const char *)(h0 + at), _MM_HINT_T0);
+                            _mm_prefetch((const char *)(h1 + at), _MM_HINT_T0);
+                            _mm_prefetch((const char *)(l0 + at), _MM_HINT_T0);
+                            _mm_prefetch((const char *)(l1 + at), _MM_HINT_T0);
+                        }
+                    _tile_loadd(4, ah + k, lda);
+                    _tile_loadd(6, h0 + kb, ldb);
+                    _tile_loadd(7, h1 + kb, ldb);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_loadd(2, l0 + kb, ldb);
+                    _tile_loadd(3, l1 + kb, ldb);
+                    _tile_dpbf16ps(0, 4, 2);
+                    _tile_dpbf16ps(1, 4, 3);
+                    _tile_loadd(5, al + k, lda);
+                    _tile_dpbf16ps(0, 5, 6);
+                    _tile_dpbf16ps(1, 5, 7);
+                }
+                _tile_stored(0, tmp, 32 * 4);
+                _tile_stored(1, tmp + 16, 32 * 4);
+                for (int64_t i = 0; i < mm; i++) memcpy(a->y + (m0 + i) * N + n0, tmp + i * 32, sizeof(float) * nn);
+                epilogue(a, m0, mm, n0, nn);
+                continue;
+            }
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
-            const uint16_t *ah = xh + m0 * K, *al = xl + m0 * K;
             for (int64_t k = 0; k < K; k += 32) {
                 const int64_t kb = (k / 2) * 16;
                 /* hi.hi, hi.lo, lo.hi: 10 tile loads for 12 products (x hi stays while both W parts pass) */
@@ -545,6 +605,7 @@ static int linear(int nparam, void **params, int *ndims, int64_t **shapes, int e
                      shapes[0][ndims[0] - 1], shapes[1][0], epi};
     if (a.K % VW || shapes[1][1] != a.K) return 1;
     atomic_store(&a.failed, 0);
+    atomic_store(&a.next, 0);
     if (wp && AmxAvailable() && a.M >= AMX_MIN_ROWS && a.K % 32 == 0) {
         a.wp = wp;
         run_parallel(amx_task, &a);
