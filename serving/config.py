@@ -31,16 +31,17 @@ class Settings:
     queue_timeout: float | None = None  # seconds a request may wait for a slot before it fails (503)
     max_total_tokens: int | None = None  # prompt + new tokens per request; default and cap: the context window
     # Prompt tokens per row and prefill step: a long prompt is prefilled in chunks of at most this many tokens.
-    # 124M on 2 CPU cores: a 1x64 prefill pass ~0.18 s (360 tokens/s), 1x256 ~0.44 s (590 tokens/s), 2x256
-    # ~0.83 s, against ~0.11 s for a 16-row decode step; a 512-token prompt gets its first token in two passes.
+    # 124M on 2 CPU cores (AMX): a 256-token pass takes 0.15-0.3 s, about 1 ms per token from 128 to 512 tokens
+    # per pass, against 41-55 ms for a 16-row decode step; a 512-token prompt gets its first token in two passes.
     prefill_chunk: int = 256
     # Bucketed decode batching only: the prompts of several requests are prefilled in one pass, oldest first, while
     # (rows, padded to a batch bucket) x (chunk length, padded to a chunk bucket) stays within this budget (the oldest
     # prompt always gets a whole chunk). With the CPU kernels a pass is flat (the prompts' tokens one after the other,
     # no padding between them): the budget counts prompt tokens, at most prefill_chunk. It bounds how long a step's
-    # prefill delays the running requests' next token. 256 rather than 512: in a closed-loop simulation with the costs
-    # above (16 clients, prompts of 16-512 tokens, 128 new tokens) it gave the same throughput with a lower TTFT p99
-    # (2.1 s against 2.8 s) and half the inter-token stalls, because the oldest prompt finishes sooner.
+    # prefill delays the running requests' next token. 256: in bench/sim_scheduler.py (16 clients, prompts of 16-512
+    # tokens, 128 new tokens, 30 ms + 1 ms per token a step) budgets of 128 / 256 / 384 gave 233 / 235 / 236 tok/s,
+    # TTFT p99 3.1 / 2.8 / 2.7 s (the first wave) and steady-state p99 1.40 / 1.36 / 1.46 s; 384 would stall the
+    # running requests half as long again per pass for no steady-state gain.
     max_prefill_tokens: int = 256
     # "bucketed": decode runs at the smallest batch bucket that fits the running requests and waiting prompts
     # are prefilled together: what vLLM/TGI users expect, and the faster mode. A request's logits may then differ
@@ -202,8 +203,8 @@ class EngineConfig:
     def chunk_buckets(self) -> tuple[int, ...]:
         """Token counts per row a step is padded to: 1 (decode), 16, then powers of two from 64 up to
         prefill_chunk and 1.5 times each (96, 192, ...), and prefill_chunk itself: a pass longer than 64 tokens
-        pads to at most 1.5 times its length (at 256 tokens a pass takes ~0.4 s on 2 cores; a 140-token pass padded
-        to 256 spent 0.17 s on padding)."""
+        pads to at most 1.5 times its length (a pass costs about 1 ms per padded token on 2 cores: a 140-token pass
+        padded to 256 spent 0.1-0.17 s on padding)."""
         c = self.prefill_chunk
         out, b = {1, min(16, c), c}, 64
         while b < c:

@@ -257,3 +257,30 @@ def test_failed_benchmarks_become_error_rows_and_the_rest_still_render():
     text = benchlib.format_table(rows)
     assert "server exited" in text and "timed out" in text
     assert not math.isnan(sum(r.ratio or 0 for r in rows))
+
+
+def test_the_scheduler_simulation_charges_each_pass_and_closes_the_loop():
+    import sim_scheduler
+
+    # One request alone: its prompt in passes of at most 256 tokens (each padded to a chunk bucket), then one
+    # decode step per further token (1 row).
+    base, per_token = 0.010, 0.001
+    (length,) = benchlib.draw_lengths(1, 16, 512, 0)
+    buckets = sim_scheduler.EngineConfig(max_batch_size=32, prefill_chunk=256).chunk_buckets
+    passes, left = 0.0, length
+    while left:
+        n = min(256, left)
+        passes += base + per_token * next(b for b in buckets if b >= n)
+        left -= n
+    r = sim_scheduler.simulate(clients=1, per_client=1, new_tokens=3, budget=256, base=base, per_token=per_token)
+    (req,) = r.requests
+    assert req.first == pytest.approx(passes)
+    assert req.end == pytest.approx(passes + 2 * (base + per_token))
+    # Closed loop: each client's next request leaves when its previous one ends; every request completes.
+    r = sim_scheduler.simulate(clients=4, per_client=2, new_tokens=16, budget=128, base=base, per_token=per_token)
+    assert len(r.requests) == 8 and all(q.first is not None and q.sent <= q.first < q.end for q in r.requests)
+    for c in range(4):
+        first, second = sorted((q for q in r.requests if q.client == c), key=lambda q: q.index)
+        assert second.sent == first.end
+    assert r.wall == max(q.end for q in r.requests)
+    assert r.tokens_per_s(16) == pytest.approx(8 * 16 / r.wall)
