@@ -93,6 +93,47 @@ def _call(lib, name, *arrays):
     return getattr(lib, name)(n, params, ndims, shapes, None, None, None)
 
 
+@pytest.mark.parametrize("hs", [16, 64])  # 64: GPT-2's head size, the kernel's register path (4 keys at a time)
+def test_cached_attention_matches_numpy(hs):
+    import ctypes
+
+    from model import kernels
+
+    lib = ctypes.CDLL(kernels.library_path())
+    rng = np.random.default_rng(hs)
+    nh, L, slots, T = 2, 64, 3, 6
+    d = nh * hs
+    kc = rng.standard_normal((slots * nh * L, hs)).astype(np.float32)
+    vc = rng.standard_normal((slots * nh * L, hs)).astype(np.float32)
+    qkv = rng.standard_normal((2, T, 3 * d)).astype(np.float32)
+    # Row 0 continues slot 2 at positions 30..35 (31-36 keys: every remainder of 4 and 2); row 1 starts slot 0.
+    pos = np.array([np.arange(30, 30 + T), np.arange(T)], np.int32)
+    slot_of_row = np.array([2, 0])
+    read_base = (slot_of_row * nh * L).astype(np.int32)
+    write_base = (read_base[:, None] + pos).reshape(-1).astype(np.int32)
+    scale = np.array([0.125], np.float32)
+    meta = np.array([L, nh], np.int32)
+    want_k, want_v = kc.copy(), vc.copy()
+    y = np.full((2, T, d), np.nan, np.float32)
+    assert _call(lib, "CachedAttention", qkv, kc, vc, write_base, read_base, pos, meta, scale, y) == 0
+    for b in range(2):
+        for t in range(T):
+            for h in range(nh):
+                row = read_base[b] + h * L + pos[b, t]
+                want_k[row] = qkv[b, t, d + h * hs : d + (h + 1) * hs]
+                want_v[row] = qkv[b, t, 2 * d + h * hs : 2 * d + (h + 1) * hs]
+    assert np.array_equal(kc, want_k) and np.array_equal(vc, want_v)  # this step's keys and values written
+    for b in range(2):
+        for t in range(T):
+            for h in range(nh):
+                rows = read_base[b] + h * L + np.arange(pos[b, t] + 1)  # the token sees itself and what precedes
+                q = qkv[b, t, h * hs : (h + 1) * hs].astype(np.float64)
+                s = want_k[rows].astype(np.float64) @ q * scale[0]
+                p = np.exp(s - s.max())
+                ref = (p / p.sum()) @ want_v[rows].astype(np.float64)
+                assert np.abs(y[b, t, h * hs : (h + 1) * hs] - ref).max() < 1e-5
+
+
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 13, 96, 97, 130])  # both forms: register-blocked <= 96 rows, GEMM above
 @pytest.mark.parametrize("n,k", [(16, 16), (100, 272), (530, 48)])  # widths not multiples of the tiles
 def test_linear_kernels_match_numpy(m, n, k):

@@ -39,6 +39,16 @@ static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
 static inline vec vset1(float v) { return _mm512_set1_ps(v); }
 static inline void vstore(float *p, vec a) { _mm512_storeu_ps(p, a); }
+/* The lane sums of a, b, c, d as one 4-float vector: 128-bit halves folded, then each 128-bit lane summed. */
+static inline __m128 vsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+    __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    y = _mm512_add_ps(y, _mm512_permute_ps(y, _MM_SHUFFLE(2, 3, 0, 1)));
+    y = _mm512_add_ps(y, _mm512_permute_ps(y, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                                           0, 0, 0), y));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VW 8
@@ -667,10 +677,12 @@ static void attend_task(void *p, int tid, int nt) {
     const int64_t hs = a->hs, D = a->D, L = a->L, n_items = a->B * a->T * a->nh;
     float *pr = malloc(sizeof(float) * (size_t)L);
     for (;;) {
-        /* Items (token, head) handed out one at a time: sequences differ in length. */
+        /* Items (token, head) handed out one at a time (sequences differ in length), head by head: the tokens of
+         * a prompt then read the same head's keys and values while they are in cache (a 256-token pass over
+         * 200-455 positions: 7.9 -> 5.5 ms per layer, against token by token). */
         const int64_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
         if (i >= n_items) break;
-        const int64_t bt = i / a->nh, h = i % a->nh, b = a->per_token ? bt : bt / a->T;
+        const int64_t h = i / (a->B * a->T), bt = i % (a->B * a->T), b = a->per_token ? bt : bt / a->T;
         const float *q = a->qkv + bt * 3 * D + h * hs;
         float *y = a->y + bt * D + h * hs;
         const int64_t n = (int64_t)a->pos[bt] + 1;
@@ -683,24 +695,52 @@ static void attend_task(void *p, int tid, int nt) {
         if (hs == 4 * VW) {
             /* GPT-2's head size (64 floats with AVX-512): q and the output stay in registers. */
             const vec q0 = vload(q), q1 = vload(q + VW), q2 = vload(q + 2 * VW), q3 = vload(q + 3 * VW);
-            float mx = -FLT_MAX;
-            for (int64_t j = 0; j < n; j++) {
+            int64_t j = 0;
+#if VW == 16
+            /* Four keys at a time, their four dot products reduced together (a quarter of the shuffles of one
+             * reduction per key). */
+            for (; j + 4 <= n; j += 4) {
+                vec acc[4];
+                for (int u = 0; u < 4; u++) {
+                    const float *k = k0 + (j + u) * hs;
+                    acc[u] = vfma(q3, vload(k + 3 * VW), vfma(q2, vload(k + 2 * VW),
+                                  vfma(q1, vload(k + VW), _mm512_mul_ps(q0, vload(k)))));
+                }
+                _mm_storeu_ps(pr + j, _mm_mul_ps(vsum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(a->scale)));
+            }
+#endif
+            for (; j < n; j++) {
                 const float *k = k0 + j * hs;
                 vec acc = vfma(q0, vload(k), vzero());
                 acc = vfma(q1, vload(k + VW), acc);
                 acc = vfma(q2, vload(k + 2 * VW), acc);
                 acc = vfma(q3, vload(k + 3 * VW), acc);
                 pr[j] = vsum(acc) * a->scale;
-                mx = pr[j] > mx ? pr[j] : mx;
             }
+            float mx = -FLT_MAX;
+            for (j = 0; j < n; j++) mx = pr[j] > mx ? pr[j] : mx;
             float sum = 0.f;
-            for (int64_t j = 0; j < n; j++) {
+            for (j = 0; j < n; j++) {
                 pr[j] = expf(pr[j] - mx);
                 sum += pr[j];
             }
             const float inv = 1.f / sum;
+            /* Two keys per iteration into two sets of sums: one set alone is a chain of dependent FMAs. */
             vec y0 = vzero(), y1 = vzero(), y2 = vzero(), y3 = vzero();
-            for (int64_t j = 0; j < n; j++) {
+            vec z0 = vzero(), z1 = vzero(), z2 = vzero(), z3 = vzero();
+            for (j = 0; j + 2 <= n; j += 2) {
+                const vec pj = vset1(pr[j] * inv), pk = vset1(pr[j + 1] * inv);
+                const float *v = v0 + j * hs, *w = v + hs;
+                y0 = vfma(pj, vload(v), y0);
+                y1 = vfma(pj, vload(v + VW), y1);
+                y2 = vfma(pj, vload(v + 2 * VW), y2);
+                y3 = vfma(pj, vload(v + 3 * VW), y3);
+                z0 = vfma(pk, vload(w), z0);
+                z1 = vfma(pk, vload(w + VW), z1);
+                z2 = vfma(pk, vload(w + 2 * VW), z2);
+                z3 = vfma(pk, vload(w + 3 * VW), z3);
+            }
+            if (j < n) {
                 const vec pj = vset1(pr[j] * inv);
                 const float *v = v0 + j * hs;
                 y0 = vfma(pj, vload(v), y0);
@@ -708,6 +748,10 @@ static void attend_task(void *p, int tid, int nt) {
                 y2 = vfma(pj, vload(v + 2 * VW), y2);
                 y3 = vfma(pj, vload(v + 3 * VW), y3);
             }
+            y0 = y0 + z0;
+            y1 = y1 + z1;
+            y2 = y2 + z2;
+            y3 = y3 + z3;
             vstore(y, y0);
             vstore(y + VW, y1);
             vstore(y + 2 * VW, y2);
