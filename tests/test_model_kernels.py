@@ -93,45 +93,51 @@ def _call(lib, name, *arrays):
     return getattr(lib, name)(n, params, ndims, shapes, None, None, None)
 
 
-@pytest.mark.parametrize("hs", [16, 64])  # 64: GPT-2's head size, the kernel's register path (4 keys at a time)
-def test_cached_attention_matches_numpy(hs):
+@pytest.mark.parametrize("hs", [16, 64])  # 64: GPT-2's head size, the kernel's register paths
+@pytest.mark.parametrize("flat", [False, True])  # rows of one sequence each, or one row of packed sequences
+def test_cached_attention_matches_numpy(hs, flat):
     import ctypes
 
     from model import kernels
 
     lib = ctypes.CDLL(kernels.library_path())
-    rng = np.random.default_rng(hs)
-    nh, L, slots, T = 2, 64, 3, 6
+    rng = np.random.default_rng(hs + flat)
+    nh, L, slots, T = 2, 64, 3, 7
     d = nh * hs
     kc = rng.standard_normal((slots * nh * L, hs)).astype(np.float32)
     vc = rng.standard_normal((slots * nh * L, hs)).astype(np.float32)
-    qkv = rng.standard_normal((2, T, 3 * d)).astype(np.float32)
-    # Row 0 continues slot 2 at positions 30..35 (31-36 keys: every remainder of 4 and 2); row 1 starts slot 0.
+    # Sequence 0 continues slot 2 at positions 30..36 (31-37 keys: every remainder of 4 and 2; tokens 32..35 are a
+    # group of four for head size 64), sequence 1 starts slot 0 (a group at 0..3, then 4..6 alone).
     pos = np.array([np.arange(30, 30 + T), np.arange(T)], np.int32)
-    slot_of_row = np.array([2, 0])
-    read_base = (slot_of_row * nh * L).astype(np.int32)
-    write_base = (read_base[:, None] + pos).reshape(-1).astype(np.int32)
+    base = np.array([2, 0]) * nh * L
+    if flat:
+        pos = pos.reshape(1, -1)
+        read_base = np.repeat(base, T).astype(np.int32)  # one per token
+    else:
+        read_base = base.astype(np.int32)  # one per row
+    token_base = np.repeat(base, T)
+    qkv = rng.standard_normal((*pos.shape, 3 * d)).astype(np.float32)
+    write_base = (token_base + pos.reshape(-1)).astype(np.int32)
     scale = np.array([0.125], np.float32)
     meta = np.array([L, nh], np.int32)
     want_k, want_v = kc.copy(), vc.copy()
-    y = np.full((2, T, d), np.nan, np.float32)
+    y = np.full((*pos.shape, d), np.nan, np.float32)
     assert _call(lib, "CachedAttention", qkv, kc, vc, write_base, read_base, pos, meta, scale, y) == 0
-    for b in range(2):
-        for t in range(T):
-            for h in range(nh):
-                row = read_base[b] + h * L + pos[b, t]
-                want_k[row] = qkv[b, t, d + h * hs : d + (h + 1) * hs]
-                want_v[row] = qkv[b, t, 2 * d + h * hs : 2 * d + (h + 1) * hs]
+    q_all, y_all, p_all = qkv.reshape(-1, 3 * d), y.reshape(-1, d), pos.reshape(-1)
+    for t in range(2 * T):
+        for h in range(nh):
+            row = token_base[t] + h * L + p_all[t]
+            want_k[row] = q_all[t, d + h * hs : d + (h + 1) * hs]
+            want_v[row] = q_all[t, 2 * d + h * hs : 2 * d + (h + 1) * hs]
     assert np.array_equal(kc, want_k) and np.array_equal(vc, want_v)  # this step's keys and values written
-    for b in range(2):
-        for t in range(T):
-            for h in range(nh):
-                rows = read_base[b] + h * L + np.arange(pos[b, t] + 1)  # the token sees itself and what precedes
-                q = qkv[b, t, h * hs : (h + 1) * hs].astype(np.float64)
-                s = want_k[rows].astype(np.float64) @ q * scale[0]
-                p = np.exp(s - s.max())
-                ref = (p / p.sum()) @ want_v[rows].astype(np.float64)
-                assert np.abs(y[b, t, h * hs : (h + 1) * hs] - ref).max() < 1e-5
+    for t in range(2 * T):
+        for h in range(nh):
+            rows = token_base[t] + h * L + np.arange(p_all[t] + 1)  # the token sees itself and what precedes
+            q = q_all[t, h * hs : (h + 1) * hs].astype(np.float64)
+            s = want_k[rows].astype(np.float64) @ q * scale[0]
+            p = np.exp(s - s.max())
+            ref = (p / p.sum()) @ want_v[rows].astype(np.float64)
+            assert np.abs(y_all[t, h * hs : (h + 1) * hs] - ref).max() < 1e-5, (t, h)
 
 
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 13, 96, 97, 130])  # both forms: register-blocked <= 96 rows, GEMM above

@@ -676,11 +676,77 @@ static void write_task(void *p, int tid, int nt) {
     }
 }
 
+#if VW == 16
+/* Prompt tokens attend in groups of four: a sequence's tokens at positions 4g .. 4g+3, adjacent in the step and
+ * all in it, share every key and value load (the group's last token sees three keys more than its first; the
+ * others' scores there are masked). A token's group depends only on its own sequence's positions and chunking. */
+static int group_leader(const attn_args *a, int64_t bt) {
+    const int32_t p = a->pos[bt];
+    if (p < 0 || p % 4 != 0 || a->hs != 4 * VW) return 0;
+    const int64_t end = a->per_token ? a->B * a->T : (bt / a->T + 1) * a->T; /* the end of bt's row */
+    if (bt + 3 >= end || (int64_t)p + 4 > a->L) return 0;
+    for (int u = 1; u < 4; u++)
+        if (a->pos[bt + u] != p + u || (a->per_token && a->read_base[bt + u] != a->read_base[bt])) return 0;
+    return 1;
+}
+
+/* Whether token bt belongs to a group that another item computes. */
+static int in_group(const attn_args *a, int64_t bt) {
+    const int32_t p = a->pos[bt];
+    const int64_t r = p > 0 ? p % 4 : 0;
+    const int64_t start = a->per_token ? 0 : bt / a->T * a->T;
+    return r > 0 && bt - r >= start && group_leader(a, bt - r);
+}
+
+/* Head h of tokens bt .. bt+3 (a group_leader's group); pr holds 4 * L floats, query u's score of key j at 4j+u. */
+static void attend_group(const attn_args *a, int64_t bt, int64_t h, const float *k0, const float *v0, float *pr) {
+    const int64_t hs = a->hs, D = a->D, n0 = (int64_t)a->pos[bt] + 1, n = n0 + 3;
+    vec q[4][4];
+    for (int u = 0; u < 4; u++)
+        for (int c = 0; c < 4; c++) q[u][c] = vload(a->qkv + (bt + u) * 3 * D + h * hs + c * VW);
+    const __m128 scale = _mm_set1_ps(a->scale);
+    for (int64_t j = 0; j < n; j++) {
+        const float *k = k0 + j * hs;
+        const vec c0 = vload(k), c1 = vload(k + VW), c2 = vload(k + 2 * VW), c3 = vload(k + 3 * VW);
+        vec acc[4];
+        for (int u = 0; u < 4; u++)
+            acc[u] = vfma(q[u][3], c3, vfma(q[u][2], c2, vfma(q[u][1], c1, _mm512_mul_ps(q[u][0], c0))));
+        _mm_storeu_ps(pr + 4 * j, _mm_mul_ps(vsum4(acc[0], acc[1], acc[2], acc[3]), scale));
+    }
+    for (int u = 0; u < 3; u++) /* keys past a query's own position */
+        for (int64_t j = n0 + u; j < n; j++) pr[4 * j + u] = -FLT_MAX;
+    __m128 mx = _mm_set1_ps(-FLT_MAX);
+    for (int64_t j = 0; j < n; j++) mx = _mm_max_ps(mx, _mm_loadu_ps(pr + 4 * j));
+    for (int64_t j = 0; j < n; j++) _mm_storeu_ps(pr + 4 * j, _mm_sub_ps(_mm_loadu_ps(pr + 4 * j), mx));
+    for (int64_t i = 0; i < 4 * n; i++) pr[i] = expf(pr[i]);
+    __m128 sum = _mm_setzero_ps();
+    for (int64_t j = 0; j < n; j++) sum = _mm_add_ps(sum, _mm_loadu_ps(pr + 4 * j));
+    const __m128 inv = _mm_div_ps(_mm_set1_ps(1.f), sum);
+    for (int64_t j = 0; j < n; j++) _mm_storeu_ps(pr + 4 * j, _mm_mul_ps(_mm_loadu_ps(pr + 4 * j), inv));
+    vec y[4][4];
+    for (int u = 0; u < 4; u++)
+        for (int c = 0; c < 4; c++) y[u][c] = vzero();
+    for (int64_t j = 0; j < n; j++) {
+        const float *v = v0 + j * hs;
+        const vec c0 = vload(v), c1 = vload(v + VW), c2 = vload(v + 2 * VW), c3 = vload(v + 3 * VW);
+        for (int u = 0; u < 4; u++) {
+            const vec pj = vset1(pr[4 * j + u]);
+            y[u][0] = vfma(pj, c0, y[u][0]);
+            y[u][1] = vfma(pj, c1, y[u][1]);
+            y[u][2] = vfma(pj, c2, y[u][2]);
+            y[u][3] = vfma(pj, c3, y[u][3]);
+        }
+    }
+    for (int u = 0; u < 4; u++)
+        for (int c = 0; c < 4; c++) vstore(a->y + (bt + u) * D + h * hs + c * VW, y[u][c]);
+}
+#endif
+
 static void attend_task(void *p, int tid, int nt) {
     (void)tid; (void)nt;
     attn_args *a = p;
     const int64_t hs = a->hs, D = a->D, L = a->L, n_items = a->B * a->T * a->nh;
-    float *pr = malloc(sizeof(float) * (size_t)L);
+    float *pr = malloc(sizeof(float) * 4 * (size_t)L);
     for (;;) {
         /* Items (token, head) handed out one at a time (sequences differ in length), head by head: the tokens of
          * a prompt then read the same head's keys and values while they are in cache (a 256-token pass over
@@ -697,6 +763,13 @@ static void attend_task(void *p, int tid, int nt) {
         }
         const float *k0 = a->kc + ((int64_t)a->read_base[b] + h * L) * hs;
         const float *v0 = a->vc + ((int64_t)a->read_base[b] + h * L) * hs;
+#if VW == 16
+        if (group_leader(a, bt)) {
+            attend_group(a, bt, h, k0, v0, pr);
+            continue;
+        }
+        if (in_group(a, bt)) continue;
+#endif
         if (hs == 4 * VW) {
             /* GPT-2's head size (64 floats with AVX-512): q and the output stay in registers. */
             const vec q0 = vload(q), q1 = vload(q + VW), q2 = vload(q + 2 * VW), q3 = vload(q + 3 * VW);
