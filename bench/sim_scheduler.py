@@ -13,6 +13,7 @@ last first token waits for every prompt of the wave, whatever the order, since t
 
     python bench/sim_scheduler.py                                  # budgets 64..384 at 16 clients
     python bench/sim_scheduler.py --clients 16 --base-ms 25 --per-token-ms 0.6 --budgets 128,256
+    python bench/sim_scheduler.py --budgets 256 --seeds 6 --prefill-first     # against the same without the flag
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ class Request:
 class SimResult:
     requests: list[Request]
     wall: float
-    steps: int
 
     def tokens_per_s(self, new_tokens: int) -> float:
         return len(self.requests) * new_tokens / self.wall
@@ -61,9 +61,11 @@ class SimResult:
 
 def simulate(
     *, clients: int, per_client: int, new_tokens: int, budget: int, base: float, per_token: float,
-    slots: int = 32, seed: int = 0, lo: int = 16, hi: int = 512,
+    slots: int = 32, seed: int = 0, lo: int = 16, hi: int = 512, prefill_first: bool = False,
 ) -> SimResult:
-    """Run the closed loop to the end; times in seconds from the first request."""
+    """Run the closed loop to the end; times in seconds from the first request. prefill_first: the running
+    sequences skip a step whose pass prefills while prompts are still waiting or unfinished (vLLM's old policy),
+    instead of riding along."""
     ec = EngineConfig(max_batch_size=slots, prefill_chunk=budget, max_prefill_tokens=budget)
     chunk_buckets, row_buckets = ec.chunk_buckets, ec.batch_buckets
     sched = Scheduler(SchedulerConfig(
@@ -74,7 +76,7 @@ def simulate(
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     arrivals = [(0.0, c, 0) for c in range(clients)]  # (time, client, index): a heap
     requests: dict[str, Request] = {}
-    now, steps = 0.0, 0
+    now = 0.0
 
     def padded(n: int, buckets: tuple[int, ...]) -> int:
         return next((b for b in buckets if b >= n), n)
@@ -90,12 +92,13 @@ def simulate(
             now = arrivals[0][0]
             continue
         out = sched.schedule(now)
+        if prefill_first and out.prefill and (sched.waiting or sched.prefilling):
+            out.decode = []
         prompt_tokens = sum(ch.end - ch.start for ch in out.prefill)
         if out.prefill:  # one flat pass: the prompt chunks, then a decode token per running sequence
             now += base + per_token * padded(prompt_tokens + len(out.decode), chunk_buckets)
         else:
             now += base + per_token * padded(len(out.decode), row_buckets)
-        steps += 1
         for ch in out.prefill:
             sched.prefilled(ch)
             if ch.is_last:
@@ -111,7 +114,7 @@ def simulate(
             if r.index + 1 < per_client:
                 heapq.heappush(arrivals, (now, r.client, r.index + 1))
     done = list(requests.values())
-    return SimResult(done, max(r.end for r in done), steps)
+    return SimResult(done, max(r.end for r in done))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base-ms", type=float, default=30.0, help="fixed cost of a step")
     p.add_argument("--per-token-ms", type=float, default=1.0, help="cost per padded token of a step")
     p.add_argument("--seeds", type=int, default=4, help="workloads (prompt-length draws) averaged per budget")
+    p.add_argument("--prefill-first", action="store_true", help="running sequences wait while prompts prefill")
     a = p.parse_args(argv)
     print(f"{a.clients} clients x {a.requests_per_client} requests, {a.new_tokens} new tokens, step = "
           f"{a.base_ms:g} ms + {a.per_token_ms:g} ms/token; mean of {a.seeds} workloads")
@@ -131,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for seed in range(a.seeds):
             r = simulate(clients=a.clients, per_client=a.requests_per_client, new_tokens=a.new_tokens,
-                         budget=budget, base=a.base_ms / 1e3, per_token=a.per_token_ms / 1e3, seed=seed)
+                         budget=budget, base=a.base_ms / 1e3, per_token=a.per_token_ms / 1e3, seed=seed,
+                         prefill_first=a.prefill_first)
             first = [q.first - q.sent for q in r.requests if q.index == 0]
             rows.append((r.tokens_per_s(a.new_tokens), np.percentile(r.ttft(), 50), np.percentile(r.ttft(), 99),
                          np.percentile(r.ttft(steady=True), 99), max(first)))
