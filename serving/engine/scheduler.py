@@ -23,8 +23,8 @@ anyone decodes, so the wave decodes and finishes together and its clients come b
 bench/sim_scheduler.py (this scheduler, 16 clients, prompts of 16-512 tokens, 128 new tokens, a step costing
 30 ms + 1 ms per token as here) prefill-first while prompts wait gave a steady-state TTFT p99 of 3.6 s against
 1.4 s, 2% less throughput and the same first wave (2.9 s: all prompts arrive at once, and the passes are
-work-conserving; `python bench/sim_scheduler.py --budgets 256 --seeds 6 [--prefill-first]`). Decoding every step also bounds the running requests' stall to one prefill pass (0.15-0.3 s
-for 256 tokens of GPT-2 124M on 2 cores).
+work-conserving; `python bench/sim_scheduler.py --budgets 256 --seeds 6 [--prefill-first]`). Decoding every step
+also bounds the running requests' stall to one prefill pass (0.15-0.3 s for 256 tokens of GPT-2 124M on 2 cores).
 """
 
 from __future__ import annotations
