@@ -1,7 +1,8 @@
 """Command line: `python -m serving --model DIR [--host --port --max-batch-size --max-queue ...]` (`gpt2-serve`).
 
-Binds the socket first (so `--port 0` works and the real URL can be printed), then runs uvicorn with graceful
-shutdown: on SIGTERM/SIGINT running requests get up to --shutdown-timeout seconds to finish.
+Binds the socket first (so `--port 0` works and the real URL can be printed), then runs the server
+(`serving/server.py`): on SIGTERM/SIGINT running requests get up to --shutdown-timeout seconds to finish and the
+process exits 0; if the engine dies it exits 1.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
     from serving.api.app import create_app
+    from serving.server import Server, guarded_protocol
 
     try:
         app = create_app(settings)
@@ -57,11 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = uvicorn.Config(
         app,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        http=guarded_protocol(settings.header_timeout),
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=settings.keep_alive_timeout,
+        # The engine has drained by the time uvicorn shuts down: what is left is writing the last events.
+        timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    uvicorn.Server(config).run(sockets=[sock])
-    return 0
+    server = Server(config, app.state.engine, drain_timeout=settings.shutdown_timeout)
+    server.run(sockets=[sock])
+    return server.exit_code
 
 
 if __name__ == "__main__":

@@ -59,13 +59,18 @@ class Settings:
     max_score_texts: int = 64
     max_body_bytes: int = 2 * 1024 * 1024
     shutdown_timeout: float = 30.0  # seconds running requests may take to finish on shutdown
+    # Slow and idle clients (uvicorn alone waits forever for a request's headers and body).
+    header_timeout: float = 10.0  # seconds from a connection's first byte (or its opening) to the end of headers
+    body_timeout: float = 30.0  # seconds a request body may take to arrive (each chunk, and in total)
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open between requests
+    max_connections: int = 512  # open connections (and requests in flight) before new requests get 503
     api_key: str | None = dataclasses.field(default=None, repr=False)  # from GPT2_API_KEY only
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         positive = (
             "max_batch_size", "prefill_chunk", "max_prefill_tokens", "max_stop_sequences", "max_n", "max_score_texts",
-            "max_body_bytes",
+            "max_body_bytes", "max_connections",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -76,6 +81,10 @@ class Settings:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
         if self.queue_timeout is not None and self.queue_timeout <= 0:
             raise ValueError(f"queue_timeout must be > 0, got {self.queue_timeout}")
+        for name in ("shutdown_timeout", "header_timeout", "body_timeout", "keep_alive_timeout"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value}")
         if self.decode_batching not in DECODE_BATCHING:
             raise ValueError(f"decode_batching must be one of {DECODE_BATCHING}, got {self.decode_batching!r}")
         if self.device_target not in DEVICE_TARGETS:
@@ -152,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-score-texts", type=int)
     a("--max-body-bytes", type=int)
     a("--shutdown-timeout", type=float, help="seconds running requests may finish on shutdown (default 30)")
+    a("--header-timeout", type=float, help="seconds a client may take to send a request's headers (default 10)")
+    a("--body-timeout", type=float, help="seconds a client may take to send a request's body (default 30)")
+    a("--keep-alive-timeout", type=float, help="seconds an idle keep-alive connection stays open (default 5)")
+    a("--max-connections", type=int,
+      help="open connections before new requests get 503 (default 512; mind the process's file limit)")
     a("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     return p
 

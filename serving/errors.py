@@ -34,7 +34,8 @@ class OverloadedError(ServingError):
 class QueueTimeoutError(ServingError):
     """The request waited in the queue longer than the configured timeout and was dropped unstarted."""
 
-    error_type = "overloaded"
+    # The same word as the metrics' failure reason (`gpt2_request_failure_total{reason="queue_timeout"}`).
+    error_type = "queue_timeout"
 
 
 class RequestFailedError(ServingError):

@@ -14,6 +14,15 @@ from .errors import ValidationError
 
 # numpy's Generator accepts any non-negative int; TGI's wire type is u64.
 MAX_SEED = 2**64 - 1
+# Counts and token ids are int32 in the engine's arrays; anything larger is a request error, never an overflow
+# inside a batched step.
+MAX_INT32 = 2**31 - 1
+# Below this a temperature overflows float32 logits (x / T) into inf and NaN; vLLM raises such values to 0.01 too.
+MIN_TEMPERATURE = 1e-2
+# Above these the distribution is already flat (temperature) or the token already banned (penalty): larger values
+# only reach float32's limits (inf / inf = NaN).
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 
 
 @dataclass(frozen=True)
@@ -41,18 +50,22 @@ class SamplingParams:
     prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, lo=0)
-        _check_float("temperature", self.temperature, lo=0.0)
-        _check_int("top_k", self.top_k, lo=0)
+        _check_int("max_new_tokens", self.max_new_tokens, lo=0, hi=MAX_INT32)
+        _check_float("temperature", self.temperature, lo=0.0, hi=MAX_TEMPERATURE)
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", MIN_TEMPERATURE)
+        # top_k above the vocabulary size keeps every token (the sampler clamps it).
+        _check_int("top_k", self.top_k, lo=0, hi=MAX_INT32)
         _check_float("top_p", self.top_p, lo=0.0, lo_open=True, hi=1.0)
         _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
         _check_float("typical_p", self.typical_p, lo=0.0, lo_open=True, hi=1.0)
-        _check_float("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        lo, hi = REPETITION_PENALTY_RANGE
+        _check_float("repetition_penalty", self.repetition_penalty, lo=lo, hi=hi)
         _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
         if self.seed is not None:
             _check_int("seed", self.seed, lo=0, hi=MAX_SEED)
-        _check_int("min_new_tokens", self.min_new_tokens, lo=0)
+        _check_int("min_new_tokens", self.min_new_tokens, lo=0, hi=MAX_INT32)
         if self.min_new_tokens > self.max_new_tokens:
             raise ValidationError(
                 f"`min_new_tokens` ({self.min_new_tokens}) must be <= `max_new_tokens` ({self.max_new_tokens})",
@@ -62,14 +75,14 @@ class SamplingParams:
             if not isinstance(s, str) or not s:
                 raise ValidationError(f"`stop` sequences must be non-empty strings, got {s!r}", param="stop")
         for t in self.stop_token_ids:
-            _check_int("stop_token_ids", t, lo=0)
+            _check_int("stop_token_ids", t, lo=0, hi=MAX_INT32)
         for tok, bias in self.logit_bias:
-            _check_int("logit_bias", tok, lo=0)
+            _check_int("logit_bias", tok, lo=0, hi=MAX_INT32)
             _check_float("logit_bias", bias, lo=-100.0, hi=100.0)
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, lo=0)
+            _check_int("logprobs", self.logprobs, lo=0, hi=MAX_INT32)
         if self.prompt_logprobs is not None:
-            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0)
+            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_INT32)
 
     @property
     def greedy(self) -> bool:

@@ -42,7 +42,8 @@ class FakeTokenizer:
         for k, part in enumerate(parts):
             if k:
                 out.append(EOS)
-            out.extend(part.encode("utf-8"))
+            # Lone surrogates become U+FFFD, as in the real tokenizer.
+            out.extend(re.sub("[\ud800-\udfff]", "\ufffd", part).encode("utf-8"))
         return out
 
     def token_bytes(self, token_id: int) -> bytes:

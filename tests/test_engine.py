@@ -324,14 +324,17 @@ def test_repeated_failures_kill_the_engine_and_fail_everything():
         raise RuntimeError("broken device")
 
     async def t(engine, box):
+        told = []
+        engine.on_dead = told.append  # the server process exits on this (tests/test_server_process.py)
         for _ in range(3):
             with pytest.raises((RequestFailedError, EngineUnavailableError)):
                 await generate(engine, "x", greedy(3))
         for _ in range(100):
-            if engine.state is EngineState.DEAD:
+            if engine.state is EngineState.DEAD and told:
                 break
             await asyncio.sleep(0.01)
         assert engine.state is EngineState.DEAD and "consecutive" in engine.dead_reason
+        assert told == [engine.dead_reason]
         with pytest.raises(EngineUnavailableError):
             engine.add_request([1], greedy(1))
 

@@ -18,6 +18,7 @@ from . import common, openai, tgi
 from .errors import install_handlers
 from .metrics import Metrics
 from .middleware import GuardMiddleware
+from .responses import JSONResponse
 
 
 def create_app(
@@ -50,18 +51,20 @@ def create_app(
         version=__version__,
         description="Continuous-batching GPT-2 on MindSpore with TGI- and OpenAI-compatible APIs.",
         lifespan=lifespan,
+        default_response_class=JSONResponse,
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = metrics
 
     def count_error(exc: ServingError) -> None:
-        if exc.error_type in ("validation", "authentication", "payload_too_large", "not_found"):
+        if exc.error_type in ("validation", "authentication", "payload_too_large", "not_found", "request_timeout"):
             metrics.on_rejected(exc.error_type)
 
     install_handlers(app, on_error=count_error)
     app.include_router(common.router)
     app.include_router(tgi.router)
     app.include_router(openai.router)
-    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       body_timeout=settings.body_timeout)
     return app

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import codecs
 import math
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
 from ..config import Settings
 from ..engine import AsyncEngine, EngineState
 from ..errors import ValidationError
-from .deps import encode, get_engine, get_settings, ready_engine, token_text
+from .deps import encode_texts, get_engine, get_settings, ready_engine, token_text
+from .responses import JSONResponse
 from .schemas import DetokenizeRequest, ScoreRequest, TokenizeRequest
 from .streaming import ClientDisconnected, until_disconnect
 
@@ -70,13 +73,19 @@ async def metrics(request: Request) -> Response:
 @router.post("/tokenize")
 async def tokenize(req: TokenizeRequest, engine: AsyncEngine = Depends(ready_engine)) -> list[dict[str, Any]]:
     """TGI's shape: one {id, text, start, stop} per token; start/stop are character offsets into `inputs`."""
-    ids = encode(engine, req.inputs, param="inputs")
-    out, raw = [], b""
+    (ids,) = await encode_texts(engine, [("inputs", req.inputs)])
+    return await run_in_threadpool(_tokens_with_offsets, engine, ids)
+
+
+def _tokens_with_offsets(engine: AsyncEngine, ids: list[int]) -> list[dict[str, Any]]:
+    # Character offsets counted incrementally (decoding the growing prefix per token would be quadratic); a
+    # character split across tokens counts where it completes.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+    out, n = [], 0
     for i in ids:
-        start = len(raw.decode("utf-8", errors="ignore"))
-        raw += engine.tokenizer.token_bytes(i)
-        stop = len(raw.decode("utf-8", errors="ignore"))
-        out.append({"id": i, "text": token_text(engine, i), "start": start, "stop": stop})
+        start = n
+        n += len(decoder.decode(engine.tokenizer.token_bytes(i)))
+        out.append({"id": i, "text": token_text(engine, i), "start": start, "stop": n})
     return out
 
 
@@ -101,8 +110,9 @@ async def score(
     limit = engine.config.max_total_tokens
     bos = [engine.tokenizer.eos_token_id] if req.add_bos else []
     prompts = []
-    for k, text in enumerate(req.texts):
-        ids = encode(engine, text, param=f"texts.{k}") if text else []
+    encoded = await encode_texts(engine, [(f"texts.{k}", text) for k, text in enumerate(req.texts)],
+                                 max_tokens=limit)
+    for k, ids in enumerate(encoded):
         if not ids:
             raise ValidationError(f"`texts.{k}` is empty", param=f"texts.{k}")
         if len(bos) + len(ids) > limit:
@@ -132,6 +142,7 @@ async def score(
             "num_scored": len(scored),
             "total_logprob": total,
             "mean_logprob": mean,
-            "perplexity": math.exp(-mean) if mean is not None else None,
+            # exp overflows past ~709: such a perplexity is reported as null rather than failing the response.
+            "perplexity": math.exp(-mean) if mean is not None and -mean < 700 else None,
         })
     return JSONResponse({"model": s.model_name, "results": out})

@@ -5,7 +5,10 @@ Routes reach the engine only through `ready_engine`; nothing here runs a model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
 from ..engine import AsyncEngine
@@ -34,6 +37,23 @@ def encode(engine: AsyncEngine, text: str, *, param: str) -> list[int]:
         return list(engine.tokenizer.encode(text, allowed_special="all"))
     except ValueError as e:
         raise ValidationError(f"`{param}` could not be tokenized: {e}", param=param) from None
+
+
+async def encode_texts(
+    engine: AsyncEngine, texts: Sequence[tuple[str, str]], *, max_tokens: int | None = None
+) -> list[list[int]]:
+    """(param, text) pairs -> token ids, tokenized in a worker thread: a long text takes a while (BPE is
+    O(n log n) per word, and a 2 MB body is a lot of words), and the event loop serves /health and every other
+    client meanwhile. With `max_tokens`, a text too long to fit in any case is refused before tokenizing."""
+    per_token = getattr(engine.tokenizer, "max_token_bytes", None)
+    if max_tokens is not None and per_token:
+        for param, text in texts:
+            # No token covers more than `per_token` bytes, hence more than `per_token` characters.
+            if len(text) > max_tokens * per_token:
+                raise ValidationError(
+                    f"`{param}` is {len(text)} characters long: more than the {max_tokens} tokens allowed",
+                    param=param)
+    return await run_in_threadpool(lambda: [encode(engine, text, param=param) for param, text in texts])
 
 
 def token_text(engine: AsyncEngine, token_id: int) -> str:

@@ -71,6 +71,8 @@ class Metrics(EngineStats):
 
     def on_queue(self, scheduler) -> None:
         running = scheduler.num_running
+        if running == 0:
+            self.batch_current.set(0)  # idle: no step runs to report it
         self.running.set(running)
         self.waiting.set(scheduler.num_waiting)
         self.slots_used.set(running)

@@ -1,25 +1,28 @@
-"""ASGI middleware in front of every route: optional bearer-token check and a request body size limit.
+"""ASGI middleware in front of every route: optional bearer-token check, a request body size limit and a deadline
+for the body to arrive (a client that sends less than its Content-Length would otherwise hold its connection open).
 
 Pure ASGI (no BaseHTTPMiddleware) so streaming responses and disconnect detection pass through untouched.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import AuthError, PayloadTooLargeError, error_response, is_openai_path
+from .errors import AuthError, PayloadTooLargeError, RequestTimeoutError, error_response, is_openai_path
 
 # Liveness probes must work without credentials.
 OPEN_PATHS = frozenset({"/health"})
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, body_timeout: float) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,10 +37,18 @@ class GuardMiddleware:
             await resp(scope, receive, send)
             return
         if scope.get("method") in ("POST", "PUT", "PATCH"):
-            body = await self._read_body(receive)
+            try:
+                async with asyncio.timeout(self.body_timeout):
+                    body = await self._read_body(receive)
+            except TimeoutError:
+                body = RequestTimeoutError(f"The request body did not arrive within {self.body_timeout:g} s")
             if body is None:
-                too_large = PayloadTooLargeError(f"The request body exceeds {self.max_body_bytes} bytes")
-                await error_response(too_large, openai=openai)(scope, receive, send)
+                body = PayloadTooLargeError(f"The request body exceeds {self.max_body_bytes} bytes")
+            if isinstance(body, Exception):
+                # The rest of the body is never read: the connection cannot carry another request.
+                resp = error_response(body, openai=openai)
+                resp.headers["Connection"] = "close"
+                await resp(scope, receive, send)
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, send)

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
 from ..engine import AsyncEngine, FinishReason, RequestOutput, RequestStream, TokenInfo
 from ..errors import ServingError, ValidationError
 from ..sampling_params import MAX_SEED, SamplingParams
-from .deps import encode, get_settings, ready_engine, token_text
+from .deps import encode_texts, get_settings, ready_engine, token_text
 from .errors import NotFoundError, openai_body
+from .responses import JSONResponse
 from .schemas import CompletionRequest
 from .streaming import ClientDisconnected, EngineStreamingResponse, merge, sse_event, until_disconnect
 
@@ -56,7 +58,7 @@ class _Prompt:
     text: str
 
 
-def _prompts(req: CompletionRequest, engine: AsyncEngine, s: Settings) -> list[_Prompt]:
+async def _prompts(req: CompletionRequest, engine: AsyncEngine, s: Settings) -> list[_Prompt]:
     p = req.prompt
     if isinstance(p, str):
         items: list[Any] = [p]
@@ -68,17 +70,20 @@ def _prompts(req: CompletionRequest, engine: AsyncEngine, s: Settings) -> list[_
         raise _bad("`prompt` must not be an empty list", "prompt")
     if len(items) > s.max_score_texts:
         raise _bad(f"at most {s.max_score_texts} prompts per request, got {len(items)}", "prompt")
-    out = []
     for item in items:
-        if isinstance(item, str):
-            ids = encode(engine, item, param="prompt")
-            text = item
-        else:
-            ids = list(item)
-            bad = [t for t in ids if not 0 <= t < engine.vocab_size]
+        if not isinstance(item, str):
+            bad = [t for t in item if not 0 <= t < engine.vocab_size]
             if bad:
                 raise _bad(f"token ids in `prompt` must be in [0, {engine.vocab_size}), got {bad[:5]}", "prompt")
-            text = engine.tokenizer.decode(ids)
+    limit = engine.config.max_total_tokens
+    texts = [("prompt", item) for item in items if isinstance(item, str)]
+    encoded = iter(await encode_texts(engine, texts, max_tokens=limit))
+    # Token-id prompts are decoded for `echo` in a worker thread too: a body may hold ~500k ids.
+    decoded = iter(await run_in_threadpool(
+        lambda: [engine.tokenizer.decode(item) for item in items if not isinstance(item, str)]))
+    out = []
+    for item in items:
+        ids, text = (next(encoded), item) if isinstance(item, str) else (list(item), next(decoded))
         if not ids:
             raise _bad("`prompt` cannot be empty", "prompt")
         out.append(_Prompt(ids, text))
@@ -116,7 +121,8 @@ def _params(
         raise _bad("`stop` sequences must not be empty strings", "stop")
     bias = []
     for key, value in (req.logit_bias or {}).items():
-        if not key.isdigit() or not int(key) < engine.vocab_size:
+        # ASCII digits only: str.isdigit() also takes "²" (int() then fails) and "١٢" (int() reads 12).
+        if not (0 < len(key) <= 10 and key.isascii() and key.isdigit()) or not int(key) < engine.vocab_size:
             raise _bad(f"`logit_bias` keys must be token ids in [0, {engine.vocab_size}), got {key!r}", "logit_bias")
         if not -100.0 <= value <= 100.0:
             raise _bad(f"`logit_bias` values must be in [-100, 100], got {value}", "logit_bias")
@@ -246,11 +252,16 @@ async def completions(
         raise NotFoundError(f"The model `{req.model}` does not exist.")
     if not 1 <= req.n <= s.max_n:
         raise _bad(f"`n` must be in [1, {s.max_n}], got {req.n}", "n")
-    prompts = _prompts(req, engine, s)
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
+        raise _bad(f"`seed` must be in [0, {MAX_SEED}], got {req.seed}", "seed")
+    if req.stream_options is not None and not req.stream:
+        raise _bad("`stream_options` is only allowed when `stream` is true", "stream_options")
+    prompts = await _prompts(req, engine, s)
     choices, ids, params = [], [], []
     for prompt in prompts:
         for j in range(req.n):
-            seed = None if req.seed is None else req.seed + j
+            # One seed per choice; wraps past 2^64 - 1 rather than refusing a valid seed for n > 1.
+            seed = None if req.seed is None else (req.seed + j) % (MAX_SEED + 1)
             params.append(_params(req, len(prompt.ids), engine, s, seed))
             ids.append(prompt.ids)
             choices.append(_Choice(len(choices), prompt))

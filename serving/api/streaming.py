@@ -8,7 +8,6 @@ non-streamed one is cancelled when the client disconnects while it waits. Knows 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -17,14 +16,15 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..engine import RequestOutput, RequestStream
+from .responses import dumps
 
 T = TypeVar("T")
 
 
 def sse_event(data: Any, *, space: bool) -> bytes:
     """One SSE event: `data:{json}` (TGI) or `data: {json}` (OpenAI), then a blank line."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data:{' ' if space else ''}{payload}\n\n".encode()
+    payload = data.encode() if isinstance(data, str) else dumps(data)
+    return b"data: " + payload + b"\n\n" if space else b"data:" + payload + b"\n\n"
 
 
 class EngineStreamingResponse(StreamingResponse):

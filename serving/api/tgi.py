@@ -10,16 +10,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from ..config import Settings
 from ..engine import AsyncEngine, FinishReason, RequestOutput, RequestStream, TokenInfo
 from ..errors import ServingError, ValidationError
 from ..sampling_params import MAX_SEED, SamplingParams
-from .deps import encode, get_settings, ready_engine, token_text
+from .deps import encode_texts, get_settings, ready_engine, token_text
 from .errors import tgi_body
-from .streaming import ClientDisconnected, EngineStreamingResponse, sse_event, until_disconnect
+from .responses import JSONResponse
 from .schemas import CompatGenerateRequest, GenerateParameters, GenerateRequest
+from .streaming import ClientDisconnected, EngineStreamingResponse, sse_event, until_disconnect
 
 router = APIRouter(tags=["TGI"])
 
@@ -112,7 +113,7 @@ def build_params(
     return params, prompt_len
 
 
-def _admit(
+async def _admit(
     req: GenerateRequest, engine: AsyncEngine, s: Settings, *, stream: bool
 ) -> tuple[RequestStream, GenerateParameters]:
     p = req.parameters or GenerateParameters()
@@ -121,7 +122,9 @@ def _admit(
                               param="decoder_input_details")
     if not req.inputs:
         raise ValidationError("`inputs` cannot be empty", param="inputs")
-    ids = encode(engine, req.inputs, param="inputs")
+    # With `truncate` any length is fine (the last tokens are kept); the body size limit bounds the work.
+    max_input = None if p.truncate is not None else engine.config.max_total_tokens - 1
+    (ids,) = await encode_texts(engine, [("inputs", req.inputs)], max_tokens=max_input)
     if not ids:
         raise ValidationError("`inputs` cannot be empty", param="inputs")
     params, keep = build_params(p, len(ids), s, engine.config.max_total_tokens)
@@ -162,7 +165,7 @@ async def generate(
     req: GenerateRequest, request: Request, engine: AsyncEngine = Depends(ready_engine),
     s: Settings = Depends(get_settings),
 ) -> Response:
-    stream, p = _admit(req, engine, s, stream=False)
+    stream, p = await _admit(req, engine, s, stream=False)
     try:
         outs = await until_disconnect(request, stream.collect())
     except ClientDisconnected:
@@ -198,7 +201,7 @@ def _generate_response(engine: AsyncEngine, req: GenerateRequest, p: GeneratePar
 async def generate_stream(
     req: GenerateRequest, engine: AsyncEngine = Depends(ready_engine), s: Settings = Depends(get_settings)
 ) -> Response:
-    stream, p = _admit(req, engine, s, stream=True)
+    stream, p = await _admit(req, engine, s, stream=True)
     return EngineStreamingResponse(_events(engine, req, p, stream), [stream])
 
 

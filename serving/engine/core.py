@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import QueueTimeoutError, RequestFailedError, ServingError
-from .model_runner import ChunkResult, ModelRunner
+from .model_runner import ChunkResult, ModelRunner, SampleFailure
 from .outputs import FinalInfo, RequestOutput, TokenInfo
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import FinishReason, Sequence
@@ -37,7 +37,7 @@ class _Request:
 class StepResult:
     prefill: list[ChunkResult] | None = None
     prefill_error: BaseException | None = None
-    decode: list[TokenInfo] | None = None
+    decode: list[TokenInfo | SampleFailure] | None = None
     decode_error: BaseException | None = None
     prefill_time: float = 0.0
     decode_time: float = 0.0
@@ -177,9 +177,13 @@ class EngineCore:
             outs += self._fail(sched.decode, res.decode_error, now)
         elif res.decode is not None:
             for seq, tok in zip(sched.decode, res.decode):
-                if not seq.is_finished:
-                    self.scheduler.decoded(seq)
-                    outs.append(self._on_token(seq, tok, now))
+                if seq.is_finished:
+                    continue
+                if isinstance(tok, SampleFailure):
+                    outs += self._fail([seq], tok.error, now)
+                    continue
+                self.scheduler.decoded(seq)
+                outs.append(self._on_token(seq, tok, now))
         self.stats.on_step(
             prefill_rows=len(sched.prefill),
             prefill_tokens=sum(c.end - c.start for c in sched.prefill),
@@ -228,6 +232,8 @@ class EngineCore:
             self.scheduler.finish(seq, FinishReason.LENGTH, now)
             return self._final(req, RequestOutput(seq.request_id, prompt=req.prompt), now)
         assert r.token is not None
+        if isinstance(r.token, SampleFailure):
+            return self._fail([seq], r.token.error, now)[0]
         out = self._on_token(seq, r.token, now)
         out.prompt = req.prompt
         return out

@@ -71,6 +71,9 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # Called on the event loop with the reason once the engine is dead (its requests already failed): the
+        # server process exits so that a supervisor restarts it. None (tests, embedding): /health stays 503.
+        self.on_dead: Callable[[str], None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -132,6 +135,12 @@ class AsyncEngine:
             self.stats.on_rejected("unavailable")
             raise
         assert len(prompts) == len(params)
+        capacity = self.config.max_batch_size + self.config.max_queue
+        if len(prompts) > capacity:
+            # Never admissible, however idle the server: a client error, not a 429 to retry.
+            raise ValidationError(
+                f"the request needs {len(prompts)} sequences (prompts x n); this server holds at most {capacity} "
+                "at once", param="n")
         seqs = [self._make_sequence(p, sp) for p, sp in zip(prompts, params)]
         with self._cv:
             # Checked again under the lock: the engine may have died or begun stopping meanwhile.
@@ -192,6 +201,9 @@ class AsyncEngine:
         for name, toks in (("stop_token_ids", params.stop_token_ids), ("logit_bias", biased)):
             if any(t >= v for t in toks):
                 raise ValidationError(f"`{name}` token ids must be < {v}", param=name)
+        if params.min_new_tokens and len(set(params.stop_token_ids) | {self.tokenizer.eos_token_id}) >= v:
+            raise ValidationError("`stop_token_ids` suppress every token until `min_tokens`: nothing could be "
+                                  "sampled", param="stop_token_ids")
         seq = Sequence(uuid.uuid4().hex, ids, params)
         if not params.greedy:
             seq.seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -275,6 +287,11 @@ class AsyncEngine:
             self.dead_reason = reason
             outs = self._core.fail_all(EngineUnavailableError(f"The engine died: {reason}")) if self._core else []
         self._deliver_threadsafe(outs)
+        if self.on_dead is not None and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self.on_dead, reason)
+            except RuntimeError:  # the loop is closed: the process is ending anyway
+                pass
 
     def _deliver_threadsafe(self, outs: list[RequestOutput]) -> None:
         if outs and self._loop is not None:

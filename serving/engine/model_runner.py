@@ -7,6 +7,7 @@ and sequences; nothing of text, threads or HTTP.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import Protocol
@@ -18,6 +19,8 @@ from .outputs import TokenInfo
 from .scheduler import PrefillChunk
 from .sequence import Sequence
 
+log = logging.getLogger("serving.engine")
+
 
 class StepSession(Protocol):
     def step(
@@ -26,11 +29,18 @@ class StepSession(Protocol):
 
 
 @dataclass
+class SampleFailure:
+    """In place of a token: sampling this row raised, so its request fails alone (its neighbours got theirs)."""
+
+    error: Exception
+
+
+@dataclass
 class ChunkResult:
     # Logprobs of the prompt tokens this chunk predicts (prompt[start+1 : end+1]), when requested.
     prompt: list[TokenInfo] | None = None
     # The first generated token, when this chunk completes a generating prompt.
-    token: TokenInfo | None = None
+    token: TokenInfo | SampleFailure | None = None
 
 
 class ModelRunner:
@@ -79,7 +89,7 @@ class ModelRunner:
 
     def prefill_and_decode(
         self, chunks: Seq[PrefillChunk], seqs: Seq[Sequence]
-    ) -> tuple[list[ChunkResult], list[TokenInfo]]:
+    ) -> tuple[list[ChunkResult], list[TokenInfo | SampleFailure]]:
         """A flat prefill pass and a decode step as one pass: the running sequences' next tokens ride along after
         the prompt chunks (one token each, at its own slot and position), so the weights are read once for both."""
         assert self.flat_prefill and chunks and seqs
@@ -87,7 +97,7 @@ class ModelRunner:
 
     def _flat_pass(
         self, chunks: Seq[PrefillChunk], seqs: Seq[Sequence]
-    ) -> tuple[list[ChunkResult], list[TokenInfo]]:
+    ) -> tuple[list[ChunkResult], list[TokenInfo | SampleFailure]]:
         # Through step_packed: the chunks' tokens one after the other, then one decode token per sequence in seqs.
         lens = [c.end - c.start for c in chunks]
         ends = np.cumsum(lens)
@@ -144,7 +154,7 @@ class ModelRunner:
 
     # ---- decode --------------------------------------------------------------------------------------------
 
-    def decode(self, seqs: Seq[Sequence]) -> list[TokenInfo]:
+    def decode(self, seqs: Seq[Sequence]) -> list[TokenInfo | SampleFailure]:
         """One decode step: every sequence feeds its last token at its next position."""
         b = len(seqs)
         rows = b if self.decode_batch is None else self.decode_batch
@@ -163,11 +173,30 @@ class ModelRunner:
 
     # ---- sampling ------------------------------------------------------------------------------------------
 
-    def _sample(self, logits: np.ndarray, seqs: Seq[Sequence]) -> list[TokenInfo]:
+    def _sample(self, logits: np.ndarray, seqs: Seq[Sequence]) -> list[TokenInfo | SampleFailure]:
+        """One token per row. If the batch raises, each row is sampled alone from its generator's state before
+        the batch (so the other rows get exactly the tokens they would have got) and only the rows that raise
+        again fail: one request's parameters can never fail its neighbours."""
         rows = [
             sampler.SamplingRow(s.params, s.prompt_ids, s.output_ids, s.rng, self._suppressed(s)) for s in seqs
         ]
-        res = sampler.sample(np.ascontiguousarray(logits, np.float32), rows)
+        logits = np.ascontiguousarray(logits, np.float32)
+        states = [None if r.rng is None else r.rng.bit_generator.state for r in rows]
+        try:
+            return self._token_infos(sampler.sample(logits, rows))
+        except Exception:  # noqa: BLE001 - narrowed down row by row below
+            log.exception("sampling %d rows failed; sampling each row alone", len(rows))
+        out: list[TokenInfo | SampleFailure] = []
+        for i, row in enumerate(rows):
+            if states[i] is not None:
+                row.rng.bit_generator.state = states[i]
+            try:
+                out += self._token_infos(sampler.sample(logits[i : i + 1], [row]))
+            except Exception as e:  # noqa: BLE001 - this row's request fails with it
+                out.append(SampleFailure(e))
+        return out
+
+    def _token_infos(self, res: sampler.SampleResult) -> list[TokenInfo]:
         special = self.special_ids
         out = []
         for tid, lp, top_ids, top_lps in zip(res.token_ids.tolist(), res.logprobs.tolist(), res.top_ids,
