@@ -13,6 +13,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import AuthError, PayloadTooLargeError, RequestTimeoutError, error_response, is_openai_path
 
+# What _read_body returns for a client that disconnected mid-body.
+_GONE = object()
+
 # Liveness probes must work without credentials.
 OPEN_PATHS = frozenset({"/health"})
 
@@ -44,6 +47,8 @@ class GuardMiddleware:
                 body = RequestTimeoutError(f"The request body did not arrive within {self.body_timeout:g} s")
             if body is None:
                 body = PayloadTooLargeError(f"The request body exceeds {self.max_body_bytes} bytes")
+            if body is _GONE:
+                return  # the client left before sending its body: nobody to answer
             if isinstance(body, Exception):
                 # The rest of the body is never read: the connection cannot carry another request.
                 resp = error_response(body, openai=openai)
@@ -60,13 +65,14 @@ class GuardMiddleware:
                 return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
         return False
 
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        """The whole body, or None when it is larger than the limit (checked as it arrives)."""
+    async def _read_body(self, receive: Receive) -> bytes | object | None:
+        """The whole body, None when it is larger than the limit (checked as it arrives), or _GONE when the
+        client disconnected first."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                return _GONE
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
