@@ -187,3 +187,83 @@ def test_weights_without_config_need_one_for_a_model_directory(model_hf, tmp_pat
         convert(src=os.path.join(src, "pytorch_model.bin"), dst=str(tmp_path / "out"))
     convert(src=os.path.join(src, "pytorch_model.bin"), dst=str(tmp_path / "out"), config=src)
     assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "out"))
+
+
+# ---- the destination: nothing lost, nothing half-written left behind ---------------------------------------
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()  # reaped: its PID now names no process
+    return p.pid
+
+
+def test_a_directory_of_other_files_is_refused_unless_overwrite(model_hf, tmp_path, capsys):
+    from tools.convert_weight import convert, export_hf, main
+
+    src = save_hf_dir(model_hf, str(tmp_path / "hf"), fmt="bin")
+    dst = tmp_path / "notes"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"not a model directory \(it holds notes.txt\); pass --overwrite"):
+        convert(src=src, dst=str(dst))
+    assert main(["--src", src, "--dst", str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: destination") and "--overwrite" in err and "Traceback" not in err
+    assert main(["--export_hf", "--src", src, "--dst", str(dst)]) == 1
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"] and (dst / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["hf", "notes"]  # no temporary either
+    with pytest.raises(FileExistsError, match="not a model directory"):
+        export_hf(src=src, dst=str(dst))
+
+    # --overwrite replaces it (atomically: the same writer as every other replacement).
+    assert main(["--src", src, "--dst", str(dst), "--overwrite"]) == 0
+    assert not (dst / "notes.txt").exists() and (dst / "model.safetensors").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["hf", "notes"]
+
+    # An empty directory is a fine destination.
+    (tmp_path / "empty").mkdir()
+    convert(src=src, dst=str(tmp_path / "empty"))
+    assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def test_an_existing_model_directory_is_replaced_and_stale_temporaries_cleaned(model_hf, tmp_path):
+    src = save_hf_dir(model_hf, str(tmp_path / "hf"), fmt="bin")
+    dst = tmp_path / "ours"
+    r = _run("tools/convert_weight.py", "--src", src, "--dst", str(dst))
+    assert r.returncode == 0, r.stderr
+
+    # What killed runs leave: temporaries of `ours` (a directory, the directory being replaced, a weights file
+    # of `w.ckpt`, and an hour-old PID-less one of an earlier version), a live writer's, another destination's.
+    dead, live = _dead_pid(), os.getpid()
+    stale = [f".ours.tmp-{dead}-ab_cd123", f".ours.old-{dead}-x1y2z3w4", f".ours.tmp-k9l8m7n6.old"]
+    for name in stale + [f".ours.tmp-{live}-abcdefgh", f".other.tmp-{dead}-abcdefgh"]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"\0" * 1000)
+    (tmp_path / f".w.ckpt.tmp-{dead}-qwertyui.ckpt").write_bytes(b"\0" * 100)
+    hour_ago = os.path.getmtime(tmp_path / stale[2]) - 7200
+    for p in (tmp_path / stale[2], tmp_path / stale[2] / "model.safetensors"):
+        os.utime(p, (hour_ago, hour_ago))
+
+    # An existing model directory is replaced (not merged into): --format ckpt leaves no model.safetensors.
+    r = _run("tools/convert_weight.py", "--src", src, "--dst", str(dst), "--format", "ckpt")
+    assert r.returncode == 0, r.stderr
+    assert "model.ckpt" in os.listdir(dst) and "model.safetensors" not in os.listdir(dst)
+    for name in stale:
+        assert f"removed stale temporary {tmp_path / name}" in r.stderr
+    assert f"left by process {dead}, no longer running" in r.stderr
+    r = _run("tools/convert_weight.py", "--src", src, "--dst", str(tmp_path / "w.ckpt"))
+    assert r.returncode == 0 and "removed stale temporary" in r.stderr, r.stderr
+    assert sorted(os.listdir(tmp_path)) == sorted([f".ours.tmp-{live}-abcdefgh", f".other.tmp-{dead}-abcdefgh",
+                                                   "hf", "ours", "w.ckpt"])
+
+
+def test_an_interrupted_replacement_is_restored_not_removed(tmp_path):
+    from model.checkpoint import remove_stale_temporaries
+
+    # Killed between its two renames: the old directory is aside, the new one complete, the name missing.
+    dead = _dead_pid()
+    (tmp_path / f".m.old-{dead}-aaaaaaaa").mkdir()
+    (tmp_path / f".m.old-{dead}-aaaaaaaa" / "config.json").write_text("old")
+    (tmp_path / f".m.tmp-{dead}-bbbbbbbb").mkdir()
+    assert remove_stale_temporaries(tmp_path / "m") == [str(tmp_path / f".m.tmp-{dead}-bbbbbbbb")]
+    assert os.listdir(tmp_path) == ["m"] and (tmp_path / "m" / "config.json").read_text() == "old"

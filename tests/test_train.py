@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +121,58 @@ def test_checkpoint_manager_keeps_the_newest(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000009"]
 
 
+def _zero_in_place(path: Path, start: int, length: int) -> None:
+    """Damage that keeps the size: bytes overwritten with zeros where the file holds something else."""
+    data = path.read_bytes()
+    assert any(data[start : start + length]), "choose a range that is not already zero"
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(b"\0" * length)
+    assert path.stat().st_size == len(data)
+
+
+def test_checkpoint_checksum_refuses_damaged_files(tmp_path, caplog):
+    m = CheckpointManager(tmp_path, keep=3)
+    w = np.random.default_rng(0).standard_normal(8192).astype(np.float32)  # 32 KB of tensor data
+    m.save(3, {"w": w}, {})
+    m.save(6, {"w": w + 1}, {})
+    meta = json.loads((tmp_path / "step_00000006" / "trainer_state.json").read_text())
+    state = tmp_path / "step_00000006" / "state.ckpt"
+    assert meta["files"]["state.ckpt"]["bytes"] == state.stat().st_size
+    assert len(meta["files"]["state.ckpt"]["sha256"]) == 64
+
+    _zero_in_place(state, 8192, 4096)
+    with pytest.raises(CheckpointError, match=f"checkpoint file {re.escape(str(state))} is damaged: sha256 .* differs"):
+        m.latest().load()
+    with open(state, "ab") as f:
+        f.write(b"\0")
+    size = meta["files"]["state.ckpt"]["bytes"]
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(state))} is damaged: {size + 1} bytes, {size} recorded"):
+        m.latest().load()
+    assert m.list()[0].load()[0]["w"].tolist() == w.tolist()  # the earlier one is intact
+
+    # Checkpoints written before checksums were recorded still load, with a warning.
+    old_meta = tmp_path / "step_00000003" / "trainer_state.json"
+    old_meta.write_text(json.dumps({k: v for k, v in json.loads(old_meta.read_text()).items() if k != "files"}))
+    with caplog.at_level("WARNING"):
+        tensors, _ = m.list()[0].load()
+    assert tensors["w"].tolist() == w.tolist() and "no recorded checksum" in caplog.text
+
+
+def test_a_completed_save_removes_stale_temporaries(tmp_path):
+    m = CheckpointManager(tmp_path)
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()  # reaped: its PID names no process now
+    # Killed mid-save: a dead process's, and this PID's from an earlier run (containers reuse PIDs).
+    stale = [f".tmp-step_00000002-{p.pid}", f".tmp-step_00000004-{os.getpid()}"]
+    live = f".tmp-step_00000004-{os.getppid()}"  # another live process saving here: left alone
+    for name in stale + [live]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.ckpt").write_bytes(b"\0" * 100)
+    m.save(6, {"w": np.zeros(2, np.float32)}, {})
+    assert sorted(q.name for q in tmp_path.iterdir()) == sorted([live, "step_00000006"])
+
+
 # ---- training runs (slow) -------------------------------------------------------------------------------
 
 
@@ -150,7 +206,7 @@ def test_training_loss_falls_and_writes_a_servable_model(trained):
 
 
 @pytest.mark.slow
-def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, dataset):
+def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, dataset, capsys):
     from tools.training.trainer import run
 
     # With gradient accumulation, and across an epoch boundary (12 steps x 16 samples > 141 samples).
@@ -165,6 +221,19 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one(tmp_path, dat
     stopped = run(tiny_config(dataset, tmp_path / "resumed", **common), stop_at_step=7)
     assert stopped.step == 7 and stopped.model_dir is None
     assert [c.step for c in CheckpointManager(tmp_path / "resumed" / "checkpoints").list()] == [4, 7]
+
+    # The newest checkpoint damaged in place: --resume refuses it, naming the file; --resume auto goes back to
+    # step 4, says so, and retraces steps 5-7 (saving step 7 again when stopped there).
+    state = tmp_path / "resumed" / "checkpoints" / "step_00000007" / "state.ckpt"
+    _zero_in_place(state, state.stat().st_size // 2, 1 << 16)
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(state))} is damaged: sha256 .*--resume auto"):
+        run(tiny_config(dataset, tmp_path / "resumed", **common), resume=True)
+    run(tiny_config(dataset, tmp_path / "resumed", **common), resume="auto", stop_at_step=7)
+    console = capsys.readouterr().out
+    assert f"--resume auto: skipped checkpoint {state.parent}: checkpoint file {state} is damaged" in console
+    skips = [r for r in read_log(tmp_path / "resumed" / "train_log.jsonl") if r.get("event") == "skipped_checkpoint"]
+    assert len(skips) == 1 and skips[0]["path"] == str(state.parent) and skips[0]["step"] == 4
+
     resumed = run(tiny_config(dataset, tmp_path / "resumed", **common), resume=True)
     a, b = losses(tmp_path / "full"), losses(tmp_path / "resumed")
     assert sorted(b) == list(range(1, 13))  # the resumed log continues the interrupted one

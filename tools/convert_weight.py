@@ -12,7 +12,10 @@
 Every source key is accounted for: attention-mask buffers (`attn.bias`, `attn.masked_bias`, MindFormers'
 `attention.beta/masked_beta`), a tied `lm_head.weight` and MindFormers optimizer state are dropped and reported;
 any other unknown, missing or mis-shaped key stops the conversion naming it. Output is written under a
-temporary name and renamed, so a failed run leaves nothing behind. torch is imported only to read .bin files.
+temporary name and renamed, so a failed run leaves nothing behind, and the temporaries a killed run left
+are removed by the next run for the same destination. A destination directory is replaced only when it is
+empty or already a model directory; anything else needs --overwrite (its files would be lost). An existing
+.ckpt/.safetensors destination file is replaced. torch is imported only to read .bin files.
 """
 
 from __future__ import annotations
@@ -20,9 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -36,10 +37,13 @@ from model.checkpoint import (  # noqa: E402
     SAFETENSORS_NAME,
     TOKENIZER_FILES,
     CheckpointError,
+    check_destination,
     check_state_dict,
     copy_tokenizer_files,
     parameter_shapes,
     read_weights,
+    write_dir_atomically,
+    write_file_atomically,
     write_model_dir,
     write_weights,
 )
@@ -244,6 +248,7 @@ def convert(
     weights_format: str | None = None,
     dtype: str = "float32",
     tokenizer_dir: str | None = None,
+    overwrite: bool = False,
 ) -> Summary:
     """Convert a Hugging Face or MindFormers checkpoint (file or directory) into this project's format.
 
@@ -253,11 +258,15 @@ def convert(
     config: config.json path, model directory or preset name; default: src's config.json, else inferred from
       shapes (enough for a weights file; a model directory needs the real n_head, so pass one).
     layers: expected layer count (MindFormers' --layers); a mismatch is an error.
+    overwrite: replace a destination directory that is neither empty nor a model directory (FileExistsError
+      otherwise, before anything is read or written).
     """
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     if source_format not in ("auto", "hf", "mindformers"):
         raise ValueError(f"unknown source format {source_format!r}; use auto, hf or mindformers")
+    to_file = dst.endswith((".ckpt", ".safetensors"))
+    _check_dst(dst, to_file=to_file, overwrite=overwrite)
     src_cfg = None
     if os.path.isdir(src):
         weights_path = _hf_weights_file(src)
@@ -283,15 +292,16 @@ def convert(
     check_state_dict(state, cfg, source=f"weights in {weights_path}")
     state = {k: state[k].astype(_DTYPES[dtype]) for k in parameter_shapes(cfg)}
 
-    if dst.endswith((".ckpt", ".safetensors")):
+    if to_file:
         if weights_format is not None and not dst.endswith(weights_format):
             raise ValueError(f"--format {weights_format} contradicts the destination file name {dst}")
-        _atomic_file(dst, lambda tmp: write_weights(state, tmp))
+        write_file_atomically(dst, lambda tmp: write_weights(state, tmp))
     else:
         if not explicit_cfg:
             raise ValueError("a model directory needs a config: the source has no config.json, so pass "
                              "--config (a config.json or model directory) or --preset NAME")
-        write_model_dir(dst, cfg, state, weights_format=weights_format or "safetensors", tokenizer_dir=tokenizer_dir)
+        write_model_dir(dst, cfg, state, weights_format=weights_format or "safetensors", tokenizer_dir=tokenizer_dir,
+                        overwrite=overwrite)
     return Summary(src=src, dst=dst, source_format=source_format, tensors=len(state),
                    parameters=sum(int(v.size) for v in state.values()), dtype=dtype, dropped=dropped)
 
@@ -303,11 +313,14 @@ def export_hf(
     hf_format: str = "safetensors",
     config: str | GPT2Config | None = None,
     tokenizer_dir: str | None = None,
+    overwrite: bool = False,
 ) -> Summary:
     """Write a Hugging Face GPT-2 directory (config.json, model.safetensors or pytorch_model.bin, tokenizer files)
-    from one of this project's model directories (or a weights file plus `config`)."""
+    from one of this project's model directories (or a weights file plus `config`). `dst` is replaced under the
+    same rules as convert()'s (`overwrite` for a directory that is neither empty nor a model directory)."""
     if hf_format not in ("safetensors", "bin"):
         raise ValueError(f"unknown Hugging Face format {hf_format!r}; use safetensors or bin")
+    _check_dst(dst, to_file=False, overwrite=overwrite)
     if os.path.isdir(src):
         from model.checkpoint import find_weights
 
@@ -336,7 +349,7 @@ def export_hf(
         if tokenizer_dir is not None:
             copy_tokenizer_files(tmp_dir, tokenizer_dir)
 
-    _atomic_dir(dst, write)
+    write_dir_atomically(dst, write, overwrite=overwrite)
     return Summary(src=src, dst=dst, source_format="mindspore model directory" if os.path.isdir(src) else "weights",
                    tensors=len(hf_state), parameters=sum(int(v.size) for v in hf_state.values()),
                    dtype=str(next(iter(hf_state.values())).dtype))
@@ -352,40 +365,14 @@ def _resolve_config(config: str | GPT2Config | None) -> GPT2Config | None:
     raise ValueError(f"--config {config!r} is neither a file/directory nor a preset ({', '.join(PRESETS)})")
 
 
-def _atomic_file(dst: str, write) -> None:
-    parent = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(parent, exist_ok=True)
-    base = os.path.basename(dst)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", suffix=os.path.splitext(base)[1], dir=parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_dir(dst: str, write) -> None:
-    dst = os.path.abspath(dst)
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-    try:
-        write(tmp)
-        if os.path.exists(dst):
-            if not os.path.isdir(dst):
-                raise FileExistsError(f"{dst} exists and is not a directory")
-            old = tmp + ".old"
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _check_dst(dst: str, *, to_file: bool, overwrite: bool) -> None:
+    # Checked before the (slow, large) source is read; the writers check again before replacing.
+    if to_file:
+        if os.path.isdir(dst):
+            raise IsADirectoryError(f"destination {dst} is a directory; a .ckpt/.safetensors destination is the "
+                                    "weights file to write")
+    else:
+        check_destination(dst, overwrite=overwrite, hint="pass --overwrite to replace it")
 
 
 # ---- command line ------------------------------------------------------------------------------------------
@@ -398,7 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mindspore_path", help="MindFormers-style: output MindSpore checkpoint (same as --dst)")
     p.add_argument("--layers", type=int, help="expected number of layers (checked)")
     p.add_argument("--src", help="source model directory or weights file")
-    p.add_argument("--dst", help="destination model directory, or a .ckpt/.safetensors weights file")
+    p.add_argument("--dst", help="destination model directory (an existing one must be empty or a model directory "
+                                 "unless --overwrite), or a .ckpt/.safetensors weights file")
     p.add_argument("--source_format", choices=("auto", "hf", "mindformers"), default="auto")
     p.add_argument("--config", help="config.json, model directory or preset name for the source")
     p.add_argument("--preset", choices=tuple(PRESETS), help="use a preset config (same as --config NAME)")
@@ -408,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer_dir", help="copy tokenizer files from here (default: the source directory's)")
     p.add_argument("--export_hf", action="store_true", help="export a model directory to Hugging Face format")
     p.add_argument("--hf_format", choices=("safetensors", "bin"), default="safetensors")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a destination directory that is neither empty nor a model directory")
     return p
 
 
@@ -424,10 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.export_hf:
             summary = export_hf(src=src, dst=dst, hf_format=args.hf_format, config=config,
-                                tokenizer_dir=args.tokenizer_dir)
+                                tokenizer_dir=args.tokenizer_dir, overwrite=args.overwrite)
         else:
             summary = convert(src=src, dst=dst, source_format=args.source_format, config=config, layers=args.layers,
-                              weights_format=args.weights_format, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir)
+                              weights_format=args.weights_format, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
+                              overwrite=args.overwrite)
     except (ValueError, TypeError, OSError) as e:  # CheckpointError is a ValueError; no traceback for user errors
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -35,7 +35,8 @@ def init_model(*, dst: str | Path, preset: str = "gpt2", seed: int = 0, **overri
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("dst", help="model directory to create (replaced if it exists)")
+    p.add_argument("dst", help="model directory to create (an existing model directory or empty one is replaced; "
+                               "a folder of other files is refused)")
     p.add_argument("--preset", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | gpt2-13b")
     p.add_argument("--n-layer", type=int)
     p.add_argument("--n-embd", type=int)
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if k not in ("dst", "preset", "seed") and v is not None}
     try:
         path = init_model(dst=args.dst, preset=args.preset, seed=args.seed, **overrides)
-    except ValueError as e:
+    except (ValueError, FileExistsError) as e:
         print(f"init_model: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -10,7 +10,9 @@
     #     --parallel.data_parallel 2
 
 Any config value can be overridden as `--section.key VALUE` (`--train.max_steps 200`, `--model.config.n_layer 4`).
-`--resume` continues from the newest checkpoint in OUTPUT_DIR/checkpoints (or `--resume DIR` from that one).
+`--resume` continues from the newest checkpoint in OUTPUT_DIR/checkpoints (or `--resume DIR` from that one); a
+damaged one (its state.ckpt no longer matches the recorded size and sha256) is refused, and `--resume auto`
+goes back to the newest intact checkpoint instead, naming the ones it skipped.
 The result of train/finetune is OUTPUT_DIR/model, a model directory the server serves as is.
 """
 
@@ -40,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", help="where checkpoints, logs and the final model/ go")
     p.add_argument("--seed", type=int)
     p.add_argument(
-        "--resume", nargs="?", const=True, default=False, help="continue from the newest checkpoint (or this one)"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        help="continue from the newest checkpoint, or 'auto': the newest intact one, or DIR: that one",
     )
     p.add_argument("--eval_split", default="validation", choices=("train", "validation"), help="split for eval")
     p.add_argument("--stop_at_step", type=int, help="stop after this step as if interrupted (checkpoint saved)")
@@ -70,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(evaluate(cfg, split=args.eval_split).format())
             return 0
         result = run(cfg, resume=args.resume, stop_at_step=args.stop_at_step)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
     if result.model_dir is None:

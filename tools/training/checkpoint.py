@@ -1,14 +1,18 @@
-"""Training checkpoints: written atomically, the newest `keep` kept, the newest found again on resume.
+"""Training checkpoints: written atomically, checksummed, the newest `keep` kept, the newest found again on resume.
 
 A checkpoint is a directory `step_00000500/` holding `state.ckpt` (MindSpore checkpoint format: model
 parameters under their own names, optimizer and loss-scale state under prefixed names, the RNG state) and
-`trainer_state.json` (step, samples consumed, the settings a resume must not change). It is written as
-`.tmp-step_00000500/` and renamed, so a directory with the final name is always complete.
+`trainer_state.json` (step, samples consumed, the settings a resume must not change, and the byte size and
+sha256 of state.ckpt). It is written as `.tmp-step_00000500-PID/` and renamed, so a directory with the final
+name is always complete; loading checks the size and checksum, so a file damaged since is refused, naming it.
+A completed save removes the `.tmp-step_*` directories of processes that are gone (killed mid-save).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,12 +23,16 @@ from typing import Any
 import numpy as np
 
 _NAME = re.compile(r"^step_(\d{8})$")
+_TMP_NAME = re.compile(r"^\.tmp-step_\d{8}-(\d+)$")
 STATE_FILE = "state.ckpt"
 META_FILE = "trainer_state.json"
+_HASH_CHUNK = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or from an incompatible run."""
+    """A checkpoint that is missing, unreadable, damaged or from an incompatible run."""
 
 
 @dataclass(frozen=True)
@@ -32,15 +40,61 @@ class Checkpoint:
     path: Path
     step: int
 
+    def read_meta(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read checkpoint {self.path}: {META_FILE}: {e}") from None
+
+    def verify(self, meta: dict[str, Any] | None = None) -> bool:
+        """Check each file's recorded size and sha256; CheckpointError naming the file and what differs.
+
+        Returns False for a checkpoint written before checksums were recorded (nothing to check against).
+        """
+        files = (self.read_meta() if meta is None else meta).get("files")
+        if not files:
+            return False
+        for name, want in files.items() if isinstance(files, dict) else [("files", None)]:
+            path = self.path / name
+            try:
+                want_bytes, want_sha = int(want["bytes"]), str(want["sha256"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"checkpoint {self.path}: {META_FILE} has a malformed entry for {name}") from None
+            try:
+                size = path.stat().st_size
+                if size != want_bytes:
+                    raise CheckpointError(f"checkpoint file {path} is damaged: {size} bytes, "
+                                          f"{want_bytes} recorded when it was written")
+                digest = file_sha256(path)
+            except OSError as e:
+                raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from None
+            if digest != want_sha:
+                raise CheckpointError(f"checkpoint file {path} is damaged: sha256 {digest[:16]}... differs from "
+                                      f"{want_sha[:16]}... recorded when it was written (same size)")
+        return True
+
     def load(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The tensors and metadata, after verify(); an old checkpoint without checksums loads with a warning."""
         import mindspore as ms
 
+        meta = self.read_meta()
+        if not self.verify(meta):
+            log.warning("checkpoint %s has no recorded checksum (written before they were): loading it unverified",
+                        self.path)
         try:
             params = ms.load_checkpoint(str(self.path / STATE_FILE))
-            meta = json.loads((self.path / META_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"cannot read checkpoint {self.path}: {e}") from None
         return {k: v.asnumpy() for k, v in params.items()}, meta
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB chunks (checkpoints are gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class CheckpointManager:
@@ -75,9 +129,13 @@ class CheckpointManager:
         tmp.mkdir()
         try:
             items = [{"name": k, "data": v if isinstance(v, ms.Tensor) else ms.Tensor(v)} for k, v in tensors.items()]
-            ms.save_checkpoint(items, str(tmp / STATE_FILE))
+            state = tmp / STATE_FILE
+            ms.save_checkpoint(items, str(state))
+            _fsync(state)
+            # Hashed right after writing (from the page cache): damage from here on shows on load.
+            files = {STATE_FILE: {"bytes": state.stat().st_size, "sha256": file_sha256(state)}}
             with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-                json.dump({**meta, "step": step}, f, indent=2)
+                json.dump({**meta, "step": step, "files": files}, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
             if final.exists():
@@ -87,4 +145,50 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
         for old in self.list()[: -self.keep]:
             shutil.rmtree(old.path, ignore_errors=True)
+        self.remove_stale_temporaries()
         return final
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove `.tmp-step_*-PID` directories whose process is gone; returns them.
+
+        A live process's are kept (another run may be saving into this directory); this process's own count
+        as stale, since its saves run one at a time and the current one was just renamed (and a restarted
+        container reuses PIDs).
+        """
+        removed = []
+        for p in sorted(self.directory.iterdir()) if self.directory.is_dir() else []:
+            m = _TMP_NAME.match(p.name)
+            if not m or not p.is_dir():
+                continue
+            pid = int(m.group(1))
+            if pid != os.getpid() and _process_alive(pid):
+                continue
+            try:
+                shutil.rmtree(p)
+            except OSError as e:  # another process cleaning up at the same time; not worth failing the save
+                log.warning("cannot remove stale checkpoint temporary %s: %s", p, e)
+                continue
+            log.warning("removed stale checkpoint temporary %s (process %d, killed mid-save)", p, pid)
+            removed.append(p)
+        return removed
+
+
+def _fsync(path: Path) -> None:
+    # MindSpore does not sync what it writes; the checksum should describe what is on disk.
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _process_alive(pid: int) -> bool:
+    # The same test as model.checkpoint.process_alive, kept here so this module imports without MindSpore.
+    if os.name != "posix":
+        return True  # os.kill would terminate it on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True

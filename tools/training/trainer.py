@@ -2,12 +2,14 @@
 
     result = run(cfg)                       # train / finetune, then output_dir/model is a servable model dir
     result = run(cfg, resume=True)          # continue from the newest checkpoint in output_dir/checkpoints
+    result = run(cfg, resume="auto")        # ... from the newest one that is intact, skipping damaged ones
     report = evaluate(cfg)                  # eval: perplexity of cfg.model.pretrained on the validation split
 
 Each optimizer step runs `grad_accum_steps` compiled micro-steps (see step.py); the Python loop only picks the
 rows (data.BatchPlan), computes the learning rate (schedule.py), and reports. A resumed run restores the
 parameters, the AdamW moments and step, the loss scale and MindSpore's RNG state, and continues the data order
-at the same sample, so it retraces the uninterrupted run.
+at the same sample, so it retraces the uninterrupted run. A checkpoint whose file no longer matches its recorded
+size and checksum is refused (CheckpointError); only resume="auto" goes back to an earlier one, and says so.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointError, CheckpointManager
+from .checkpoint import Checkpoint, CheckpointError, CheckpointManager
 from .config import ConfigError, RunConfig
 from .data import BatchPlan, load_samples
 from .evaluate import EvalReport, Evaluator, optional_split, evaluate
@@ -51,8 +53,13 @@ def run(
     stop_at_step: int | None = None,
     tokenizer: Any = None,
 ) -> RunResult:
-    """Train or finetune as `cfg` says; see the module docstring. `stop_at_step` ends early (as an interruption)."""
+    """Train or finetune as `cfg` says; see the module docstring. `stop_at_step` ends early (as an interruption).
+
+    resume: False; True (the newest checkpoint); "auto" (the newest intact one); or a checkpoint directory.
+    """
     import mindspore as ms
+
+    from model.checkpoint import check_destination
 
     from .step import AdamW, LossScale, TrainStep
 
@@ -65,6 +72,9 @@ def run(
     rank, world = init_distributed(cfg)
     out = Path(cfg.output_dir)
     is_main = rank == 0
+    if is_main:
+        # Refused now rather than after training: the final model directory would replace what is there.
+        check_destination(out / "model", hint="move it away or choose another --output_dir")
 
     # The same seed on every process gives every process the same initial weights.
     ms.set_seed(cfg.seed)
@@ -95,9 +105,9 @@ def run(
         "precision": cfg.model.precision,
     }
 
-    start = 0
+    start, skipped = 0, []
     if resume:
-        start = _restore(manager, resume, model, optimizer, loss_scale, fingerprint)
+        start, skipped = _restore(manager, resume, model, optimizer, loss_scale, fingerprint)
     log = RunLogger(
         out, total_steps=t.max_steps, start_step=start, enabled=is_main, progress_bar=cfg.logging.progress_bar
     )
@@ -107,6 +117,9 @@ def run(
             f"{seq + 1} tokens, global batch {plan.global_batch} ({world} process(es) x {t.grad_accum_steps} "
             f"micro-steps x {t.batch_size}), steps {start} -> {t.max_steps}"
         )
+        for path, why in skipped:
+            log.write(f"--resume auto: skipped checkpoint {path}: {why}")
+            log.log({"step": start, "event": "skipped_checkpoint", "path": str(path), "reason": why})
         if start:
             log.write(f"resumed from step {start} (epoch {plan.epoch_of(start):.2f})")
 
@@ -234,21 +247,13 @@ def _save(manager: CheckpointManager, step: int, model, optimizer, loss_scale, f
     manager.save(step, _state_tensors(model, optimizer, loss_scale), {"fingerprint": fingerprint})
 
 
-def _restore(manager: CheckpointManager, resume: bool | str, model, optimizer, loss_scale, fingerprint) -> int:
+def _restore(
+    manager: CheckpointManager, resume: bool | str, model, optimizer, loss_scale, fingerprint
+) -> tuple[int, list[tuple[Path, str]]]:
+    """Load the checkpoint `resume` names into the model and optimizer; (its step, damaged ones skipped)."""
     import mindspore as ms
 
-    if isinstance(resume, str):
-        from .checkpoint import Checkpoint
-
-        path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            raise CheckpointError(f"{path} is not a checkpoint directory (no trainer_state.json)")
-        ckpt = Checkpoint(path, -1)
-    else:
-        ckpt = manager.latest()
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint in {manager.directory}")
-    tensors, meta = ckpt.load()
+    ckpt, tensors, meta, skipped = _load_for_resume(manager, resume)
     saved = meta.get("fingerprint", {})
     changed = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
     if changed:
@@ -265,6 +270,37 @@ def _restore(manager: CheckpointManager, resume: bool | str, model, optimizer, l
         param.set_data(ms.Tensor(value, param.dtype))
     if "rng_state" in tensors:
         ms.set_rng_state(ms.Tensor(tensors["rng_state"]))
-    return int(meta["step"])
+    return int(meta["step"]), skipped
 
 
+def _load_for_resume(manager: CheckpointManager, resume: bool | str):
+    """(checkpoint, tensors, meta, skipped): the one named, or the newest (intact, for "auto")."""
+    if resume == "auto":
+        # Only unreadable or damaged checkpoints are skipped; changed settings are refused for every one.
+        skipped: list[tuple[Path, str]] = []
+        for ckpt in reversed(manager.list()):
+            try:
+                tensors, meta = ckpt.load()
+            except CheckpointError as e:
+                skipped.append((ckpt.path, str(e)))
+                continue
+            return ckpt, tensors, meta, skipped
+        if not skipped:
+            raise CheckpointError(f"--resume auto: no checkpoint in {manager.directory}")
+        raise CheckpointError(f"--resume auto: no intact checkpoint in {manager.directory}: "
+                              + "; ".join(why for _, why in skipped))
+    if isinstance(resume, str):
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise CheckpointError(f"{path} is not a checkpoint directory (no trainer_state.json)")
+        ckpt = Checkpoint(path, -1)
+    else:
+        ckpt = manager.latest()
+        if ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint in {manager.directory}")
+    try:
+        tensors, meta = ckpt.load()
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; --resume auto resumes from the newest intact checkpoint instead "
+                              "(or name one with --resume DIR)") from None
+    return ckpt, tensors, meta, []
