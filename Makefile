@@ -7,7 +7,7 @@ MODEL ?= models/default
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test bench install
+.PHONY: serve test bench soak install
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,3 +33,8 @@ $(HF4):
 # `python bench/run_all.py --help` lists the options.
 bench: $(STAMP) $(HF4)
 	$(PY) bench/run_all.py --hf-python-site $(HF4) $(BENCH_ARGS)
+
+# Soak: 32 streaming clients for 10 minutes with disconnects mixed in, against MODEL; errors, RSS over time and
+# leaked slots (bench/results/soak-latest.json). `make soak SOAK_ARGS="--clients 8 --duration 60"`.
+soak: $(STAMP)
+	$(PY) bench/soak.py --model $(MODEL) $(SOAK_ARGS)

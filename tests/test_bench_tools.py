@@ -284,3 +284,57 @@ def test_the_scheduler_simulation_charges_each_pass_and_closes_the_loop():
         assert second.sent == first.end
     assert r.wall == max(q.end for q in r.requests)
     assert r.tokens_per_s(16) == pytest.approx(8 * 16 / r.wall)
+
+
+# ---- the soak test (bench/soak.py) --------------------------------------------------------------------------------
+
+
+def test_soak_helpers():
+    import soak
+
+    assert soak.slope_per_minute([(0.0, 100.0), (30.0, 101.0), (60.0, 102.0)]) == pytest.approx(2.0)
+    assert soak.slope_per_minute([(5.0, 1.0)]) is None
+    m = soak.parse_metrics('# HELP x\ngpt2_requests_running 2.0\ngpt2_request_failure_total{reason="aborted"} 3.0\n')
+    assert m == {"gpt2_requests_running": 2.0, 'gpt2_request_failure_total{reason="aborted"}': 3.0}
+    assert soak.check_loopback("http://127.0.0.1:8000") == ("127.0.0.1", 8000)
+    with pytest.raises(ValueError):
+        soak.check_loopback("http://10.0.0.1:8000")
+    tgi = ['{"token": {"id": 1}, "generated_text": null}', '{"token": {"id": 2}, "generated_text": "ab"}']
+    assert soak._stream_outcome("generate_stream", tgi).kind == "ok"
+    assert soak._stream_outcome("generate_stream", tgi[:1]).kind == "stream_no_final_event"
+    v1 = ['{"choices": [{"text": "a", "finish_reason": null}]}',
+          '{"choices": [{"text": "", "finish_reason": "length"}]}']
+    assert soak._stream_outcome("v1_stream", v1 + ["[DONE]"]).kind == "ok"
+    assert soak._stream_outcome("v1_stream", v1).kind == "stream_no_final_event"
+    assert soak._stream_outcome("v1_stream", ['{"error": {"message": "x"}}', "[DONE]"]).kind == "stream_error_event"
+
+
+@pytest.mark.slow
+def test_soak_runs_against_a_tiny_server(tmp_path):
+    """A few clients for a few seconds, half of the requests disconnected: everything counted, no slot leaked."""
+    import subprocess
+
+    from serving_helpers import REPO, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "soak.json"
+    cmd = [sys.executable, "bench/soak.py", "--model", str(model), "--clients", "4", "--duration", "6",
+           "--disconnect-rate", "0.5", "--min-new-tokens", "4", "--max-new-tokens", "12", "--sample-every", "1",
+           "--settle", "1", "--seed", "1", "--server-args", "--max-batch-size 4 --prefill-chunk 64",
+           "--log-dir", str(tmp_path / "logs"), "--out", str(out)]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout + run.stderr
+    r = json.loads(out.read_text())
+    assert r["passed"] and not r["failures"] and r["errors"] == {}
+    t = r["totals"]
+    assert t["sent"] == t["ok"] + t["disconnected"] + t["completed_before_disconnect"] + t["errors"]
+    assert t["ok"] >= 10 and t["disconnected"] >= 3 and sum(r["disconnects"].values()) == t["disconnected"]
+    assert set(r["routes"]) == {"generate_stream", "v1_stream", "generate", "v1", "score"}
+    assert r["gauges_after_idle"] == {g: 0.0 for g in ("gpt2_requests_running", "gpt2_requests_waiting",
+                                                         "gpt2_kv_cache_slots_used")}
+    assert not r["leaked_slots"] and r["server_exit_code"] == 0
+    rss = r["rss"]
+    assert 0 < rss["start_bytes"] <= rss["peak_sampled_bytes"] <= rss["hwm_bytes"]
+    assert rss["growth_mb_per_min_after_warmup"] is not None and rss["samples_after_warmup"] >= 3
+    assert len(r["samples"]) >= 6 and r["server_counters"]["gpt2_generation_tokens_total"] > 0
+    assert "RSS growth after warm-up" in run.stdout and "PASS" in run.stdout
