@@ -23,6 +23,11 @@ MIN_TEMPERATURE = 1e-2
 # only reach float32's limits (inf / inf = NaN).
 MAX_TEMPERATURE = 100.0
 REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+# Per-token work on the engine thread grows with these (stop-string matching, penalty arrays), so one request's
+# long lists would slow every request batched with it. 300 logit_bias entries is OpenAI's own limit.
+MAX_STOP_CHARS = 512
+MAX_STOP_TOKEN_IDS = 256
+MAX_LOGIT_BIAS = 300
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,11 @@ class SamplingParams:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValidationError(f"`stop` sequences must be non-empty strings, got {s!r}", param="stop")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValidationError(f"`stop` sequences must be at most {MAX_STOP_CHARS} characters, got {len(s)}",
+                                      param="stop")
+        _check_count("stop_token_ids", self.stop_token_ids, MAX_STOP_TOKEN_IDS)
+        _check_count("logit_bias", self.logit_bias, MAX_LOGIT_BIAS)
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, lo=0, hi=MAX_INT32)
         for tok, bias in self.logit_bias:
@@ -95,6 +105,11 @@ class SamplingParams:
     @property
     def needs_filtering(self) -> bool:
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0 or self.typical_p < 1.0
+
+
+def _check_count(name: str, items: tuple, most: int) -> None:
+    if len(items) > most:
+        raise ValidationError(f"`{name}` takes at most {most} entries, got {len(items)}", param=name)
 
 
 def _check_int(name: str, value: object, *, lo: int | None = None, hi: int | None = None) -> None:

@@ -72,6 +72,11 @@ EDGES = [
     ("/v1/completions", comp(logit_bias={"١٢": 1}), "logit_bias"),
     ("/v1/completions", comp(logit_bias={"1" * 5000: 1}), "logit_bias"),
     ("/v1/completions", comp(logit_bias={" 1": 1}), "logit_bias"),
+    # Long lists cost per-token work on the engine thread, for every request in the batch.
+    ("/v1/completions", comp(stop_token_ids=list(range(257))), "stop_token_ids"),
+    ("/v1/completions", comp(logit_bias={str(i): 1.0 for i in range(301)}), "logit_bias"),
+    ("/v1/completions", comp(stop=["x" * 513]), "stop"),
+    ("/generate", gen(stop=["x" * 513]), "stop"),
     ("/score", {"texts": ["hi"], "top_n": HUGE}, "top_n"),
     ("/detokenize", {"ids": [HUGE]}, "ids"),
     ("/detokenize", {"ids": [-1]}, "ids"),
@@ -228,3 +233,20 @@ def test_a_request_whose_sampling_raises_fails_alone(monkeypatch):
             assert [r.json()["generated_text"] for r in results[1:]] == solo
         assert max(batches) > 1, "the faulty request never shared a batch"
         assert c.get("/health").status_code == 200
+
+
+def test_sampling_params_bound_what_costs_per_token_work():
+    from serving.errors import ValidationError
+    from serving.sampling_params import SamplingParams
+
+    for kwargs, says in [
+        ({"logit_bias": tuple((i, 1.0) for i in range(301))}, "at most 300"),
+        ({"stop_token_ids": tuple(range(257))}, "at most 256"),
+        ({"stop": ("x" * 513,)}, "at most 512"),
+        ({"top_k": 2**31}, "top_k"),
+        ({"temperature": 101.0}, "temperature"),
+    ]:
+        with pytest.raises(ValidationError, match=says):
+            SamplingParams(**kwargs)
+    assert SamplingParams(temperature=1e-300).temperature == 0.01  # raised to what float32 logits can take
+    assert SamplingParams(temperature=0.0).greedy
