@@ -16,7 +16,7 @@ from ..config import Settings
 from ..engine import AsyncEngine, EngineState
 from ..errors import ValidationError
 from .deps import encode_texts, get_engine, get_settings, ready_engine, token_text
-from .responses import JSONResponse
+from .responses import JSONResponse, dumps
 from .schemas import DetokenizeRequest, ScoreRequest, TokenizeRequest
 from .streaming import ClientDisconnected, until_disconnect
 
@@ -74,7 +74,9 @@ async def metrics(request: Request) -> Response:
 async def tokenize(req: TokenizeRequest, engine: AsyncEngine = Depends(ready_engine)) -> list[dict[str, Any]]:
     """TGI's shape: one {id, text, start, stop} per token; start/stop are character offsets into `inputs`."""
     (ids,) = await encode_texts(engine, [("inputs", req.inputs)])
-    return await run_in_threadpool(_tokens_with_offsets, engine, ids)
+    # A 2 MB body is ~500k tokens: their list and its JSON are built in a worker thread, off the event loop.
+    body = await run_in_threadpool(lambda: dumps(_tokens_with_offsets(engine, ids)))
+    return Response(body, media_type="application/json")
 
 
 def _tokens_with_offsets(engine: AsyncEngine, ids: list[int]) -> list[dict[str, Any]]:
@@ -123,9 +125,16 @@ async def score(
         results = await until_disconnect(request, engine.score(prompts, top_n=req.top_n))
     except ClientDisconnected:
         return Response(status_code=499)
+    # Up to 64 texts x 1,024 tokens x top_n alternatives: built and encoded off the event loop.
+    body = await run_in_threadpool(
+        lambda: dumps({"model": s.model_name, "results": _score_results(engine, req, results, len(bos))}))
+    return Response(body, media_type="application/json")
+
+
+def _score_results(engine: AsyncEngine, req: ScoreRequest, results: list, skip: int) -> list[dict[str, Any]]:
     out = []
     for text, infos in zip(req.texts, results):
-        infos = infos[len(bos):]
+        infos = infos[skip:]
         scored = [t.logprob for t in infos if t.logprob is not None]
         total = float(sum(scored))
         mean = total / len(scored) if scored else None
@@ -145,4 +154,4 @@ async def score(
             # exp overflows past ~709: such a perplexity is reported as null rather than failing the response.
             "perplexity": math.exp(-mean) if mean is not None and -mean < 700 else None,
         })
-    return JSONResponse({"model": s.model_name, "results": out})
+    return out
