@@ -99,6 +99,15 @@ def test_same_ids_as_tiktoken(text: str) -> None:
     assert TOK.encode(text, disallowed_special=()) == _tiktoken().encode_ordinary(text)
 
 
+@PROPERTY
+@given(st.lists(st.one_of(TEXT_WITH_SURROGATES, st.just("<|endoftext|>")), max_size=6).map("".join))
+def test_max_token_bytes_bounds_the_token_count(text: str) -> None:
+    # What lets a server refuse a text before tokenizing it: N ids cover at most N * max_token_bytes
+    # bytes, and a character is at least one byte (a lone surrogate three, as U+FFFD).
+    ids = TOK.encode(text, allowed_special="all")
+    assert len(ids) * TOK.max_token_bytes >= len(text.encode("utf-8", "surrogatepass")) >= len(text)
+
+
 def test_surrogate_examples() -> None:
     assert TOK.decode(TOK.encode("a\ud800b")) == "a\ufffdb"
     # A high + low pair in a str is still two surrogate code points, so two replacement characters.

@@ -8,7 +8,9 @@ whitespace rule can join a line's end to the next line.
 
 from __future__ import annotations
 
+import random
 import shutil
+import string
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,32 @@ def test_special_tokens_agree_with_tiktoken(tok, tiktoken_gpt2) -> None:
         tiktoken_gpt2.encode(text)
     with pytest.raises(ValueError):
         tok.encode(text)
+
+
+def _random_text(seed: int, alphabet: str | list[str], length: int) -> str:
+    rng = random.Random(seed)
+    return "".join(rng.choice(alphabet) for _ in range(length))
+
+
+# Single words far longer than real ones, which take the heap merge loop (tokenizer/bpe.py).
+LONG_WORDS = {
+    "random letters": _random_text(1, string.ascii_letters, 100_000),
+    "random lowercase": _random_text(2, string.ascii_lowercase, 20_000),
+    "one letter": "a" * 100_000,
+    "space-prefixed": " " + _random_text(3, "ab", 20_000),
+    "spaces": " " * 20_000,
+    "random digits": _random_text(4, string.digits, 20_000),
+    "random punctuation": _random_text(5, "!#$%&()*+,-./:;<=>?@[]^_`{|}~", 20_000),
+    "random emoji": _random_text(6, [chr(c) for c in range(0x1F300, 0x1F650)], 10_000),
+    "random CJK": _random_text(7, [chr(c) for c in range(0x4E00, 0xA000)], 10_000),
+    "random accented letters": _random_text(8, [chr(c) for c in range(0xC0, 0x250) if chr(c).isalpha()], 10_000),
+    "combining marks": "e" + "\u0301" * 20_000,
+    "repeated unit": "abc" * 10_000,
+}
+
+
+@pytest.mark.parametrize("name", list(LONG_WORDS))
+def test_long_words_agree_with_tiktoken(tok, tiktoken_gpt2, name: str) -> None:
+    text = LONG_WORDS[name]
+    assert len(tok._bpe.split(text)) <= 2
+    assert tok.encode(text) == tiktoken_gpt2.encode_ordinary(text)

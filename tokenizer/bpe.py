@@ -9,8 +9,13 @@ How GPT-2 turns ordinary text into ids (openai/gpt-2 ``encoder.py``):
    and merge all its non-overlapping occurrences, left to right, until no adjacent pair has a rank;
 4. the remaining symbols are the tokens; their ids come from the encoder.
 
-Here steps 2-4 run on ids rather than strings (same result, less work), and since words repeat a
-lot in real text, each word's ids are kept in a bounded LRU cache per instance.
+Here steps 2-4 run on ids rather than strings (same result, less work), one merge at a time in
+tiktoken's order: the lowest-ranked pair, the leftmost of equals. (Merging every occurrence at once,
+as step 3 says, gives the same ids whenever each token comes from one merge, ranked below every merge
+that uses it, as in GPT-2's vocab.bpe.) Short words, nearly all of real text, take a plain loop over a list of ranks,
+O(n^2) in the word's length; longer ones a heap over a linked list, O(n log n), so a 100,000-letter
+word takes 0.1 s instead of 25 s. Since words repeat a lot in real text, the ids of each word of up
+to ``MAX_CACHED_WORD_BYTES`` bytes are kept in a bounded LRU cache per instance.
 
 This module knows bytes, merge ranks and the ids of ordinary text. It does not know files, special
 tokens such as ``<|endoftext|>``, padding or tensors: see ``vocab_files.py`` and ``gpt2_tokenizer.py``.
@@ -19,6 +24,7 @@ tokens such as ``<|endoftext|>``, padding or tensors: see ``vocab_files.py`` and
 from __future__ import annotations
 
 import functools
+import heapq
 import itertools
 from collections.abc import Mapping, Sequence
 
@@ -33,12 +39,31 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # sees endless new words (ids, hashes, numbers) stays at this size instead of growing.
 DEFAULT_CACHE_SIZE = 1 << 16
 
+# An entry holds the word and its ids, so it is as large as the word: with no bound, a client could
+# fill the 65,536 entries with 2 MB words (130 GB). Real words are short (99.95% of the test corpus's
+# are at most 48 bytes) and a long word rarely repeats, so longer words skip the cache. A full cache of
+# 256-byte words holds about 160 MB (measured: 65,536 words of 64 random CJK Extension B characters,
+# 255 ids each), and re-encoding such a word costs about 0.1-0.2 ms.
+MAX_CACHED_WORD_BYTES = 256
+
+# Words of at most this many bytes take the plain merge loop, longer ones the heap. Measured on the
+# words of tests/data/tokenizer_corpus and on random ones, the plain loop wins up to about 24 bytes,
+# the two are even at 24-48, and the heap wins from 48 (2x at 128 bytes, 4x at 256).
+SMALL_WORD_BYTES = 32
+
 # The replacement character that lone surrogates become (see `_encode_word_uncached`).
 REPLACEMENT_CHARACTER = "\ufffd"
 _SURROGATE = regex.compile(r"[\ud800-\udfff]")
 
 # Rank of a pair that never merges; larger than any real rank.
 _NO_RANK = 1 << 62
+
+# A word of at most this many characters (4 UTF-8 bytes at most each) needs no byte count to be cached.
+_ALWAYS_CACHEABLE_CHARS = MAX_CACHED_WORD_BYTES // 4
+
+
+class _LongWord(Exception):
+    """A word over MAX_CACHED_WORD_BYTES, refused by the cached function so that it is not cached."""
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -79,6 +104,10 @@ class BytePairEncoding:
     pairs in rank order (line order of ``vocab.bpe``). The merge loop works on ids, not strings: a
     pair of ids has a rank, and a rank says which id the pair becomes. Safe to share between threads:
     the cache is ``functools.lru_cache``, and nothing else changes after construction.
+
+    ``max_token_bytes`` is the byte length of the longest token ``encode`` can produce, so a text of
+    more than ``N * max_token_bytes`` UTF-8 bytes (or characters) has more than N ids. ``cache_info()``
+    is the word cache's ``functools`` statistics.
     """
 
     def __init__(
@@ -109,22 +138,48 @@ class BytePairEncoding:
             # A repeated pair keeps its first (lowest) rank, as a rank lookup by pair would.
             self._pair_ranks.setdefault((encoder[first], encoder[second]), rank)
             self._rank_to_id.append(encoder[first + second])
+        # Every token the merge loop can produce is a single byte or a merge result, whose symbols
+        # are one byte each in BYTE_TO_CHAR spelling.
+        self.max_token_bytes = max((len(first) + len(second) for first, second in merges), default=1)
         self._pattern = regex.compile(GPT2_PATTERN)
         # Per instance (not a module-level cache), so two vocabularies never share entries.
-        self.encode_word = functools.lru_cache(maxsize=cache_size)(self._encode_word_uncached)
+        self._cached_word = functools.lru_cache(maxsize=cache_size)(self._encode_cacheable_word)
+        self.cache_info = self._cached_word.cache_info
 
     def encode(self, text: str) -> list[int]:
         """Ids of ordinary text (special-token text gets no special treatment here)."""
         ids: list[int] = []
         extend = ids.extend
-        encode_word = self.encode_word
+        cached_word = self._cached_word
         for word in self._pattern.findall(text):
-            extend(encode_word(word))
+            # The cached function refuses long words on a miss, rather than a length check here,
+            # which would cost 5% on cached text; `try` costs nothing until something raises.
+            try:
+                extend(cached_word(word))
+            except _LongWord:
+                extend(self._encode_word_uncached(word))
         return ids
+
+    def encode_word(self, word: str) -> tuple[int, ...]:
+        """Ids of one pre-token; cached when its UTF-8 form has at most MAX_CACHED_WORD_BYTES bytes."""
+        try:
+            return self._cached_word(word)
+        except _LongWord:
+            return self._encode_word_uncached(word)
 
     def split(self, text: str) -> list[str]:
         """GPT-2's pre-tokens ("words") of ``text``."""
         return self._pattern.findall(text)
+
+    def _encode_cacheable_word(self, word: str) -> tuple[int, ...]:
+        # Called on a cache miss only; lru_cache keeps no result when this raises.
+        if len(word) > _ALWAYS_CACHEABLE_CHARS and (
+            len(word) > MAX_CACHED_WORD_BYTES
+            # "surrogatepass" spells a lone surrogate in 3 bytes, as its replacement U+FFFD takes.
+            or (not word.isascii() and len(word.encode("utf-8", "surrogatepass")) > MAX_CACHED_WORD_BYTES)
+        ):
+            raise _LongWord
+        return self._encode_word_uncached(word)
 
     def _encode_word_uncached(self, word: str) -> tuple[int, ...]:
         try:
@@ -139,12 +194,18 @@ class BytePairEncoding:
     def encode_bytes(self, data: bytes) -> list[int]:
         """The merge loop: ids of one word's bytes.
 
-        Each round takes the lowest-ranked adjacent pair and merges every non-overlapping occurrence
-        of it, left to right (openai/gpt-2 encoder.py's ``bpe``), until no adjacent pair has a rank.
+        Repeatedly merges the lowest-ranked adjacent pair, the leftmost of equal ones, until no
+        adjacent pair has a rank (tiktoken's order). Words longer than SMALL_WORD_BYTES go to
+        ``_merge_heap``, which gives the same ids (tests/test_tokenizer_long_words.py).
         """
+        if len(data) > SMALL_WORD_BYTES:
+            return self._merge_heap(data)
+        # O(n^2) in the word's length, but the fewest Python steps per merge (min() and index() run
+        # in C), which makes it the faster loop for short words.
         byte_ids = self._byte_ids
         ids = [byte_ids[byte] for byte in data]
         get_rank = self._pair_ranks.get
+        rank_to_id = self._rank_to_id
         # ranks[i] is the rank of (ids[i], ids[i + 1]); a merge changes only its two neighbours, so
         # they are updated in place instead of re-ranking the whole word each round.
         ranks = [get_rank(pair, _NO_RANK) for pair in itertools.pairwise(ids)]
@@ -152,18 +213,65 @@ class BytePairEncoding:
             best = min(ranks)
             if best == _NO_RANK:
                 break
-            merged = self._rank_to_id[best]
             i = ranks.index(best)
-            while True:
-                ids[i : i + 2] = [merged]
-                del ranks[i]
-                if i > 0:
-                    ranks[i - 1] = get_rank((ids[i - 1], merged), _NO_RANK)
-                if i < len(ranks):
-                    ranks[i] = get_rank((merged, ids[i + 1]), _NO_RANK)
-                # A rank names one pair, and both new pairs contain `merged`, so any `best` left is
-                # a later occurrence of the same pair that does not overlap this one.
-                if best not in ranks:
-                    break
-                i = ranks.index(best, i + 1)
+            merged = ids[i] = rank_to_id[best]
+            del ids[i + 1]
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = get_rank((ids[i - 1], merged), _NO_RANK)
+            if i < len(ranks):
+                ranks[i] = get_rank((merged, ids[i + 1]), _NO_RANK)
         return ids
+
+    def _merge_heap(self, data: bytes) -> list[int]:
+        # The same merges in O(n log n): symbols form a linked list indexed by the position of
+        # their first byte, and a heap holds (rank, position) of the candidate pairs, packed into
+        # one int so that the heap compares ints. A merge changes the pairs on its two sides; their
+        # old heap entries are not removed but skipped when popped, because ranks[position] no
+        # longer matches.
+        n = len(data)
+        byte_ids = self._byte_ids
+        ids = [byte_ids[byte] for byte in data]
+        get_rank = self._pair_ranks.get
+        rank_to_id = self._rank_to_id
+        heappush, heappop = heapq.heappush, heapq.heappop
+        shift = n.bit_length()
+        mask = (1 << shift) - 1
+        # ranks[p]: rank of the pair that starts at symbol p (_NO_RANK for none, or a merged-away p).
+        ranks = [get_rank(pair, _NO_RANK) for pair in itertools.pairwise(ids)]
+        ranks.append(_NO_RANK)
+        heap = [rank << shift | position for position, rank in enumerate(ranks) if rank != _NO_RANK]
+        heapq.heapify(heap)
+        # next_[p] / prev[p]: the neighbouring live symbols (n past the end, -1 before the start).
+        next_ = list(range(1, n + 1))
+        prev = list(range(-1, n - 1))
+        while heap:
+            entry = heappop(heap)
+            position = entry & mask
+            rank = entry >> shift
+            if ranks[position] != rank:
+                continue
+            merged = rank_to_id[rank]
+            ids[position] = merged
+            right = next_[position]
+            ranks[right] = _NO_RANK
+            after = next_[right]
+            next_[position] = after
+            if after < n:
+                prev[after] = position
+                new_rank = ranks[position] = get_rank((merged, ids[after]), _NO_RANK)
+                if new_rank != _NO_RANK:
+                    heappush(heap, new_rank << shift | position)
+            else:
+                ranks[position] = _NO_RANK
+            left = prev[position]
+            if left >= 0:
+                new_rank = ranks[left] = get_rank((ids[left], merged), _NO_RANK)
+                if new_rank != _NO_RANK:
+                    heappush(heap, new_rank << shift | left)
+        result: list[int] = []
+        position = 0
+        while position < n:
+            result.append(ids[position])
+            position = next_[position]
+        return result

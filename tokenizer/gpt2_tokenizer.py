@@ -66,6 +66,7 @@ class GPT2Tokenizer:
             token_id: (token.encode("utf-8") if token in self._special_tokens else symbols_to_bytes(token))
             for token, token_id in self._encoder.items()
         }
+        self._max_token_bytes = max(map(len, self._id_to_bytes.values()))
 
     @classmethod
     def from_pretrained(
@@ -105,6 +106,17 @@ class GPT2Tokenizer:
     def pad_token_id(self) -> int:
         """GPT-2 has no pad token; padding uses ``<|endoftext|>``, as Hugging Face and MindFormers do."""
         return self.eos_token_id
+
+    @property
+    def max_token_bytes(self) -> int:
+        """Byte length of the longest token, special ones included (128 for GPT-2).
+
+        Each id ``encode`` returns stands for at most this many bytes of the text, so a text of more
+        than ``N * max_token_bytes`` UTF-8 bytes encodes to more than N ids, and so does one of more
+        than ``N * max_token_bytes`` characters (a character is at least one byte): a length check
+        that can refuse a text before tokenizing it.
+        """
+        return self._max_token_bytes
 
     @property
     def special_tokens(self) -> dict[str, int]:
