@@ -7,7 +7,7 @@ MODEL ?= models/default
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test bench soak install
+.PHONY: serve test fuzz bench soak install
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,14 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The schema fuzz test (tests/test_fuzz.py) at thousands of requests: FUZZ_EXAMPLES generated per operation and
+# mode, plus schemathesis's coverage phase (boundary values of every documented range). `make fuzz FUZZ_SEED=7`
+# fuzzes with another seed.
+FUZZ_EXAMPLES ?= 300
+FUZZ_SEED ?= 20261207
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SEED=$(FUZZ_SEED) FUZZ_COVERAGE=1 $(PY) -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
 
 # Hugging Face's pure-Python GPT2Tokenizer (the tokenizer benchmark's reference) exists only in transformers 4.x,
 # while the tests use 5.x: the benchmark loads 4.x from its own folder.

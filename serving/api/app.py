@@ -18,6 +18,7 @@ from . import common, openai, tgi
 from .errors import install_handlers
 from .metrics import Metrics
 from .middleware import GuardMiddleware
+from .openapi import install_openapi
 from .responses import JSONResponse
 
 
@@ -65,6 +66,7 @@ def create_app(
     app.include_router(common.router)
     app.include_router(tgi.router)
     app.include_router(openai.router)
+    install_openapi(app, settings, config, model_info)
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        body_timeout=settings.body_timeout)
     return app

@@ -1,4 +1,5 @@
-"""Request bodies of every route as pydantic models (types only; value ranges are checked where params are built).
+"""Request bodies of every route as pydantic models (types only; value ranges are checked where params are built),
+and the response bodies for the OpenAPI document.
 
 Strict types: a string where a number belongs is a 422/400, not a silent coercion. Unknown fields: ignored on the
 TGI routes (as TGI does), refused on /v1 (as OpenAI does) and on this server's own routes.
@@ -6,7 +7,7 @@ TGI routes (as TGI does), refused on /v1 (as OpenAI does) and on this server's o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -110,3 +111,214 @@ class ScoreRequest(_Strict):
     # Prepend <|endoftext|> so that the first token of each text is scored too.
     add_bos: bool = False
     top_n: int = 0  # alternatives per position
+
+
+# ---- responses -----------------------------------------------------------------------------------------------
+# Documentation only (serving/api/openapi.py puts them into /openapi.json): the routes build these bodies as dicts.
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = Field(description="null for the first prompt token: nothing predicts it")
+
+
+TgiFinishReason = Literal["length", "eos_token", "stop_sequence"]
+
+
+class Details(BaseModel):
+    finish_reason: TgiFinishReason
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken] = Field(description="the prompt's tokens with `decoder_input_details`, else empty")
+    tokens: list[Token]
+    best_of_sequences: None = None
+    top_tokens: list[list[Token]] | None = Field(None, description="with `top_n_tokens` > 0 only")
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = Field(None, description="with `details` only")
+
+
+class StreamDetails(BaseModel):
+    finish_reason: TgiFinishReason
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamResponse(BaseModel):
+    """One `data:` event of a TGI stream; the last one carries `generated_text` (and `details` if asked)."""
+
+    index: int = Field(ge=1)
+    token: Token = Field(description="`text` is the text this token released (held-back text comes later)")
+    generated_text: str | None
+    details: StreamDetails | None
+    top_tokens: list[Token] | None = Field(None, description="with `top_n_tokens` > 0 only")
+
+
+class ErrorResponse(BaseModel):
+    """TGI's error body; also the final event of a stream that fails."""
+
+    error: str
+    error_type: str
+
+
+class TokenSpan(BaseModel):
+    id: int
+    text: str
+    start: int = Field(ge=0, description="character offset of the token's first character in `inputs`")
+    stop: int = Field(ge=0)
+
+
+class DetokenizeResponse(BaseModel):
+    text: str
+
+
+class ScoreAlternative(BaseModel):
+    id: int
+    text: str
+    logprob: float
+
+
+class ScoreToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None = Field(description="null for the first token unless `add_bos`")
+    top: list[ScoreAlternative] | None = Field(None, description="with `top_n` > 0 only")
+
+
+class ScoreResult(BaseModel):
+    text: str
+    tokens: list[ScoreToken]
+    num_tokens: int = Field(ge=1)
+    num_scored: int = Field(ge=0)
+    total_logprob: float
+    mean_logprob: float | None
+    perplexity: float | None
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    results: list[ScoreResult]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    last_error: str | None = Field(None, description="the last failed step, while the engine still serves")
+
+
+class Info(BaseModel):
+    model_id: str
+    model_dtype: str
+    model_device_type: str
+    max_input_tokens: int
+    max_total_tokens: int
+    max_batch_size: int
+    max_queue: int
+    max_concurrent_requests: int
+    max_stop_sequences: int
+    max_top_n_tokens: int
+    max_best_of: int
+    max_client_batch_size: int
+    prefill_chunk: int
+    decode_batching: str
+    queue_timeout: float | None
+    state: str
+    last_error: str | None
+    router: str
+    version: str
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class OpenAIErrorResponse(BaseModel):
+    """OpenAI's error body on /v1; also a stream's last event before `[DONE]` when it fails."""
+
+    error: OpenAIErrorDetail
+
+
+class HealthErrorDetail(BaseModel):
+    code: int
+    message: str
+    type: str
+
+
+class HealthUnavailable(BaseModel):
+    """/health while not ready, as llama.cpp answers."""
+
+    error: HealthErrorDetail
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    decoded_token: str
+
+
+class CompletionChoice(BaseModel):
+    index: int = Field(ge=0)
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(
+        None, description="with `prompt_logprobs` only: per prompt token, keyed by token id (the first is null)"
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(BaseModel):
+    """One `data:` event of a /v1/completions stream (the stream ends with `data: [DONE]`)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = Field(None, description="the last chunk with `stream_options.include_usage` only")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
