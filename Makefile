@@ -7,7 +7,7 @@ MODEL ?= models/default
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test fuzz bench soak install
+.PHONY: serve test fuzz bench soak install browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,21 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m serving --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# tests/test_ui.py drives the web playground in headless Chromium. Missing, it is installed with apt-get when we are
+# root (CI's fresh machine); otherwise this says what to install (the test fails without it, it is never skipped).
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver for tests/test_ui.py"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	      || echo "could not install chromium: tests/test_ui.py will fail"; \
+	  else \
+	    echo "tests/test_ui.py needs Chromium: sudo apt-get install chromium chromium-driver"; \
+	  fi; \
+	fi
 
 # The schema fuzz test (tests/test_fuzz.py) at thousands of requests: FUZZ_EXAMPLES generated per operation and
 # mode, plus schemathesis's coverage phase (boundary values of every documented range). `make fuzz FUZZ_SEED=7`

@@ -66,6 +66,7 @@ class Settings:
     max_connections: int = 512  # open connections (and requests in flight) before new requests get 503
     api_key: str | None = dataclasses.field(default=None, repr=False)  # from GPT2_API_KEY only
     log_level: str = "info"
+    ui: bool = True  # the web playground at GET / (serving/ui/); --no-ui leaves GET / unrouted
 
     def __post_init__(self) -> None:
         positive = (
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-connections", type=int,
       help="open connections before new requests get 503 (default 512; mind the process's file limit)")
     a("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    a("--ui", action=argparse.BooleanOptionalAction, default=None,
+      help="serve the web playground at GET / (default on; --no-ui turns it off)")
     return p
 
 

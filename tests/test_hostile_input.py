@@ -196,6 +196,20 @@ def test_an_unexpected_exception_is_a_well_formed_500_that_closes_the_connection
         assert r.json()["error"].startswith("Internal server error")
 
 
+def test_a_queue_timeout_says_queue_timeout_on_the_wire_and_in_the_metrics():
+    # One slot, a slow model: the second request waits past --queue-timeout.
+    with serve(settings=fake_settings(max_batch_size=1, queue_timeout=0.2), delay=0.05) as (c, _):
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(c.post, "/generate", json=gen(max_new_tokens=20))
+            while metrics(c).get("gpt2_requests_running", 0) < 1:
+                pass
+            second = c.post("/generate", json=gen(max_new_tokens=2))
+            assert first.result().status_code == 200
+        assert second.status_code == 503 and second.json()["error_type"] == "queue_timeout", second.text
+        assert second.headers["retry-after"] == "1"
+        assert metrics(c)["gpt2_request_failure_total{reason=queue_timeout}"] == 1
+
+
 def test_the_batch_size_gauge_reads_zero_when_idle(client):
     assert client.post("/generate", json=gen(max_new_tokens=3)).status_code == 200
     assert metrics(client)["gpt2_batch_current_size"] == 0

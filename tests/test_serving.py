@@ -296,6 +296,7 @@ def test_disconnect_frees_the_slot_for_a_waiting_request_and_a_full_queue_is_429
             t0 = time.monotonic()
             r = await c.post(url + "/generate", json={"inputs": "no room", "parameters": {"max_new_tokens": 3}})
             assert r.status_code == 429 and r.json()["error_type"] == "overloaded", r.text
+            assert r.headers["retry-after"] == "1"
             assert time.monotonic() - t0 < 2.0
             leave_a.set()  # client A goes away at its next token
             got_a = await asyncio.wait_for(a, 30)

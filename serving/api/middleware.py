@@ -16,8 +16,10 @@ from .errors import AuthError, PayloadTooLargeError, RequestTimeoutError, error_
 # What _read_body returns for a client that disconnected mid-body.
 _GONE = object()
 
-# Liveness probes must work without credentials.
-OPEN_PATHS = frozenset({"/health"})
+# Liveness probes and the web playground's own files (api/ui.py) work without credentials: the page asks for the
+# key and sends it on its API calls. The page at "/" is open to GET and HEAD only: POST / is TGI's generate route.
+OPEN_PATHS = frozenset({"/health", "/ui/app.js", "/ui/style.css", "/ui/favicon.svg"})
+OPEN_PAGES = frozenset({"/"})
 
 
 class GuardMiddleware:
@@ -33,7 +35,8 @@ class GuardMiddleware:
             return
         path = scope.get("path", "")
         openai = is_openai_path(path)
-        if self.api_key is not None and path not in OPEN_PATHS and not self._authorized(scope):
+        is_open = path in OPEN_PATHS or (path in OPEN_PAGES and scope.get("method") in ("GET", "HEAD"))
+        if self.api_key is not None and not is_open and not self._authorized(scope):
             resp = error_response(AuthError("Missing or invalid API key: send `Authorization: Bearer <key>`"),
                                   openai=openai)
             resp.headers["WWW-Authenticate"] = "Bearer"
