@@ -67,6 +67,9 @@ class Settings:
     api_key: str | None = dataclasses.field(default=None, repr=False)  # from GPT2_API_KEY only
     log_level: str = "info"
     ui: bool = True  # the web playground at GET / (serving/ui/); --no-ui leaves GET / unrouted
+    # /v1/chat/completions: a Jinja2 chat template (Hugging Face's `chat_template` convention), a file or the
+    # template text itself; default: the model directory's own (tokenizer_config.json). GPT-2 has none.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -170,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     a("--ui", action=argparse.BooleanOptionalAction, default=None,
       help="serve the web playground at GET / (default on; --no-ui turns it off)")
+    a("--chat-template", metavar="FILE",
+      help="Jinja2 chat template for /v1/chat/completions (a file, or the template text itself), in Hugging "
+      "Face's chat_template format; default: the model directory's tokenizer_config.json `chat_template`")
     return p
 
 

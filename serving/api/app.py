@@ -14,7 +14,7 @@ from .. import __version__
 from ..config import EngineConfig, ModelInfo, Settings
 from ..engine import AsyncEngine, EngineParts
 from ..errors import ServingError
-from . import common, openai, tgi, ui
+from . import chat, common, openai, tgi, ui
 from .errors import install_handlers
 from .metrics import Metrics
 from .middleware import GuardMiddleware
@@ -66,6 +66,7 @@ def create_app(
     app.include_router(common.router)
     app.include_router(tgi.router)
     app.include_router(openai.router)
+    app.include_router(chat.chat_router(settings))
     if settings.ui:
         app.include_router(ui.router)
     install_openapi(app, settings, config, model_info)

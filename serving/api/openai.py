@@ -2,7 +2,8 @@
 
 Prompts may be a string, a list of strings, token ids or a list of token-id lists; `n` completions each.
 `echo` + `logprobs` returns the prompt's token logprobs (the first is null), also with `max_tokens=0`, which is
-how lm-eval-harness scores text. Errors are 400 with an OpenAI error object naming the parameter.
+how lm-eval-harness scores text. Errors are 400 with an OpenAI error object naming the parameter. The checks and
+the building of sampling parameters are shared with /v1/chat/completions (`chat.py`).
 """
 
 from __future__ import annotations
@@ -90,75 +91,160 @@ async def _prompts(req: CompletionRequest, engine: AsyncEngine, s: Settings) -> 
     return out
 
 
+@dataclass(frozen=True)
+class OpenAISampling:
+    """The sampling fields /v1/completions and /v1/chat/completions share, as plain values. The `*_param` names
+    are what errors call the fields the routes name differently (chat's `max_completion_tokens`, `top_logprobs`,
+    `messages`)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # alternatives per generated token (0: the chosen token's logprob only)
+    prompt_logprobs: int | None = None
+    echo: bool = False
+    max_tokens_param: str = "max_tokens"
+    logprobs_param: str = "logprobs"
+    prompt_param: str = "prompt"
+
+
+def check_request(
+    s: Settings, *, model: str | None, n: int, seed: int | None, stream: bool, stream_options: object | None
+) -> None:
+    """The checks of the fields both routes have outside the sampling parameters."""
+    if model is not None and model != s.model_name:
+        raise NotFoundError(f"The model `{model}` does not exist.")
+    if not 1 <= n <= s.max_n:
+        raise _bad(f"`n` must be in [1, {s.max_n}], got {n}", "n")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise _bad(f"`seed` must be in [0, {MAX_SEED}], got {seed}", "seed")
+    if stream_options is not None and not stream:
+        raise _bad("`stream_options` is only allowed when `stream` is true", "stream_options")
+
+
+def choice_seed(seed: int | None, j: int) -> int | None:
+    """One seed per choice; wraps past 2^64 - 1 rather than refusing a valid seed for n > 1."""
+    return None if seed is None else (seed + j) % (MAX_SEED + 1)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def finish_reason(out: RequestOutput) -> str | None:
+    """OpenAI's finish reason of a final output (an EOS token, a stop string or a stop token id are all "stop")."""
+    if out.final is None:
+        return None
+    return "length" if out.final.finish_reason is FinishReason.LENGTH else "stop"
+
+
+async def collect(request: Request, streams: list[RequestStream]) -> list[list[RequestOutput]] | None:
+    """Every stream's outputs, or None if the client went away first; the requests are aborted either way."""
+    try:
+        return await until_disconnect(request, asyncio.gather(*(st.collect() for st in streams)))
+    except ClientDisconnected:
+        return None
+    finally:
+        for st in streams:
+            st.abort()
+
+
 def _params(
     req: CompletionRequest, prompt_len: int, engine: AsyncEngine, s: Settings, seed: int | None
 ) -> SamplingParams:
-    max_total = engine.config.max_total_tokens
     if req.best_of is not None and req.best_of != req.n:
         raise _bad("`best_of` different from `n` is not supported", "best_of")
     if req.suffix is not None:
         raise _bad("`suffix` is not supported", "suffix")
-    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
-        raise _bad(f"`temperature` must be in [0, 2], got {req.temperature}", "temperature")
-    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
-        raise _bad(f"`top_p` must be in (0, 1], got {req.top_p}", "top_p")
-    if req.top_k is not None and req.top_k < -1:
-        raise _bad(f"`top_k` must be -1 (disabled) or >= 1, got {req.top_k}", "top_k")
+    o = OpenAISampling(
+        max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        typical_p=req.typical_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, logit_bias=req.logit_bias, stop=req.stop,
+        stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+        logprobs=req.logprobs, prompt_logprobs=req.prompt_logprobs, echo=req.echo,
+    )
+    return sampling_params(o, prompt_len, engine, s, seed)
+
+
+def sampling_params(
+    o: OpenAISampling, prompt_len: int, engine: AsyncEngine, s: Settings, seed: int | None
+) -> SamplingParams:
+    """OpenAI's ranges (stricter than the engine's: temperature <= 2, penalties in [-2, 2], ...), then
+    `SamplingParams`, which checks the engine's own."""
+    max_total = engine.config.max_total_tokens
+    if o.temperature is not None and not 0.0 <= o.temperature <= 2.0:
+        raise _bad(f"`temperature` must be in [0, 2], got {o.temperature}", "temperature")
+    if o.top_p is not None and not 0.0 < o.top_p <= 1.0:
+        raise _bad(f"`top_p` must be in (0, 1], got {o.top_p}", "top_p")
+    if o.top_k is not None and o.top_k < -1:
+        raise _bad(f"`top_k` must be -1 (disabled) or >= 1, got {o.top_k}", "top_k")
     for name in ("presence_penalty", "frequency_penalty"):
-        v = getattr(req, name)
+        v = getattr(o, name)
         if v is not None and not -2.0 <= v <= 2.0:
             raise _bad(f"`{name}` must be in [-2, 2], got {v}", name)
-    for name in ("logprobs", "prompt_logprobs"):
-        v = getattr(req, name)
+    for name, v in ((o.logprobs_param, o.logprobs), ("prompt_logprobs", o.prompt_logprobs)):
         if v is not None and not 0 <= v <= s.max_top_n_tokens:
             raise _bad(f"`{name}` must be in [0, {s.max_top_n_tokens}], got {v}", name)
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise _bad(f"`seed` must be in [0, {MAX_SEED}], got {seed}", "seed")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    stop = [o.stop] if isinstance(o.stop, str) else list(o.stop or [])
     if len(stop) > s.max_stop_sequences:
         raise _bad(f"`stop` supports up to {s.max_stop_sequences} sequences, got {len(stop)}", "stop")
     if any(not x for x in stop):
         raise _bad("`stop` sequences must not be empty strings", "stop")
     bias = []
-    for key, value in (req.logit_bias or {}).items():
+    for key, value in (o.logit_bias or {}).items():
         # ASCII digits only: str.isdigit() also takes "²" (int() then fails) and "١٢" (int() reads 12).
         if not (0 < len(key) <= 10 and key.isascii() and key.isdigit()) or not int(key) < engine.vocab_size:
             raise _bad(f"`logit_bias` keys must be token ids in [0, {engine.vocab_size}), got {key!r}", "logit_bias")
         if not -100.0 <= value <= 100.0:
             raise _bad(f"`logit_bias` values must be in [-100, 100], got {value}", "logit_bias")
         bias.append((int(key), float(value)))
-    max_tokens = req.max_tokens if req.max_tokens is not None else max_total - prompt_len
+    name = o.max_tokens_param
+    max_tokens = o.max_tokens if o.max_tokens is not None else max_total - prompt_len
     if max_tokens < 0:
-        raise _bad(f"`max_tokens` must be >= 0, got {max_tokens}", "max_tokens")
+        raise _bad(f"`{name}` must be >= 0, got {max_tokens}", name)
     if prompt_len + max_tokens > max_total:
         raise _bad(
             f"This model's maximum context length is {max_total} tokens. However, you requested "
             f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the completion). "
             "Please reduce the length of the prompt or completion.",
-            "prompt" if prompt_len >= max_total else "max_tokens",
+            o.prompt_param if prompt_len >= max_total else name,
         )
-    if not 0 <= req.min_tokens <= max_tokens:
-        raise _bad(f"`min_tokens` must be in [0, max_tokens={max_tokens}], got {req.min_tokens}", "min_tokens")
-    prompt_logprobs = req.prompt_logprobs
-    if req.echo and req.logprobs is not None:
-        prompt_logprobs = max(prompt_logprobs or 0, req.logprobs)
+    if not 0 <= o.min_tokens <= max_tokens:
+        raise _bad(f"`min_tokens` must be in [0, {name}={max_tokens}], got {o.min_tokens}", "min_tokens")
+    prompt_logprobs = o.prompt_logprobs
+    if o.echo and o.logprobs is not None:
+        prompt_logprobs = max(prompt_logprobs or 0, o.logprobs)
     return SamplingParams(
         max_new_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_k=max(0, req.top_k or 0),
-        top_p=1.0 if req.top_p is None else req.top_p,
-        min_p=req.min_p or 0.0,
-        typical_p=1.0 if req.typical_p is None else req.typical_p,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
+        temperature=1.0 if o.temperature is None else o.temperature,
+        top_k=max(0, o.top_k or 0),
+        top_p=1.0 if o.top_p is None else o.top_p,
+        min_p=o.min_p or 0.0,
+        typical_p=1.0 if o.typical_p is None else o.typical_p,
+        repetition_penalty=1.0 if o.repetition_penalty is None else o.repetition_penalty,
+        presence_penalty=o.presence_penalty or 0.0,
+        frequency_penalty=o.frequency_penalty or 0.0,
         logit_bias=tuple(bias),
         seed=seed,
-        ignore_eos=req.ignore_eos,
-        min_new_tokens=req.min_tokens,
+        ignore_eos=o.ignore_eos,
+        min_new_tokens=o.min_tokens,
         stop=tuple(stop),
-        stop_token_ids=tuple(req.stop_token_ids or ()),
-        logprobs=req.logprobs,
+        stop_token_ids=tuple(o.stop_token_ids or ()),
+        logprobs=o.logprobs,
         prompt_logprobs=prompt_logprobs,
     )
 
@@ -217,7 +303,7 @@ def _apply(
     c.text += delta
     c.generated += len(out.tokens)
     if out.final is not None:
-        c.finish_reason = "length" if out.final.finish_reason is FinishReason.LENGTH else "stop"
+        c.finish_reason = finish_reason(out)
     return delta, lp_delta
 
 
@@ -248,21 +334,12 @@ async def completions(
     req: CompletionRequest, request: Request, engine: AsyncEngine = Depends(ready_engine),
     s: Settings = Depends(get_settings),
 ) -> Response:
-    if req.model is not None and req.model != s.model_name:
-        raise NotFoundError(f"The model `{req.model}` does not exist.")
-    if not 1 <= req.n <= s.max_n:
-        raise _bad(f"`n` must be in [1, {s.max_n}], got {req.n}", "n")
-    if req.seed is not None and not 0 <= req.seed <= MAX_SEED:
-        raise _bad(f"`seed` must be in [0, {MAX_SEED}], got {req.seed}", "seed")
-    if req.stream_options is not None and not req.stream:
-        raise _bad("`stream_options` is only allowed when `stream` is true", "stream_options")
+    check_request(s, model=req.model, n=req.n, seed=req.seed, stream=req.stream, stream_options=req.stream_options)
     prompts = await _prompts(req, engine, s)
     choices, ids, params = [], [], []
     for prompt in prompts:
         for j in range(req.n):
-            # One seed per choice; wraps past 2^64 - 1 rather than refusing a valid seed for n > 1.
-            seed = None if req.seed is None else (req.seed + j) % (MAX_SEED + 1)
-            params.append(_params(req, len(prompt.ids), engine, s, seed))
+            params.append(_params(req, len(prompt.ids), engine, s, choice_seed(req.seed, j)))
             ids.append(prompt.ids)
             choices.append(_Choice(len(choices), prompt))
     streams = engine.add_requests(ids, params)
@@ -271,13 +348,9 @@ async def completions(
     usage_prompt = sum(len(p.ids) for p in prompts)
     if req.stream:
         return EngineStreamingResponse(_stream(engine, req, s, choices, streams, cid, created, usage_prompt), streams)
-    try:
-        outs = await until_disconnect(request, asyncio.gather(*(st.collect() for st in streams)))
-    except ClientDisconnected:
+    outs = await collect(request, streams)
+    if outs is None:
         return Response(status_code=499)
-    finally:
-        for st in streams:
-            st.abort()
     body_choices = []
     for c, stream_outs in zip(choices, outs):
         for k, out in enumerate(stream_outs):
@@ -298,8 +371,7 @@ async def completions(
         "created": created,
         "model": s.model_name,
         "choices": body_choices,
-        "usage": {"prompt_tokens": usage_prompt, "completion_tokens": completion,
-                  "total_tokens": usage_prompt + completion},
+        "usage": usage(usage_prompt, completion),
     })
 
 
@@ -327,8 +399,7 @@ async def _stream(engine: AsyncEngine, req: CompletionRequest, s: Settings, choi
             yield chunk([item])
         if req.stream_options is not None and req.stream_options.include_usage:
             completion = sum(c.generated for c in choices)
-            yield chunk([], usage={"prompt_tokens": usage_prompt, "completion_tokens": completion,
-                                   "total_tokens": usage_prompt + completion})
+            yield chunk([], usage=usage(usage_prompt, completion))
     except ServingError as e:
         yield sse_event(openai_body(e), space=True)
     yield sse_event("[DONE]", space=True)

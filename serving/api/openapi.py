@@ -71,6 +71,7 @@ _RESPONSES: list[type[BaseModel]] = [
     schemas.GenerateResponse, schemas.StreamResponse, schemas.ErrorResponse, schemas.TokenSpan,
     schemas.DetokenizeResponse, schemas.ScoreResponse, schemas.Health, schemas.HealthUnavailable, schemas.Info,
     schemas.OpenAIErrorResponse, schemas.Completion, schemas.CompletionChunk, schemas.ModelList,
+    schemas.ChatCompletion, schemas.ChatCompletionChunk,
 ]
 
 _TIMING_HEADERS = {
@@ -118,6 +119,7 @@ def _routes() -> dict[tuple[str, str], tuple[dict[str, Any], tuple[type[ServingE
     """(method, path) -> (the 200 content by media type, the errors it can answer with)."""
     tgi_stream = _sse({"anyOf": [_ref("StreamResponse"), _ref("ErrorResponse")]})
     oai_stream = _sse({"anyOf": [_ref("CompletionChunk"), _ref("OpenAIErrorResponse")]}, done=True)
+    chat_stream = _sse({"anyOf": [_ref("ChatCompletionChunk"), _ref("OpenAIErrorResponse")]}, done=True)
     return {
         ("get", "/health"): (_json(_ref("Health")), ()),
         ("get", "/info"): (_json(_ref("Info")), ()),
@@ -130,6 +132,8 @@ def _routes() -> dict[tuple[str, str], tuple[dict[str, Any], tuple[type[ServingE
         ("post", "/"): ({**_json(_ref("GenerateResponse")), **tgi_stream}, _ENGINE),
         ("get", "/v1/models"): (_json(_ref("ModelList")), ()),
         ("post", "/v1/completions"): ({**_json(_ref("Completion")), **oai_stream}, (NotFoundError, *_ENGINE)),
+        ("post", "/v1/chat/completions"): ({**_json(_ref("ChatCompletion")), **chat_stream},
+                                           (NotFoundError, *_ENGINE)),
     }
 
 
@@ -275,6 +279,19 @@ def _constrain(components: dict[str, Any], s: Settings, max_total: int, vocab: i
             "prompt_logprobs": top_n,
         },
     }
+    # Chat shares completions' sampling fields and their checks (openai.sampling_params).
+    completion = rules["CompletionRequest"]
+    shared = ("model", "max_tokens", "temperature", "top_p", "n", "stop", "presence_penalty", "frequency_penalty",
+              "logit_bias", "seed", "top_k", "min_p", "typical_p", "repetition_penalty", "min_tokens",
+              "stop_token_ids")
+    rules["ChatCompletionRequest"] = copy.deepcopy({
+        **{name: completion[name] for name in shared},
+        "messages": {"minItems": 1},
+        "max_completion_tokens": completion["max_tokens"],
+        "top_logprobs": top_n,
+        "chat_template": {"type": "null", "description": "not supported: the server's is set with --chat-template"},
+    })
+    rules["ChatContentPart"] = {"type": {"const": "text", "description": "text only: other kinds are refused"}}
     for model, fields in rules.items():
         props = components[model]["properties"]
         for name, rule in fields.items():
@@ -290,7 +307,8 @@ def _constrain(components: dict[str, Any], s: Settings, max_total: int, vocab: i
 
 def _cross_field(doc: dict[str, Any], components: dict[str, Any]) -> None:
     """Rules between fields. Streaming refuses `decoder_input_details` (TGI): /generate_stream gets request schemas
-    that say so, and POST / says it for `stream: true`; /v1 takes `stream_options` only with `stream: true`."""
+    that say so, and POST / says it for `stream: true`; /v1 takes `stream_options` only with `stream: true`, and
+    chat `top_logprobs` only with `logprobs: true`."""
     params = copy.deepcopy(components["GenerateParameters"])
     params["title"] = "GenerateStreamParameters"
     params["properties"]["decoder_input_details"]["const"] = False
@@ -308,6 +326,11 @@ def _cross_field(doc: dict[str, Any], components: dict[str, Any]) -> None:
     components["CompletionRequest"]["if"] = {"properties": {"stream_options": {"type": "object"}},
                                               "required": ["stream_options"]}
     components["CompletionRequest"]["then"] = {"properties": {"stream": {"const": True}}, "required": ["stream"]}
+    components["ChatCompletionRequest"]["allOf"] = [
+        copy.deepcopy({key: components["CompletionRequest"][key] for key in ("if", "then")}),
+        {"if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+         "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]}},
+    ]
 
 
 def _digits_below(n: int) -> str:

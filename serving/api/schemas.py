@@ -103,6 +103,59 @@ class CompletionRequest(_Strict):
     prompt_logprobs: int | None = None
 
 
+# ---- OpenAI chat completions -------------------------------------------------------------------------------
+
+
+class ChatContentPart(BaseModel):
+    """One part of a message's content. Only `text` parts are read; the other kinds (`image_url`, `input_audio`,
+    `file`) are parsed so that the refusal can name them."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # null only for an assistant message (OpenAI's, when it carried tool calls).
+    content: str | list[ChatContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class ChatCompletionRequest(_Strict):
+    messages: list[ChatMessage]
+    model: str | None = None
+    # Default: what fits in the context. `max_completion_tokens` is OpenAI's newer name for the same thing.
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = None
+    user: str | None = None
+    # vLLM's extras (the openai client sends them through `extra_body`).
+    top_k: int | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    add_generation_prompt: bool = True
+    # A template per request (vLLM takes one): refused by name, the server's template is its operator's choice.
+    chat_template: str | None = None
+
+
 # ---- scoring -----------------------------------------------------------------------------------------------
 
 
@@ -322,3 +375,64 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] = Field(description="the token's UTF-8 bytes (a token may hold part of a character)")
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[ChatTopLogprob] = Field(description="the `top_logprobs` most likely tokens at this position")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatCompletionMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = Field(ge=0)
+    message: ChatCompletionMessage
+    logprobs: ChatLogprobs | None = Field(description="with `logprobs: true` only")
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, description="in each choice's first chunk only")
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = Field(ge=0)
+    delta: ChatDelta = Field(description="empty in the chunk that carries `finish_reason`")
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a /v1/chat/completions stream (the stream ends with `data: [DONE]`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, description="the last chunk with `stream_options.include_usage` only")
