@@ -7,7 +7,7 @@ MODEL ?= models/default
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: serve test fuzz bench soak install browser
+.PHONY: serve test fuzz bench soak install browser deploy-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m serving --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: $(STAMP) browser
+test: $(STAMP) browser deploy-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # tests/test_ui.py drives the web playground in headless Chromium. Missing, it is installed with apt-get when we are
@@ -33,6 +33,21 @@ browser:
 	      || echo "could not install chromium: tests/test_ui.py will fail"; \
 	  else \
 	    echo "tests/test_ui.py needs Chromium: sudo apt-get install chromium chromium-driver"; \
+	  fi; \
+	fi
+
+# tests/test_deploy.py runs deploy/'s nginx and Prometheus configs with the real programs (Debian's nginx and
+# prometheus: ~21 MB of downloads, ~25 s) (the Kubernetes manifests are checked with kubernetes-validate, from the test extra). Missing, they
+# are installed when we are root (RUNLEVEL=1: the packages' system services are not started); otherwise this says
+# what to install (the loopback stack test fails without them, it is never skipped).
+deploy-tools:
+	@if ! command -v nginx >/dev/null || ! command -v prometheus >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing nginx and prometheus for tests/test_deploy.py"; \
+	    { apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        nginx prometheus >/dev/null; } || echo "could not install nginx/prometheus: tests/test_deploy.py will fail"; \
+	  else \
+	    echo "tests/test_deploy.py needs nginx and prometheus: sudo apt-get install nginx prometheus"; \
 	  fi; \
 	fi
 

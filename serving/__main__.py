@@ -37,9 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import uvicorn
 
+    from serving.api.access_log import configure_access_log
     from serving.api.app import create_app
     from serving.server import Server, guarded_protocol
 
+    configure_access_log(settings.access_log)
     try:
         app = create_app(settings)
         sock = _bind(settings.host, settings.port)

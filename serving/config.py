@@ -18,6 +18,7 @@ from typing import Any
 ENV_PREFIX = "GPT2_"
 DECODE_BATCHING = ("fixed", "bucketed")
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
+ACCESS_LOG = ("json", "off")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class Settings:
     max_connections: int = 512  # open connections (and requests in flight) before new requests get 503
     api_key: str | None = dataclasses.field(default=None, repr=False)  # from GPT2_API_KEY only
     log_level: str = "info"
+    # "json": one JSON line per request on stdout (logger `serving.access`: request id, route, status, tokens,
+    # queue/TTFT/total time), independent of --log-level and of uvicorn's plain-text access log; "off": none.
+    access_log: str = "json"
     ui: bool = True  # the web playground at GET / (serving/ui/); --no-ui leaves GET / unrouted
     # /v1/chat/completions: a Jinja2 chat template (Hugging Face's `chat_template` convention), a file or the
     # template text itself; default: the model directory's own (tokenizer_config.json). GPT-2 has none.
@@ -91,6 +95,8 @@ class Settings:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
         if self.decode_batching not in DECODE_BATCHING:
             raise ValueError(f"decode_batching must be one of {DECODE_BATCHING}, got {self.decode_batching!r}")
+        if self.access_log not in ACCESS_LOG:
+            raise ValueError(f"access_log must be one of {ACCESS_LOG}, got {self.access_log!r}")
         if self.device_target not in DEVICE_TARGETS:
             raise ValueError(f"device_target must be one of {DEVICE_TARGETS}, got {self.device_target!r}")
         if not 0 <= self.port <= 65535:
@@ -171,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-connections", type=int,
       help="open connections before new requests get 503 (default 512; mind the process's file limit)")
     a("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    a("--access-log", choices=ACCESS_LOG,
+      help="json (default): one JSON line per request on stdout, whatever --log-level says; off: none")
     a("--ui", action=argparse.BooleanOptionalAction, default=None,
       help="serve the web playground at GET / (default on; --no-ui turns it off)")
     a("--chat-template", metavar="FILE",

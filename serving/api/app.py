@@ -15,6 +15,7 @@ from ..config import EngineConfig, ModelInfo, Settings
 from ..engine import AsyncEngine, EngineParts
 from ..errors import ServingError
 from . import chat, common, openai, tgi, ui
+from .access_log import AccessLogMiddleware
 from .errors import install_handlers
 from .metrics import Metrics
 from .middleware import GuardMiddleware
@@ -72,4 +73,6 @@ def create_app(
     install_openapi(app, settings, config, model_info)
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        body_timeout=settings.body_timeout)
+    # Added last, so outermost: the guard's 401/408/413 answers carry the request id and are logged too.
+    app.add_middleware(AccessLogMiddleware, enabled=settings.access_log != "off")
     return app

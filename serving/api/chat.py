@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from ..config import Settings
 from ..engine import AsyncEngine, RequestOutput, RequestStream, TokenInfo
 from ..errors import ServingError, ValidationError
+from .access_log import note_final
 from .chat_template import NO_TEMPLATE, ChatTemplate, load_chat_template
 from .deps import encode_texts, get_settings, ready_engine, token_text
 from .errors import openai_body
@@ -153,6 +154,7 @@ def _fold(engine: AsyncEngine, c: _Choice, out: RequestOutput, want_logprobs: bo
     c.generated += len(out.tokens)
     if out.final is not None:
         c.finish_reason = finish_reason(out)
+        note_final(out.final)
     if not want_logprobs:
         return None
     entries = _token_logprobs(engine, out.tokens)

@@ -23,6 +23,7 @@ from ..config import Settings
 from ..engine import AsyncEngine, FinishReason, RequestOutput, RequestStream, TokenInfo
 from ..errors import ServingError, ValidationError
 from ..sampling_params import MAX_SEED, SamplingParams
+from .access_log import note_final
 from .deps import encode_texts, get_settings, ready_engine, token_text
 from .errors import NotFoundError, openai_body
 from .responses import JSONResponse
@@ -304,6 +305,7 @@ def _apply(
     c.generated += len(out.tokens)
     if out.final is not None:
         c.finish_reason = finish_reason(out)
+        note_final(out.final)
     return delta, lp_delta
 
 

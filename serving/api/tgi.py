@@ -16,6 +16,7 @@ from ..config import Settings
 from ..engine import AsyncEngine, FinishReason, RequestOutput, RequestStream, TokenInfo
 from ..errors import ServingError, ValidationError
 from ..sampling_params import MAX_SEED, SamplingParams
+from .access_log import note_final
 from .deps import encode_texts, get_settings, ready_engine, token_text
 from .errors import tgi_body
 from .responses import JSONResponse
@@ -178,6 +179,7 @@ async def generate(
 def _generate_response(engine: AsyncEngine, req: GenerateRequest, p: GenerateParameters,
                        outs: list[RequestOutput]) -> JSONResponse:
     final = outs[-1].final
+    note_final(final)
     text = (req.inputs if p.return_full_text else "") + final.text
     body: dict[str, Any] = {"generated_text": text}
     if p.details:
@@ -224,6 +226,7 @@ async def _events(engine: AsyncEngine, req: GenerateRequest, p: GenerateParamete
                     event["top_tokens"] = _top(engine, t)
                 if out.final is not None:
                     f = out.final
+                    note_final(f)
                     event["generated_text"] = (req.inputs if p.return_full_text else "") + f.text
                     if p.details:
                         event["details"] = {
