@@ -122,11 +122,12 @@ def test_a_huge_word_is_answered_quickly_and_health_stays_responsive(guarded):
     done = threading.Event()
 
     def poll_health():
-        while not done.is_set():
-            t0 = time.monotonic()
-            assert httpx.get(guarded.url + "/health", timeout=30).status_code == 200
-            latencies.append(time.monotonic() - t0)
-            time.sleep(0.02)
+        with httpx.Client(timeout=30) as c:  # one connection: the latency is the server's, not a client's setup
+            while not done.is_set():
+                t0 = time.monotonic()
+                assert c.get(guarded.url + "/health").status_code == 200
+                latencies.append(time.monotonic() - t0)
+                time.sleep(0.01)
 
     def answer_time(text: str) -> float:
         t0 = time.monotonic()
@@ -138,7 +139,7 @@ def test_a_huge_word_is_answered_quickly_and_health_stays_responsive(guarded):
     poller.start()
     try:
         normal = min(answer_time(english) for _ in range(2))
-        huge = answer_time(word)
+        huge = max(answer_time(word + c) for c in "xyz")  # fresh words: nothing cached
     finally:
         done.set()
         poller.join(30)
