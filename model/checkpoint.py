@@ -217,22 +217,43 @@ def is_model_dir(path: str | os.PathLike) -> bool:
         os.path.isfile(os.path.join(path, n)) for n in MODEL_WEIGHT_FILES)
 
 
+# What this project writes into a model directory: one holding anything else (a Hugging Face checkout's README.md
+# or .git, a user's notes) is not replaced without overwrite.
+MODEL_DIR_FILES = frozenset({CONFIG_NAME, *MODEL_WEIGHT_FILES, *TOKENIZER_FILES, "training.json"})
+
+
 def check_destination(path: str | os.PathLike, *, overwrite: bool = False,
                       hint: str = "empty it or choose another destination") -> None:
     """Refuse a destination whose replacement would lose files: FileExistsError unless `path` is missing, an
-    empty directory or a model directory, or `overwrite` is true (a non-directory is refused either way)."""
+    empty directory or a model directory holding only the files this project writes, or `overwrite` is true (a
+    non-directory is refused either way)."""
     path = os.fspath(path)
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):
         raise FileExistsError(f"destination {path} exists and is not a directory")
-    if overwrite or is_model_dir(path):
+    if overwrite:
         return
     entries = sorted(os.listdir(path))
+    if is_model_dir(path):
+        others = [e for e in entries if e not in MODEL_DIR_FILES]
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise FileExistsError(f"destination {path} is a model directory that also holds {shown}, which "
+                                  f"replacing it would delete; {hint}")
+        return
     if entries:
         shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
         raise FileExistsError(f"destination {path} already exists and is not a model directory "
                               f"(it holds {shown}); {hint}")
+
+
+def check_not_inside(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Refuse a destination that is the source, or holds it, or lies inside it: replacing it would delete the
+    source (`--src hf-gpt2/ --dst hf-gpt2/`)."""
+    s, d = os.path.realpath(os.fspath(src)), os.path.realpath(os.fspath(dst))
+    if s == d or s.startswith(d + os.sep) or d.startswith(s + os.sep):
+        raise ValueError(f"the destination {dst} and the source {src} overlap: choose another destination")
 
 
 def write_dir_atomically(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = False) -> None:

@@ -62,7 +62,7 @@ class Settings:
     shutdown_timeout: float = 30.0  # seconds running requests may take to finish on shutdown
     # Slow and idle clients (uvicorn alone waits forever for a request's headers and body).
     header_timeout: float = 10.0  # seconds from a connection's first byte (or its opening) to the end of headers
-    body_timeout: float = 30.0  # seconds a request body may take to arrive (each chunk, and in total)
+    body_timeout: float = 30.0  # seconds a request's whole body may take to arrive
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open between requests
     max_connections: int = 512  # open connections (and requests in flight) before new requests get 503
     api_key: str | None = dataclasses.field(default=None, repr=False)  # from GPT2_API_KEY only
@@ -72,7 +72,8 @@ class Settings:
     access_log: str = "json"
     ui: bool = True  # the web playground at GET / (serving/ui/); --no-ui leaves GET / unrouted
     # /v1/chat/completions: a Jinja2 chat template (Hugging Face's `chat_template` convention), a file or the
-    # template text itself; default: the model directory's own (tokenizer_config.json). GPT-2 has none.
+    # template text itself; default: the model directory's own (chat_template.jinja, else tokenizer_config.json).
+    # GPT-2 has none.
     chat_template: str | None = None
 
     def __post_init__(self) -> None:
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="serve the web playground at GET / (default on; --no-ui turns it off)")
     a("--chat-template", metavar="FILE",
       help="Jinja2 chat template for /v1/chat/completions (a file, or the template text itself), in Hugging "
-      "Face's chat_template format; default: the model directory's tokenizer_config.json `chat_template`")
+      "Face's chat_template format; default: the model directory's chat_template.jinja or tokenizer_config.json "
+      "`chat_template`")
     return p
 
 

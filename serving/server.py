@@ -89,6 +89,7 @@ class Server(uvicorn.Server):
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        self._drain_task: asyncio.Future | None = None
         engine.on_dead = self._engine_died
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
@@ -98,13 +99,18 @@ class Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: runs between two bytecodes of the event loop's thread, so it only hands over.
         # Not recorded in uvicorn's `_captured_signals`, which it would re-raise at the end (exit 143).
+        # Logging waits for the loop too: a write to stderr interrupted by a handler that writes would be reentrant.
         if self._draining or self.should_exit or self._loop is None:
-            log.warning("second signal: exiting now")
             self.should_exit = self.force_exit = True
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(log.warning, "second signal: exiting now")
             return
         self._draining = True
-        log.info("%s: draining (running requests get up to %.0f s)", signal.Signals(sig).name, self.drain_timeout)
-        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+        self._loop.call_soon_threadsafe(self._start_drain, signal.Signals(sig).name)
+
+    def _start_drain(self, name: str) -> None:
+        log.info("%s: draining (running requests get up to %g s)", name, self.drain_timeout)
+        self._drain_task = asyncio.ensure_future(self._drain())  # held: the loop keeps only a weak reference
 
     async def _drain(self) -> None:
         await self.engine.shutdown(self.drain_timeout)

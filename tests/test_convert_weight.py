@@ -1,6 +1,7 @@
 """tools/convert_weight.py: Hugging Face and MindFormers checkpoints in, Hugging Face out, strict about keys."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -224,6 +225,25 @@ def test_a_directory_of_other_files_is_refused_unless_overwrite(model_hf, tmp_pa
     (tmp_path / "empty").mkdir()
     convert(src=src, dst=str(tmp_path / "empty"))
     assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def test_a_model_directory_holding_other_files_and_the_source_itself_are_refused(model_hf, tmp_path):
+    from tools.convert_weight import convert
+
+    src = save_hf_dir(model_hf, str(tmp_path / "hf"), fmt="bin")
+    (tmp_path / "hf" / "README.md").write_text("a Hugging Face checkout")
+    before = sorted(os.listdir(src))
+    # `--src hf/ --dst hf/` used to read the checkout, then replace all of it.
+    with pytest.raises(ValueError, match="overlap"):
+        convert(src=src, dst=src)
+    with pytest.raises(ValueError, match="overlap"):
+        convert(src=src, dst=str(tmp_path))
+    # A model directory that also holds README.md is not replaced without --overwrite.
+    weights = shutil.copy(os.path.join(src, "pytorch_model.bin"), tmp_path / "w.bin")
+    config = shutil.copy(os.path.join(src, "config.json"), tmp_path / "config.json")
+    with pytest.raises(FileExistsError, match="also holds README.md"):
+        convert(src=str(weights), dst=src, config=str(config))
+    assert sorted(os.listdir(src)) == before
 
 
 def test_an_existing_model_directory_is_replaced_and_stale_temporaries_cleaned(model_hf, tmp_path):

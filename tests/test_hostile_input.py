@@ -210,6 +210,16 @@ def test_a_queue_timeout_says_queue_timeout_on_the_wire_and_in_the_metrics():
         assert metrics(c)["gpt2_request_failure_total{reason=queue_timeout}"] == 1
 
 
+def test_refusals_before_the_routes_are_counted():
+    with serve(settings=fake_settings(max_body_bytes=100, api_key="k")) as (c, _):
+        ok = {"Authorization": "Bearer k"}
+        assert c.post("/generate", json=gen()).status_code == 401
+        assert c.post("/generate", json={"inputs": "x" * 200}, headers=ok).status_code == 413
+        text = c.get("/metrics", headers=ok).text
+        assert 'gpt2_request_failure_total{reason="authentication"} 1.0' in text, text
+        assert 'gpt2_request_failure_total{reason="payload_too_large"} 1.0' in text
+
+
 def test_the_batch_size_gauge_reads_zero_when_idle(client):
     assert client.post("/generate", json=gen(max_new_tokens=3)).status_code == 200
     assert metrics(client)["gpt2_batch_current_size"] == 0
@@ -246,7 +256,8 @@ def test_a_request_whose_sampling_raises_fails_alone(monkeypatch):
             assert results[0].status_code == 424 and "injected" in results[0].json()["error"]
             assert [r.json()["generated_text"] for r in results[1:]] == solo
         assert max(batches) > 1, "the faulty request never shared a batch"
-        assert c.get("/health").status_code == 200
+        health = c.get("/health")
+        assert health.status_code == 200 and "injected" in health.json()["last_error"]
 
 
 def test_sampling_params_bound_what_costs_per_token_work():

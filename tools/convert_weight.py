@@ -38,6 +38,7 @@ from model.checkpoint import (  # noqa: E402
     TOKENIZER_FILES,
     CheckpointError,
     check_destination,
+    check_not_inside,
     check_state_dict,
     copy_tokenizer_files,
     parameter_shapes,
@@ -266,6 +267,7 @@ def convert(
     if source_format not in ("auto", "hf", "mindformers"):
         raise ValueError(f"unknown source format {source_format!r}; use auto, hf or mindformers")
     to_file = dst.endswith((".ckpt", ".safetensors"))
+    check_not_inside(src, dst)
     _check_dst(dst, to_file=to_file, overwrite=overwrite)
     src_cfg = None
     if os.path.isdir(src):
@@ -320,6 +322,7 @@ def export_hf(
     same rules as convert()'s (`overwrite` for a directory that is neither empty nor a model directory)."""
     if hf_format not in ("safetensors", "bin"):
         raise ValueError(f"unknown Hugging Face format {hf_format!r}; use safetensors or bin")
+    check_not_inside(src, dst)
     _check_dst(dst, to_file=False, overwrite=overwrite)
     if os.path.isdir(src):
         from model.checkpoint import find_weights

@@ -1,8 +1,9 @@
 """Request ids and structured access logs: one JSON line per HTTP request on the `serving.access` logger.
 
 `AccessLogMiddleware` (pure ASGI, outermost, so 401/408/413 answers carry the id too) takes the client's
-`X-Request-Id` when it is 1-128 printable ASCII characters, else makes one; echoes it on every response (streams
-included: it is a header of the response start); and, when the response ends, logs the request id, method, route,
+`X-Request-Id` when it is 1-128 printable ASCII characters, else makes one; echoes it on every response of the app
+(streams included: it is a header of the response start; not the 500 of an unexpected exception, which Starlette
+answers outside this middleware, though its log line has the id); and, when the response ends, logs the request id, method, route,
 status, prompt and generated tokens, finish reasons and the queue / time-to-first-token / total times.
 
 The generation routes report what the engine told them through `note_final(final)`: a context variable carries

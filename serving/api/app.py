@@ -60,6 +60,7 @@ def create_app(
     app.state.metrics = metrics
 
     def count_error(exc: ServingError) -> None:
+        # Refusals before the engine: the engine counts its own (overloaded, unavailable, queue_timeout, error).
         if exc.error_type in ("validation", "authentication", "payload_too_large", "not_found", "request_timeout"):
             metrics.on_rejected(exc.error_type)
 
@@ -72,7 +73,7 @@ def create_app(
         app.include_router(ui.router)
     install_openapi(app, settings, config, model_info)
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                       body_timeout=settings.body_timeout)
+                       body_timeout=settings.body_timeout, on_reject=count_error)
     # Added last, so outermost: the guard's 401/408/413 answers carry the request id and are logged too.
     app.add_middleware(AccessLogMiddleware, enabled=settings.access_log != "off")
     return app

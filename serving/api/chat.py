@@ -20,14 +20,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
 from ..engine import AsyncEngine, RequestOutput, RequestStream, TokenInfo
 from ..errors import ServingError, ValidationError
 from .access_log import note_final
 from .chat_template import NO_TEMPLATE, ChatTemplate, load_chat_template
-from .deps import encode_texts, get_settings, ready_engine, token_text
+from .deps import encode_texts, get_settings, off_loop, ready_engine, token_text
 from .errors import openai_body
 from .openai import OpenAISampling, check_request, choice_seed, collect, finish_reason, sampling_params, usage
 from .responses import JSONResponse
@@ -121,7 +120,7 @@ async def _prompt(req: ChatCompletionRequest, template: ChatTemplate, engine: As
     """Render and tokenize, both in a worker thread (a 2 MB body of messages takes a while)."""
     messages = _messages(req)
     special = token_text(engine, engine.tokenizer.eos_token_id)  # GPT-2's bos and eos: <|endoftext|>
-    text = await run_in_threadpool(lambda: template.render(
+    text = await off_loop(lambda: template.render(
         messages, add_generation_prompt=req.add_generation_prompt, bos_token=special, eos_token=special))
     (ids,) = await encode_texts(engine, [("messages", text)], max_tokens=engine.config.max_total_tokens)
     if not ids:

@@ -8,14 +8,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .. import __version__
 from ..config import Settings
 from ..engine import AsyncEngine, EngineState
 from ..errors import ValidationError
-from .deps import encode_texts, get_engine, get_settings, ready_engine, token_text
+from .deps import encode_texts, get_engine, get_settings, off_loop, ready_engine, token_text
+from .errors import RETRY_AFTER
 from .responses import JSONResponse, dumps
 from .schemas import DetokenizeRequest, ScoreRequest, TokenizeRequest
 from .streaming import ClientDisconnected, until_disconnect
@@ -36,7 +36,8 @@ async def health(engine: AsyncEngine = Depends(get_engine)) -> JSONResponse:
         EngineState.LOADING: "Loading model",
         EngineState.STOPPING: "Shutting down",
     }.get(engine.state, f"Engine error: {engine.dead_reason}")
-    return JSONResponse({"error": {"code": 503, "message": message, "type": "unavailable_error"}}, status_code=503)
+    return JSONResponse({"error": {"code": 503, "message": message, "type": "unavailable_error"}}, status_code=503,
+                        headers={"Retry-After": RETRY_AFTER})
 
 
 @router.get("/info")
@@ -75,7 +76,7 @@ async def tokenize(req: TokenizeRequest, engine: AsyncEngine = Depends(ready_eng
     """TGI's shape: one {id, text, start, stop} per token; start/stop are character offsets into `inputs`."""
     (ids,) = await encode_texts(engine, [("inputs", req.inputs)])
     # A 2 MB body is ~500k tokens: their list and its JSON are built in a worker thread, off the event loop.
-    body = await run_in_threadpool(lambda: dumps(_tokens_with_offsets(engine, ids)))
+    body = await off_loop(lambda: dumps(_tokens_with_offsets(engine, ids)))
     return Response(body, media_type="application/json")
 
 
@@ -126,7 +127,7 @@ async def score(
     except ClientDisconnected:
         return Response(status_code=499)
     # Up to 64 texts x 1,024 tokens x top_n alternatives: built and encoded off the event loop.
-    body = await run_in_threadpool(
+    body = await off_loop(
         lambda: dumps({"model": s.model_name, "results": _score_results(engine, req, results, len(bos))}))
     return Response(body, media_type="application/json")
 

@@ -5,25 +5,41 @@ Routes reach the engine only through `ready_engine`; nothing here runs a model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
+import anyio
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
 from ..engine import AsyncEngine
 from ..errors import ValidationError
 
 
-def get_settings(request: Request) -> Settings:
+T = TypeVar("T")
+
+# CPU-heavy request work (tokenizing, rendering chat templates, building big response bodies) runs in at most two
+# threads: on anyio's shared pool, 40 large bodies at once would take every thread (FastAPI also runs plain `def`
+# dependencies there) and most of the GIL from the engine thread.
+_HEAVY = anyio.CapacityLimiter(2)
+
+
+async def off_loop(fn: Callable[[], T]) -> T:
+    """Run CPU-heavy request work in a worker thread (at most two at a time), never on the event loop."""
+    return await anyio.to_thread.run_sync(fn, limiter=_HEAVY)
+
+
+# The dependencies are `async def`: FastAPI would run plain `def` ones in the thread pool, so /health could wait
+# behind long tokenizations for a free thread.
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> AsyncEngine:
+async def get_engine(request: Request) -> AsyncEngine:
     return request.app.state.engine
 
 
-def ready_engine(request: Request) -> AsyncEngine:
+async def ready_engine(request: Request) -> AsyncEngine:
     """The engine, or EngineUnavailableError (503) while loading, shutting down or dead."""
     engine: AsyncEngine = request.app.state.engine
     engine._check_ready()
@@ -53,7 +69,7 @@ async def encode_texts(
                 raise ValidationError(
                     f"`{param}` is {len(text)} characters long: more than the {max_tokens} tokens allowed",
                     param=param)
-    return await run_in_threadpool(lambda: [encode(engine, text, param=param) for param, text in texts])
+    return await off_loop(lambda: [encode(engine, text, param=param) for param, text in texts])
 
 
 def token_text(engine: AsyncEngine, token_id: int) -> str:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import ServingError
 from .errors import AuthError, PayloadTooLargeError, RequestTimeoutError, error_response, is_openai_path
 
 # What _read_body returns for a client that disconnected mid-body.
@@ -23,8 +25,10 @@ OPEN_PAGES = frozenset({"/"})
 
 
 class GuardMiddleware:
-    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, body_timeout: float) -> None:
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int, body_timeout: float,
+                 on_reject: Callable[[ServingError], None] | None = None) -> None:
         self.app = app
+        self.on_reject = on_reject  # told about each 401/408/413 answered here (metrics)
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout
@@ -37,8 +41,9 @@ class GuardMiddleware:
         openai = is_openai_path(path)
         is_open = path in OPEN_PATHS or (path in OPEN_PAGES and scope.get("method") in ("GET", "HEAD"))
         if self.api_key is not None and not is_open and not self._authorized(scope):
-            resp = error_response(AuthError("Missing or invalid API key: send `Authorization: Bearer <key>`"),
-                                  openai=openai)
+            denied = AuthError("Missing or invalid API key: send `Authorization: Bearer <key>`")
+            self._rejected(denied)
+            resp = error_response(denied, openai=openai)
             resp.headers["WWW-Authenticate"] = "Bearer"
             await resp(scope, receive, send)
             return
@@ -54,12 +59,17 @@ class GuardMiddleware:
                 return  # the client left before sending its body: nobody to answer
             if isinstance(body, Exception):
                 # The rest of the body is never read: the connection cannot carry another request.
+                self._rejected(body)
                 resp = error_response(body, openai=openai)
                 resp.headers["Connection"] = "close"
                 await resp(scope, receive, send)
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+    def _rejected(self, exc: ServingError) -> None:
+        if self.on_reject is not None:
+            self.on_reject(exc)
 
     def _authorized(self, scope: Scope) -> bool:
         for name, value in scope.get("headers", []):

@@ -17,14 +17,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
 from ..engine import AsyncEngine, FinishReason, RequestOutput, RequestStream, TokenInfo
 from ..errors import ServingError, ValidationError
 from ..sampling_params import MAX_SEED, SamplingParams
 from .access_log import note_final
-from .deps import encode_texts, get_settings, ready_engine, token_text
+from .deps import encode_texts, get_settings, off_loop, ready_engine, token_text
 from .errors import NotFoundError, openai_body
 from .responses import JSONResponse
 from .schemas import CompletionRequest
@@ -81,7 +80,7 @@ async def _prompts(req: CompletionRequest, engine: AsyncEngine, s: Settings) -> 
     texts = [("prompt", item) for item in items if isinstance(item, str)]
     encoded = iter(await encode_texts(engine, texts, max_tokens=limit))
     # Token-id prompts are decoded for `echo` in a worker thread too: a body may hold ~500k ids.
-    decoded = iter(await run_in_threadpool(
+    decoded = iter(await off_loop(
         lambda: [engine.tokenizer.decode(item) for item in items if not isinstance(item, str)]))
     out = []
     for item in items:

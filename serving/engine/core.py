@@ -47,6 +47,12 @@ class StepResult:
     def failed(self) -> bool:
         return self.prefill_error is not None or self.decode_error is not None
 
+    @property
+    def sample_error(self) -> Exception | None:
+        """The first row whose sampling raised (its request failed alone; the step itself did not fail)."""
+        rows = [c.token for c in self.prefill or []] + list(self.decode or [])
+        return next((r.error for r in rows if isinstance(r, SampleFailure)), None)
+
 
 @dataclass
 class EngineCore:

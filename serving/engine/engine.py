@@ -272,8 +272,9 @@ class AsyncEngine:
             with self._cv:
                 decoded = core.postprocess_decode(sched, res)
             self._deliver_threadsafe(decoded)
-            if res.failed:
-                err = res.prefill_error or res.decode_error
+            err = res.prefill_error or res.decode_error or res.sample_error
+            if err is not None:
+                # /health and /info report it: a sampler that raises for every row fails every request alone.
                 self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {type(err).__name__}: {err}"
             failures = failures + 1 if res.failed else 0
             if failures >= self.config.max_consecutive_failures:

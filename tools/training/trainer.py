@@ -72,9 +72,9 @@ def run(
     rank, world = init_distributed(cfg)
     out = Path(cfg.output_dir)
     is_main = rank == 0
-    if is_main:
-        # Refused now rather than after training: the final model directory would replace what is there.
-        check_destination(out / "model", hint="move it away or choose another --output_dir")
+    # Refused now rather than after training (the final model directory would replace what is there), and on
+    # every rank: one rank exiting alone would leave the others waiting in the first collective.
+    check_destination(out / "model", hint="move it away or choose another --output_dir")
 
     # The same seed on every process gives every process the same initial weights.
     ms.set_seed(cfg.seed)
