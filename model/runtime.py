@@ -70,9 +70,3 @@ def resolve_dtype(name: str | ms.Type) -> ms.Type:
         raise ValueError(f"unsupported compute dtype {name}; use one of {', '.join(_DTYPES)}")
     return name
 
-
-def dtype_name(dtype: ms.Type) -> str:
-    for k, v in _DTYPES.items():
-        if v == dtype:
-            return k
-    raise ValueError(f"unsupported dtype {dtype}")

@@ -49,7 +49,6 @@ class EngineParts:
 
     runner: ModelRunner
     tokenizer: Any  # encode / decode / token_bytes / eos_token_id / vocab_size
-    model_info: dict | None = None
 
 
 class AsyncEngine:
@@ -111,10 +110,6 @@ class AsyncEngine:
         # Anything the thread could not answer (it died or is stuck in a step) is failed here.
         self._deliver([RequestOutput(rid, error=EngineUnavailableError("The server is shutting down"))
                        for rid in list(self._streams)])
-
-    @property
-    def is_ready(self) -> bool:
-        return self.state is EngineState.READY
 
     def _check_ready(self) -> None:
         if self.state is EngineState.READY:
