@@ -73,25 +73,21 @@ class StreamOptions(_Strict):
     continuous_usage_stats: bool = False
 
 
-class CompletionRequest(_Strict):
+class _OpenAISampling(_Strict):
+    """The fields /v1/completions and /v1/chat/completions share (one parameter builder reads them)."""
+
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: int | None = None
-    echo: bool = False
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     user: str | None = None
-    suffix: str | None = None
     # vLLM's extra sampling parameters (the openai client sends them through `extra_body`).
     top_k: int | None = None
     min_p: float | None = None
@@ -100,6 +96,15 @@ class CompletionRequest(_Strict):
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
+
+
+class CompletionRequest(_OpenAISampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
     prompt_logprobs: int | None = None
 
 
@@ -124,33 +129,13 @@ class ChatMessage(_Strict):
     tool_call_id: str | None = None
 
 
-class ChatCompletionRequest(_Strict):
+class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage]
-    model: str | None = None
     # Default: what fits in the context. `max_completion_tokens` is OpenAI's newer name for the same thing.
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    seed: int | None = None
-    user: str | None = None
-    # vLLM's extras (the openai client sends them through `extra_body`).
-    top_k: int | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    repetition_penalty: float | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
     add_generation_prompt: bool = True
     # A template per request (vLLM takes one): refused by name, the server's template is its operator's choice.
     chat_template: str | None = None
