@@ -151,7 +151,8 @@ def test_a_huge_word_is_answered_quickly_and_health_stays_responsive(guarded):
 
 
 def test_sigterm_ends_every_unfinished_request_cleanly_and_exits_0(tiny_model, tmp_path):
-    s = ServerProcess(tiny_model, "--max-batch-size", "4", "--shutdown-timeout", "0.2",
+    # A 10 ms drain: the tiny model makes a token in ~1 ms, so a longer one could let the 240 tokens finish.
+    s = ServerProcess(tiny_model, "--max-batch-size", "4", "--shutdown-timeout", "0.01",
                       log_path=tmp_path / "server.log")
     try:
         s.wait_healthy()
