@@ -532,7 +532,9 @@ async def soak(args, url: str, pid: int | None, proc, prompts: list[str], header
     finally:
         await mon.http.aclose()
     rss = rss_summary(mon.samples, args.duration, args.warmup_fraction * args.duration)
-    rss["hwm_bytes"] = procs.peak_rss_bytes(pid) if pid else None
+    hwm = procs.peak_rss_bytes(pid) if pid else None
+    # Linux updates VmHWM lazily (RSS freed without a hiwater update): an earlier VmRSS sample can exceed it.
+    rss["hwm_bytes"] = None if hwm is None else max(hwm, rss["peak_sampled_bytes"] or 0)
     leaked = any(v != 0 for v in gauges.values())
     failures = [f"{k} x{v}" for k, v in sorted(tally.errors.items()) if k not in TOLERATED]
     if leaked:
