@@ -16,7 +16,7 @@ alternating per measurement so that other load on the machine hits both alike; f
 - prefill BxT: one forward of B prompts of T tokens into an empty cache, logits of the last position only
   (transformers: `logits_to_keep=1`, as `generate()` does). Best of --repeat after a warm-up run.
 - scoring BxT: logits of every position turned into the log-prob of each next token. Ours:
-  `step(..., logits_index=None)` then `serving.sampler.log_softmax` and a gather, the server's /score path;
+  `step(..., logits_index=None)` then `model.sampler.log_softmax` and a gather, the server's /score path;
   theirs: `model(ids).logits`, `torch.log_softmax`, `gather`. Best of --repeat.
 - bandwidth floor: batch-1 decode must read every weight once, so it cannot beat weight bytes / memory
   bandwidth. Bandwidth = best of 5 numpy copies of a --copy-mb MB array, counted as bytes read + written
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{b}x{t:<5} | {b * t / ms_s:10.0f} | {b * t / pt_s:12.0f} | {pt_s / ms_s:5.2f}", flush=True)
 
     if scores:
-        from serving.sampler import log_softmax
+        from model.sampler import log_softmax
 
         print(f"\nscoring: log-prob of every next token (tokens/s, best of {args.repeat} after a warm-up)")
         print(f"{'shape':>7} | {'ours':>10} | {'transformers':>12} | ours/theirs")

@@ -3,7 +3,7 @@
     python bench/bench_serving.py --server ours                   # python -m serving, 124M random weights
     python bench/bench_serving.py --server hf-static              # bench/hf_baseline_server.py --mode static
     python bench/bench_serving.py --server hf-single --clients 1,4 --time-limit 60
-    python bench/bench_serving.py --server ours --server-args="--decode-batching bucketed --prefill-chunk 128"
+    python bench/bench_serving.py --server ours --server-args="--prefill-chunk 128"
 
 Closed loop: for each N in --clients, N clients each send --requests-per-client requests one after the other
 (the next when the previous has finished), every request asking for exactly --new-tokens tokens (greedy;

@@ -1,7 +1,7 @@
 """Server start time: seconds from process start until `GET /health` answers 200 (model loaded, step shapes compiled).
 
     python bench/bench_start.py                          # 124M random weights, --max-batch-size 32
-    python bench/bench_start.py --model DIR --server-args "--decode-batching bucketed"
+    python bench/bench_start.py --model DIR
 
 Three starts of `python -m serving`, one after the other:
   cold      --compile-cache pointing at a fresh, empty directory (compiles and fills the cache)

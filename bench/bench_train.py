@@ -20,6 +20,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import benchlib  # noqa: E402
+
 SHAPES = {
     # name: (GPT-2 config fields, batch, sequence length)
     "gpt2-124m": ({"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}, 1, 128),
@@ -145,23 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:  # one shape failing is reported; the next still runs
             results["errors"].append(f"{shape}: {e}")
             print(f"{shape:<10} failed: {e}", flush=True)
-            _write_json(args.json, results)
+            benchlib.write_json(args.json, results)
             continue
         results["shapes"].append({"shape": shape, "batch": batch, "seq": seq, "n_layer": fields["n_layer"],
                                   "n_embd": fields["n_embd"], "mindspore": ms_r, "torch": pt_r})
-        _write_json(args.json, results)
+        benchlib.write_json(args.json, results)
         print(f"{shape:<10} {ms_r['params'] / 1e6:>7.1f}M {f'{batch} x {seq}':>11} {ms_r['tokens_per_s']:>15.0f} "
               f"{pt_r['tokens_per_s']:>13.0f} {ms_r['tokens_per_s'] / pt_r['tokens_per_s']:>6.2f} "
               f"{ms_r['warmup_s']:>12.1f} {pt_r['warmup_s']:>12.1f}", flush=True)
     return 1 if results["errors"] else 0
-
-
-def _write_json(path: str | None, data: dict) -> None:
-    if path:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from benchlib import write_json
-
-        write_json(path, data)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,12 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from model.atomic_write import write_atomically
 
 def arg_parser(doc: str) -> argparse.ArgumentParser:
     """A parser whose --help shows the script's docstring: first paragraph as description, the rest after."""
@@ -224,27 +225,15 @@ def format_markdown(rows: Sequence[Row]) -> str:
 # ---- files -------------------------------------------------------------------------------------------------
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text to a temporary sibling, then rename it over `path`: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a result file atomically: a reader (or a run killed meanwhile) sees the old file or the new one."""
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str | os.PathLike | None, data: Any) -> None:
     """Atomic JSON write; a no-op for path None (a benchmark run without --json)."""
     if path:
-        write_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+        write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 # ---- model sizes -------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ target and whether it is met (`make bench`).
     python bench/run_all.py --quick                # smoke run: 2-layer model, few steps, N = 1, 4 (~6 min)
     python bench/run_all.py --only model,serving   # a subset (names: tokenizer model train serving start,
                                                    #   or serving-ours serving-hf-static serving-hf-single)
-    python bench/run_all.py --server-args="--decode-batching bucketed"   # flags for our server
+    python bench/run_all.py --server-args="--max-batched-tokens 256"   # flags for our server
 
 Each benchmark runs in its own process (MindSpore's device is set once per process) and writes JSON that this
 script turns into rows; a benchmark that fails or times out becomes an error row and the others still run.
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     md = ("# Benchmark results\n\n" + "\n".join(f"- {ln}" for ln in header(m).splitlines()) + "\n\n"
           + benchlib.format_markdown(rows) + "\n\nProduced by `make bench` (`python bench/run_all.py"
           + (" --quick" if args.quick else "") + "`); raw numbers in the .json file next to this one.\n")
-    benchlib.write_atomic(out.with_suffix(".md"), md)
+    benchlib.write_text(out.with_suffix(".md"), md)
     benchlib.write_json(out.with_suffix(".json"), {"meta": m, "rows": [r.to_dict() for r in rows], "raw": raw,
                                                    "errors": errors})
     print("\n" + text)

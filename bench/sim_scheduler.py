@@ -1,10 +1,9 @@
 """Closed-loop simulation of the serving scheduler with a linear step-cost model: no model, no HTTP.
 
-Drives the real `serving.engine.scheduler.Scheduler` (flat packed prefill, the server's chunk and row buckets) with
+Drives the real `serving.engine.scheduler.Scheduler` (one flat pass per step, the server's token buckets) with
 the load generator's workload: N clients, each sending its prompts one after the other (log-uniform lengths, the
 same seeded draw as bench_serving.py), 128 new tokens each. A step costs `base + per_token * padded tokens` (a
-flat pass pads prompt chunks plus the decode tokens riding along to a chunk bucket; a decode-only step pads its
-rows to a batch bucket). Measured on this machine: a step ~25-30 ms plus 0.6-1.2 ms per token (decode at batch
+flat pass pads prompt chunks plus the decode tokens riding along to a token bucket). Measured on this machine: a step ~25-30 ms plus 0.6-1.2 ms per token (decode at batch
 16: 41-55 ms; a 256-token pass: 150-300 ms), so the defaults below are the slow end.
 
 It answers scheduling questions in seconds rather than a 3-minute serving run each, e.g. which prefill budget
@@ -66,11 +65,10 @@ def simulate(
     """Run the closed loop to the end; times in seconds from the first request. prefill_first: the running
     sequences skip a step whose pass prefills while prompts are still waiting or unfinished (vLLM's old policy),
     instead of riding along."""
-    ec = EngineConfig(max_batch_size=slots, prefill_chunk=budget, max_prefill_tokens=budget)
-    chunk_buckets, row_buckets = ec.chunk_buckets, ec.batch_buckets
+    ec = EngineConfig(max_batch_size=slots, max_batched_tokens=budget, prefill_chunk=budget)
+    chunk_buckets = ec.chunk_buckets
     sched = Scheduler(SchedulerConfig(
-        num_slots=slots, max_waiting=clients * per_client, prefill_chunk=budget, prefill_row_buckets=row_buckets,
-        prefill_chunk_buckets=chunk_buckets, max_prefill_tokens=budget, flat_prefill=True,
+        num_slots=slots, max_waiting=clients * per_client, max_step_tokens=ec.max_step_tokens, prefill_chunk=budget,
     ))
     lengths = draw_lengths(clients * per_client, lo, hi, seed)
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
@@ -95,10 +93,8 @@ def simulate(
         if prefill_first and out.prefill and (sched.waiting or sched.prefilling):
             out.decode = []
         prompt_tokens = sum(ch.end - ch.start for ch in out.prefill)
-        if out.prefill:  # one flat pass: the prompt chunks, then a decode token per running sequence
-            now += base + per_token * padded(prompt_tokens + len(out.decode), chunk_buckets)
-        else:
-            now += base + per_token * padded(len(out.decode), row_buckets)
+        # One flat pass: the prompt chunks, then a decode token per running sequence.
+        now += base + per_token * padded(prompt_tokens + len(out.decode), chunk_buckets)
         for ch in out.prefill:
             sched.prefilled(ch)
             if ch.is_last:
@@ -122,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests-per-client", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--budgets", default="64,128,192,256,384", help="prefill token budgets per step to compare")
+    p.add_argument("--budgets", default="64,128,192,256,384", help="token budgets per step (max_batched_tokens) to compare")
     p.add_argument("--base-ms", type=float, default=30.0, help="fixed cost of a step")
     p.add_argument("--per-token-ms", type=float, default=1.0, help="cost per padded token of a step")
     p.add_argument("--seeds", type=int, default=4, help="workloads (prompt-length draws) averaged per budget")

@@ -642,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     result["config"].update(
         model=None if args.url else str(args.model), server_cmd=cmd,
         prompt_tokens={"min": min(lengths), "max": max(lengths), "median": benchlib.percentile(lengths, 50)},
-        server_info={k: info.get(k) for k in ("max_batch_size", "max_queue", "max_total_tokens", "decode_batching")})
+        server_info={k: info.get(k) for k in ("max_batch_size", "max_queue", "max_total_tokens", "max_batched_tokens")})
     result["server_exit_code"] = code
     result["server_log"] = scan_log(log)
     benchlib.write_json(args.out, result)

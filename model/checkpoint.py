@@ -8,28 +8,24 @@ A model directory holds:
 
 Because names and layouts are Hugging Face's, `model.safetensors` written here is also a valid Hugging Face
 GPT-2 weights file. Loading is strict: a missing, unexpected or mis-shaped tensor is an error naming it.
-Writing is atomic: everything goes into a temporary sibling directory that is renamed into place at the end.
-An existing destination is replaced only when it is empty or already a model directory (or with
-overwrite=True): a directory of someone's other files is refused, never emptied. Temporaries are named
-`.NAME.tmp-PID-XXXXXXXX` (`.NAME.old-PID-XXXXXXXX` for the directory being replaced), so the next write to
-NAME removes those a killed process left behind.
+Writing is atomic (`model.atomic_write`): everything goes into a temporary sibling directory that is renamed
+into place at the end. An existing destination is replaced only when it is empty or already a model directory
+(or with overwrite=True): a directory of someone's other files is refused, never emptied.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import shutil
-import tempfile
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from functools import partial
 
 import mindspore as ms
 import numpy as np
 
+from .atomic_write import write_atomically
 from .config import GPT2Config
-from .gpt2 import is_transposed_weight
+from .gpt2 import GPT2LMHeadModel, is_transposed_weight
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -39,12 +35,6 @@ WEIGHTS_FORMATS = {"safetensors": SAFETENSORS_NAME, "ckpt": CKPT_NAME}
 MODEL_WEIGHT_FILES = (SAFETENSORS_NAME, CKPT_NAME, "pytorch_model.bin")
 TOKENIZER_FILES = ("encoder.json", "vocab.bpe", "vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json")
-# Temporaries of earlier versions carry no PID; they count as stale once untouched for this long.
-_UNOWNED_STALE_S = 3600.0
-
-log = logging.getLogger(__name__)
-_active_temporaries: set[str] = set()  # this process's temporaries still being written
-
 
 class CheckpointError(ValueError):
     """A weights file that cannot be loaded into the model (corrupt, missing/extra/mis-shaped tensors)."""
@@ -150,7 +140,9 @@ def find_weights(path: str) -> str:
 
 # ---- model directories -------------------------------------------------------------------------------------
 
-def load_model_dir(cls, path: str | os.PathLike, *, compute_dtype="float32"):
+def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """Build `cls` (GPT2LMHeadModel or a subclass, such as textgen's) from a model directory; strict (see
+    load_state_dict)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
@@ -163,6 +155,7 @@ def load_model_dir(cls, path: str | os.PathLike, *, compute_dtype="float32"):
 
 def save_model_dir(model, path: str | os.PathLike, *, weights_format: str = "safetensors",
                    tokenizer_dir: str | None = None) -> None:
+    """Write `model` as a model directory, atomically; see write_model_dir."""
     write_model_dir(path, model.config, state_dict(model), weights_format=weights_format,
                     tokenizer_dir=tokenizer_dir)
 
@@ -173,7 +166,7 @@ def write_model_dir(path: str | os.PathLike, cfg: GPT2Config, state: Mapping[str
     """Write config, weights and tokenizer files into a temporary directory, then rename it to `path`.
 
     An existing directory at `path` is replaced only after the new one is complete, and only when it is empty,
-    a model directory, or `overwrite` is true (see write_dir_atomically).
+    a model directory, or `overwrite` is true (see check_destination).
     """
     if weights_format not in WEIGHTS_FORMATS:
         raise ValueError(f"unknown weights format {weights_format!r}; use one of {', '.join(WEIGHTS_FORMATS)}")
@@ -184,7 +177,7 @@ def write_model_dir(path: str | os.PathLike, cfg: GPT2Config, state: Mapping[str
         write_weights(state, os.path.join(tmp, WEIGHTS_FORMATS[weights_format]))
         copy_tokenizer_files(tmp, tokenizer_dir)
 
-    write_dir_atomically(path, write, overwrite=overwrite)
+    write_atomically(path, write, directory=True, check=partial(check_destination, overwrite=overwrite))
 
 
 def copy_tokenizer_files(dst: str, tokenizer_dir: str | None) -> list[str]:
@@ -208,7 +201,7 @@ def copy_tokenizer_files(dst: str, tokenizer_dir: str | None) -> list[str]:
     return sorted(set(os.listdir(dst)) - before)
 
 
-# ---- atomic writes -----------------------------------------------------------------------------------------
+# ---- destinations ------------------------------------------------------------------------------------------
 
 def is_model_dir(path: str | os.PathLike) -> bool:
     """config.json plus a weights file this project writes (model.safetensors, model.ckpt, pytorch_model.bin)."""
@@ -254,160 +247,3 @@ def check_not_inside(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     s, d = os.path.realpath(os.fspath(src)), os.path.realpath(os.fspath(dst))
     if s == d or s.startswith(d + os.sep) or d.startswith(s + os.sep):
         raise ValueError(f"the destination {dst} and the source {src} overlap: choose another destination")
-
-
-def write_dir_atomically(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = False) -> None:
-    """`write(tmp)` fills a temporary sibling directory, which then replaces `path` (check_destination's rules).
-
-    Stale temporaries of `path` are removed first; a failed or interrupted write leaves `path` as it was.
-    """
-    path = os.path.abspath(os.fspath(path))
-    check_destination(path, overwrite=overwrite)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = _temporary(path, "tmp", directory=True)
-    try:
-        write(tmp)
-        _apply_umask(tmp)
-        # Checked again: something may have appeared at `path` while the new directory was written.
-        check_destination(path, overwrite=overwrite)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        _active_temporaries.discard(tmp)
-
-
-def write_file_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """`write(tmp)` writes a temporary sibling file (same extension), which then replaces `path`."""
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = _temporary(path, "tmp", directory=False)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    finally:
-        _active_temporaries.discard(tmp)
-
-
-def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
-    """Remove the temporaries that writers of `path` killed mid-write left next to it; returns their paths.
-
-    Only `.NAME.tmp-PID-*` / `.NAME.old-PID-*` whose process is gone count (this process's own count too
-    unless still being written: a restarted container reuses PIDs), plus the PID-less names of earlier
-    versions once untouched for an hour. When `path` itself is missing, a stale `.old-` directory is the
-    previous content caught between the two renames of a replacement: it is moved back, not removed.
-    """
-    path = os.path.abspath(os.fspath(path))
-    parent, name = os.path.split(path)
-    ext = os.path.splitext(name)[1]
-    pattern = re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-(?:(\d+)-)?[a-z0-9_]{{8}}(\.old)?"
-                         rf"(?:{re.escape(ext)})?$")
-    try:
-        entries = sorted(os.listdir(parent))
-    except FileNotFoundError:
-        return []
-    removed = []
-    for entry in entries:
-        m = pattern.match(entry)
-        full = os.path.join(parent, entry)
-        if not m or full in _active_temporaries:
-            continue
-        # Another process may clean up at the same time; a failure here must not stop the write itself.
-        try:
-            if not _is_stale(full, m.group(2)):
-                continue
-            is_old = m.group(1) == "old" or m.group(3) is not None
-            if is_old and os.path.isdir(full) and not os.path.lexists(path):
-                os.rename(full, path)
-                log.warning("restored %s from %s (a replacement of it was interrupted)", path, full)
-                continue
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full)
-            else:
-                os.remove(full)
-        except OSError as e:
-            log.warning("cannot remove stale temporary %s: %s", full, e)
-            continue
-        owner = f"process {m.group(2)}, no longer running" if m.group(2) else "an earlier version"
-        log.warning("removed stale temporary %s (left by %s)", full, owner)
-        removed.append(full)
-    return removed
-
-
-def _temporary(path: str, kind: str, *, directory: bool) -> str:
-    parent, name = os.path.split(path)
-    prefix = f".{name}.{kind}-{os.getpid()}-"
-    if directory:
-        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    else:
-        # Same extension: MindSpore appends .ckpt to a checkpoint name without it.
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=os.path.splitext(name)[1], dir=parent)
-        os.close(fd)
-    _active_temporaries.add(tmp)
-    return tmp
-
-
-def _is_stale(path: str, pid: str | None) -> bool:
-    if pid is None:
-        return time.time() - _newest_mtime(path) > _UNOWNED_STALE_S
-    return int(pid) == os.getpid() or not process_alive(int(pid))
-
-
-def _newest_mtime(path: str) -> float:
-    newest = os.lstat(path).st_mtime
-    if os.path.isdir(path) and not os.path.islink(path):
-        for entry in os.scandir(path):
-            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
-    return newest
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this machine (signal 0 checks without signalling)."""
-    if os.name != "posix":
-        return True  # os.kill would terminate it on Windows: never call anything stale there
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    except (OverflowError, ValueError):  # not a valid process id
-        return False
-    return True
-
-
-def _apply_umask(tmp: str) -> None:
-    # mkdtemp and the weight writers create owner-only modes; a model directory is meant to be shared
-    # (served by another user, copied into an image), so give it the modes a plain mkdir/open would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    for name in os.listdir(tmp):
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-
-
-def _replace_dir(tmp: str, path: str) -> None:
-    if not os.path.exists(path):
-        os.rename(tmp, path)
-        return
-    if not os.path.isdir(path):
-        raise FileExistsError(f"{path} exists and is not a directory")
-    old = _temporary(path, "old", directory=True)
-    os.rmdir(old)
-    os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        os.rename(old, path)
-        raise
-    finally:
-        _active_temporaries.discard(old)
-    shutil.rmtree(old, ignore_errors=True)

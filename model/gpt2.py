@@ -17,7 +17,6 @@ Neither knows about devices: the compute dtype is a constructor argument (see `m
 from __future__ import annotations
 
 import math
-import os
 
 import mindspore as ms
 from mindspore import Parameter, nn, ops
@@ -39,6 +38,28 @@ TRANSPOSED_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.w
 # shape-sensitive: measured (12 MLPs, 2 threads): 16 rows 64 ms as x @ W, 77 ms as x @ W^T, 30-40 ms as W @ x^T;
 # 1 row and >= 128 rows favour x @ W^T (128 rows: 163 ms vs 318 ms as x @ W).
 SMALL_ROWS = 64
+
+
+def step_inputs(positions, write_base, write_rows, read_rows, read_base, meta, scales, context_pos):
+    """What every layer of an inference step reads besides its hidden states, as one value (a plain tuple: graph
+    mode compiles tuples of tensors; NamedTuples and jit classes fall back to slow untyped execution). Unpack it
+    with `positions, write_base, write_rows, read_rows, read_base, meta, scales, context_pos = step`.
+
+    positions (B, T) int32, -1 = padding; write_base (B*T,) cache row of each token's (slot, head 0, position);
+    write_rows (B*T*nh,) and read_rows (B*nh*C,) every head's rows (MindSpore's ops only); read_base (B,) each
+    row's first cache row, or (B*T,) each token's (a flat pass); meta (2,) int32 [max_seq_len, n_head] and scales
+    (n_layer,) float32 each layer's score scale (the CPU kernels); context_pos (C,) = arange(C), the positions of
+    the gathered context (MindSpore's ops).
+    """
+    return (positions, write_base, write_rows, read_rows, read_base, meta, scales, context_pos)
+
+
+def linear(kern, form, x, w, wp, *rest):
+    """The CPU kernels' Linear `form` (0 plain, 1 with GELU, 2 with a residual) on x with weight w, through its
+    session's packed copy wp when there is one; rest: the bias, then the residual."""
+    if wp is None:
+        return kern[form](x, w, *rest)
+    return kern[form](x, w, wp, *rest)
 
 
 def is_transposed_weight(name: str) -> bool:
@@ -69,25 +90,19 @@ class Conv1D(nn.Cell):
     # `wp` is the session's AMX packing of this weight (model.kernels.pack_weight_amx) or None.
     def infer(self, x, kern, wp=None):
         if kern is not None:
-            if wp is not None:
-                return kern[0](x, self.weight, wp, self.bias)
-            return kern[0](x, self.weight, self.bias)
+            return linear(kern, 0, x, self.weight, wp, self.bias)
         return self.construct(x)
 
     def infer_gelu(self, x, kern, wp=None):
         # gelu(x @ W + b), GPT-2's tanh form (the kernel's only form; GPT2MLP checks the activation).
         if kern is not None:
-            if wp is not None:
-                return kern[1](x, self.weight, wp, self.bias)
-            return kern[1](x, self.weight, self.bias)
+            return linear(kern, 1, x, self.weight, wp, self.bias)
         return gelu_tanh(self.construct(x))
 
     def infer_add(self, x, residual, kern, wp=None):
         # x @ W + b + residual
         if kern is not None:
-            if wp is not None:
-                return kern[2](x, self.weight, wp, self.bias, residual)
-            return kern[2](x, self.weight, self.bias, residual)
+            return linear(kern, 2, x, self.weight, wp, self.bias, residual)
         return self.construct(x) + residual
 
     def construct(self, x):
@@ -186,16 +201,16 @@ class GPT2Attention(nn.Cell):
         y = self._attend(self._heads(q), self._heads(k), self._heads(v), bias)
         return self.resid_dropout(self.c_proj(y))
 
-    def cached(self, x, k_cache, v_cache, ctx, scale, kern, wp=None):
+    def cached(self, x, k_cache, v_cache, step, bias, scale, kern, wp=None):
         """Attention over the KV cache, before the output projection: write this step's K/V, attend over the cache.
 
-        The caches are 2-D (rows, hs) Parameters with one row per (slot, head, position). x (B, T, d); ctx is
-        the step's context tuple (see GPT2Model.cached); scale (1,) this layer's score scale; kern the session's
-        model.kernels.StepKernels or None -> (B, T, d). With the CPU kernels, one op writes the step's rows and
-        lets each token attend over its slot's rows in place; otherwise the rows are written with
+        The caches are 2-D (rows, hs) Parameters with one row per (slot, head, position). x (B, T, d); step the
+        step_inputs tuple; bias the additive mask (MindSpore's ops only); scale (1,) this layer's score scale; kern the
+        session's model.kernels.StepKernels or None -> (B, T, d). With the CPU kernels, one op writes the step's
+        rows and lets each token attend over its slot's rows in place; otherwise the rows are written with
         scatter_update and the context gathered to (B, nh, C, hs) for batched matmuls.
         """
-        bias, write_base, write_rows, read_rows, read_base, positions, meta = ctx
+        positions, write_base, write_rows, read_rows, read_base, meta, _, _ = step
         b, t, d = x.shape
         nh, hs = self.n_head, self.head_dim
         qkv = self.c_attn.infer(x, kern, wp)
@@ -261,8 +276,8 @@ class GPT2Block(nn.Cell):
         # The four projections, in the order `cached` takes their AMX packings (wps; None without them).
         return (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
 
-    def cached(self, x, k_cache, v_cache, ctx, scale, kern, wps=(None, None, None, None)):
-        a = self.attn.cached(self.ln_1(x), k_cache, v_cache, ctx, scale, kern, wps[0])
+    def cached(self, x, k_cache, v_cache, step, bias, scale, kern, wps=(None, None, None, None)):
+        a = self.attn.cached(self.ln_1(x), k_cache, v_cache, step, bias, scale, kern, wps[0])
         x = self.attn.c_proj.infer_add(a, x, kern, wps[1])
         return self.mlp.inference_add(self.ln_2(x), x, kern, (wps[2], wps[3]))
 
@@ -298,35 +313,28 @@ class GPT2Model(nn.Cell):
             x = block(x, bias)
         return self.ln_f(x)
 
-    def cached(
-        self, input_ids, positions, k_caches, v_caches, write_base, write_rows, read_rows, read_base, meta, scales,
-        context_pos, kern, packed=None,
-    ):
+    def cached(self, input_ids, step, k_caches, v_caches, kern, packed=None):
         """The step over the KV cache (see GPT2Attention.cached for the row layout).
 
-        input_ids, positions (B, T) int32, position -1 = padding; write_base (B*T,) cache row of each token's (slot,
-        head 0, position); write_rows (B*T*nh,) and read_rows (B*nh*C,) every head's rows (unused with the CPU
-        kernels); read_base (B,) each row's first cache row (or (B*T,) per token); meta (2,) int32 [max_seq_len,
-        n_head]; scales (n_layer,) float32 each layer's attention score scale (both for the CPU kernels); kern: the
-        session's model.kernels.StepKernels, or None for MindSpore's ops; context_pos (C,) = arange(C), the
-        positions of the gathered context; packed: the session's AMX packings of every block's projections (4 per
-        block, in GPT2Block.projections order) or None -> hidden (B, T, d) after ln_f.
+        input_ids (B, T) int32; step the step_inputs tuple; kern the session's model.kernels.StepKernels, or None for
+        MindSpore's ops; packed: the session's packings of every block's projections (4 per block, in
+        GPT2Block.projections order) or None -> hidden (B, T, d) after ln_f.
         """
+        positions, _, _, _, _, _, scales, context_pos = step
         b, t = input_ids.shape
-        c = context_pos.shape[0]
         x = self.embed(input_ids, ops.maximum(positions, 0))
         bias = None
         if kern is None:
             # Context row j of a slot holds position j: a query at position p sees j <= p (its own slot's past and
             # this step's earlier tokens); stale rows of a reused slot lie beyond p and stay hidden.
+            c = context_pos.shape[0]
             allowed = context_pos.reshape(1, 1, 1, c) <= positions.reshape(b, 1, t, 1)  # (B, 1, T, C)
             bias = ops.select(allowed, ops.zeros((), ms.float32), ops.full((), MASK_VALUE, dtype=ms.float32))
-        ctx = (bias, write_base, write_rows, read_rows, read_base, positions, meta)
         for i, block in enumerate(self.h):
             wps = (None, None, None, None)
             if packed is not None:
                 wps = (packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3])
-            x = block.cached(x, k_caches[i], v_caches[i], ctx, scales[i : i + 1], kern, wps)
+            x = block.cached(x, k_caches[i], v_caches[i], step, bias, scales[i : i + 1], kern, wps)
         return self.ln_f(x)
 
 
@@ -355,11 +363,9 @@ class GPT2LMHeadModel(nn.Cell):
 
     def step_logits(self, hidden, kern, wp=None):
         # lm_logits for the inference step: the CPU Linear kernel (no bias) when kern is given; wp: the session's
-        # AMX packing of the tied embedding, or None.
+        # packing of the tied embedding, or None.
         if kern is not None:
-            if wp is not None:
-                return kern[0](hidden, self.transformer.wte.weight, wp)
-            return kern[0](hidden, self.transformer.wte.weight)
+            return linear(kern, 0, hidden, self.transformer.wte.weight, wp)
         return self.lm_logits(hidden)
 
     def lm_logits(self, hidden):
@@ -389,28 +395,3 @@ class GPT2LMHeadModel(nn.Cell):
             weights = ops.cast(attention_mask[:, 1:] > 0, ms.float32)
             return (nll * weights).sum() / ops.maximum(weights.sum(), 1.0)
         return self.lm_logits(self.transformer(input_ids, attention_mask))
-
-    # ---- model directory -------------------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | os.PathLike, *, compute_dtype: str | ms.Type = "float32"
-    ) -> "GPT2LMHeadModel":
-        """Load a model directory (config.json + model.safetensors or model.ckpt); see model.checkpoint."""
-        from .checkpoint import load_model_dir
-
-        return load_model_dir(cls, path, compute_dtype=compute_dtype)
-
-    def save_pretrained(
-        self, path: str | os.PathLike, *, weights_format: str = "safetensors", tokenizer_dir: str | None = None
-    ) -> None:
-        """Write a model directory atomically; see model.checkpoint.save_model_dir."""
-        from .checkpoint import save_model_dir
-
-        save_model_dir(self, path, weights_format=weights_format, tokenizer_dir=tokenizer_dir)
-
-    def generate(self, prompt_ids, max_new_tokens: int, *, eos_token_id: int | None = None):
-        """Greedy generation through the compiled prefill/decode graphs; see InferenceSession.generate."""
-        from .inference import default_session
-
-        return default_session(self, prompt_ids).generate(prompt_ids, max_new_tokens, eos_token_id=eos_token_id)

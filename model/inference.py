@@ -27,7 +27,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Zero, initializer
 
 from . import kernels
-from .gpt2 import GPT2LMHeadModel
+from .gpt2 import GPT2LMHeadModel, step_inputs
 
 
 def _context_sizes(hi: int) -> tuple[int, ...]:
@@ -52,9 +52,11 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out) + (hi,)
 
 
-def _amx_packed(weight: Parameter) -> Parameter:
-    # A copy of `weight` packed for the kernels' AMX path, named after it (e.g. transformer.h.0.mlp.c_fc.weight.amx).
-    return Parameter(Tensor(kernels.pack_weight_amx(weight.asnumpy())), name=f"{weight.name}.amx", requires_grad=False)
+def _packed(weight: Parameter, form: str) -> Parameter:
+    # A copy of `weight` packed for the kernels' Linear ("panels" or "amx"), named after it
+    # (e.g. transformer.h.0.mlp.c_fc.weight.panels).
+    pack = kernels.pack_weight_amx if form == "amx" else kernels.pack_panels
+    return Parameter(Tensor(pack(weight.asnumpy())), name=f"{weight.name}.{form}", requires_grad=False)
 
 
 class _StepCell(nn.Cell):
@@ -67,7 +69,7 @@ class _StepCell(nn.Cell):
         max_seq_len: int,
         dtype: ms.Type,
         kern: tuple | None,
-        packed_weights: bool = False,
+        packed_form: str | None = None,
     ) -> None:
         # auto_prefix=False keeps the model's parameter names (HF keys) when it becomes a child cell here.
         super().__init__(auto_prefix=False)
@@ -86,30 +88,27 @@ class _StepCell(nn.Cell):
         # Row of (slot, head, pos) = slot_base + head * max_seq_len + pos, slot_base = slot * n_head * max_seq_len.
         self.head_offset = Tensor(np.arange(cfg.n_head, dtype=np.int32) * max_seq_len)
         self.kern = kern  # the CPU kernels' ops, or None: MindSpore's ops
-        # Every block's projections packed for the kernels' AMX path (a copy: not updated if the weights change).
+        # Every block's projections and the LM head (the tied embedding) packed for the kernels' Linear: a copy, not
+        # updated if the weights change.
         self.packed = self.packed_head = None
-        if packed_weights:
-            # The LM head's (the tied embedding, rows padded to a multiple of 32): prefill's logits rows, scoring.
-            self.packed_head = _amx_packed(model.transformer.wte.weight)
+        if packed_form is not None:
+            self.packed_head = _packed(model.transformer.wte.weight, packed_form)
             self.packed = ms.ParameterTuple(
-                _amx_packed(proj.weight) for block in model.transformer.h for proj in block.projections()
+                _packed(proj.weight, packed_form) for block in model.transformer.h for proj in block.projections()
             )
 
     @ms.jit
     def construct(self, input_ids, positions, write_base, read_base, meta, scales, context_pos, logits_rows):
         # input_ids, positions (B, T); write_base (B*T,) slot_base + pos of each token (scratch for padding);
-        # read_base (B,) slot_base of each row, or (B*T,) of each token (step_packed); meta, scales: see
-        # GPT2Model.cached; context_pos (C,) = arange(C); logits_rows (B,) flat indices into B*T, or None for every
-        # position.
+        # read_base (B,) slot_base of each row, or (B*T,) of each token (step_flat); meta, scales: see step_inputs;
+        # context_pos (C,) = arange(C); logits_rows (B,) flat indices into B*T, or None for every position.
         nh = self.head_offset.shape[0]
         write_rows = (write_base.reshape(-1, 1) + self.head_offset.reshape(1, nh)).reshape(-1)  # (B*T*nh,)
         read_rows = (
             read_base.reshape(-1, 1, 1) + self.head_offset.reshape(1, nh, 1) + context_pos.reshape(1, 1, -1)
         ).reshape(-1)  # (B*nh*C,)
-        hidden = self.model.transformer.cached(
-            input_ids, positions, self.k_cache, self.v_cache, write_base, write_rows, read_rows, read_base,
-            meta, scales, context_pos, self.kern, self.packed,
-        )  # (B, T, d)
+        step = step_inputs(positions, write_base, write_rows, read_rows, read_base, meta, scales, context_pos)
+        hidden = self.model.transformer.cached(input_ids, step, self.k_cache, self.v_cache, self.kern, self.packed)
         if logits_rows is None:
             return self.model.step_logits(hidden, self.kern, self.packed_head)  # (B, T, V)
         b, t, d = hidden.shape
@@ -139,9 +138,9 @@ class InferenceSession:
     ) -> None:
         """cpu_kernels: use model.kernels' CPU kernels for the step (None: whenever they are available).
         packed_weights: with the CPU kernels, keep a copy of the projections' and the LM head's weights packed for
-        AMX where the CPU has it (steps of 32 tokens or logits rows and more run 1.4-2.5x faster; as much memory
-        again as the weights). The copy is made here: a session must not outlive a change of the model's
-        weights."""
+        `Linear` (model.kernels: panels, or for AMX where the CPU has it; as much memory again as the weights;
+        decode several times faster than packing per call). The copy is made here: a session must not outlive a
+        change of the model's weights."""
         cfg = model.config
         max_seq_len = cfg.n_positions if max_seq_len is None else max_seq_len
         if not 1 <= max_seq_len <= cfg.n_positions:
@@ -175,20 +174,25 @@ class InferenceSession:
             self.context_buckets = (max_seq_len,)
         # The step path has no dropout, so the model's train/eval flag is left as the caller set it.
         # The AMX tiles take 32 k's at a time; every packed weight's K is n_embd or inner_dim.
-        aligned = cfg.n_embd % 32 == 0 and cfg.inner_dim % 32 == 0
-        self.packed_weights = bool(packed_weights and cpu_kernels and aligned and kernels.amx_available())
+        amx = cfg.n_embd % 32 == 0 and cfg.inner_dim % 32 == 0 and kernels.amx_available()
+        self.packed_form = ("amx" if amx else "panels") if packed_weights and cpu_kernels else None
         self._cell = _StepCell(
             model,
             num_slots,
             max_seq_len,
             model.compute_dtype,
             tuple(kernels.step_kernels()) if cpu_kernels else None,
-            self.packed_weights,
+            self.packed_form,
         )
         self._slot_stride = cfg.n_head * max_seq_len  # cache rows per slot
         # The attention kernel's [max_seq_len, n_head] and per-layer scales: made once, passed as step inputs.
         self._meta = Tensor(np.array([max_seq_len, cfg.n_head], np.int32))
         self._scales = Tensor(np.array(model.attention_scales(), np.float32))
+
+    @property
+    def packed_weights(self) -> bool:
+        """Whether the step uses a packed copy of the weights (self.packed_form: "panels" or "amx")."""
+        return self.packed_form is not None
 
     @property
     def max_batch(self) -> int:
@@ -245,11 +249,11 @@ class InferenceSession:
         return logits[:b] if lidx is not None else logits[:b, :t]
 
     @property
-    def packed_row_buckets(self) -> tuple[int, ...]:
-        """The logits-row counts `step_packed` pads to (coarser than the batch buckets: fewer compiled graphs)."""
+    def logits_row_buckets(self) -> tuple[int, ...]:
+        """The logits-row counts `step_flat` pads to (coarser than the batch buckets: fewer compiled graphs)."""
         return tuple(sorted({b for b in (1, 4, 16) if b < self.max_batch} | {self.max_batch}))
 
-    def step_packed(
+    def step_flat(
         self,
         token_ids: np.ndarray,
         positions: np.ndarray,
@@ -279,10 +283,10 @@ class InferenceSession:
             raise ValueError(f"logits_index must be a non-empty int array of indices in [0, {n}), got {lidx}")
         self._check_values(ids, pos, slots)
         if pos.min() < 0:
-            raise ValueError(f"positions must be >= 0 in a packed step, got min {pos.min()}")
+            raise ValueError(f"positions must be >= 0 in a flat step, got min {pos.min()}")
         if not self.cpu_kernels:
-            return self._packed_as_rows(ids, pos, slots, lidx)
-        nb = _bucket(self.chunk_buckets, n, "packed token count")
+            return self._flat_as_rows(ids, pos, slots, lidx)
+        nb = _bucket(self.chunk_buckets, n, "flat token count")
         L = self.max_seq_len
         ids_p = np.zeros((1, nb), np.int32)
         ids_p[0, :n] = ids
@@ -297,7 +301,7 @@ class InferenceSession:
             rows = None
         else:
             r = lidx.size
-            rows_np = np.zeros(_bucket(self.packed_row_buckets, r, "logits rows"), np.int32)
+            rows_np = np.zeros(_bucket(self.logits_row_buckets, r, "logits rows"), np.int32)
             rows_np[:r] = lidx
             rows = Tensor(rows_np)
         out = self._run(ids_p, pos_p, write, base, 1, rows)
@@ -317,7 +321,7 @@ class InferenceSession:
         )
         return out.asnumpy()
 
-    def _packed_as_rows(self, ids, pos, slots, lidx) -> np.ndarray:
+    def _flat_as_rows(self, ids, pos, slots, lidx) -> np.ndarray:
         # MindSpore's ops gather one context per row: one row per run of tokens of the same slot.
         starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]])
         ends = np.r_[starts[1:], ids.size]
@@ -385,12 +389,13 @@ class InferenceSession:
             pos[0, 0] = cb - 1
             self.step(ids, pos, np.arange(bb), None if all_logits else np.zeros(bb, np.int32))
 
-    def warmup_packed(self, shapes: Sequence[tuple[int, int]]) -> None:
-        """Compile `step_packed` for the given (tokens, logits rows) padded shapes; writes scratch into slot 0."""
+    def warmup_flat(self, shapes: Sequence[tuple[int, int | None]]) -> None:
+        """Compile `step_flat` for the given padded (tokens, logits rows) shapes (rows None: every position's
+        logits); writes scratch into slot 0."""
         for nb, rb in shapes:
-            self.step_packed(
+            self.step_flat(
                 np.zeros(nb, np.int32), np.arange(nb, dtype=np.int32) % self.max_seq_len,
-                np.zeros(nb, np.int32), np.arange(rb, dtype=np.int32) % nb,
+                np.zeros(nb, np.int32), None if rb is None else np.arange(rb, dtype=np.int32) % nb,
             )
 
     def generate(
@@ -475,8 +480,14 @@ def _bucket(buckets: tuple[int, ...], n: int, what: str) -> int:
     return buckets[i]
 
 
-def default_session(model: GPT2LMHeadModel, prompt_ids) -> InferenceSession:
-    """A session cached on the model for `GPT2LMHeadModel.generate`, rebuilt only when more slots are needed."""
+def generate(model: GPT2LMHeadModel, prompt_ids, max_new_tokens: int, *, eos_token_id: int | None = None):
+    """Greedy generation through a session cached on the model (see InferenceSession.generate); the session packs
+    nothing, so it stays right if the model's weights change (training between calls)."""
+    return _default_session(model, prompt_ids).generate(prompt_ids, max_new_tokens, eos_token_id=eos_token_id)
+
+
+def _default_session(model: GPT2LMHeadModel, prompt_ids) -> InferenceSession:
+    """The session `generate` caches on the model, rebuilt only when more slots are needed."""
     single = len(prompt_ids) > 0 and isinstance(prompt_ids[0], (int, np.integer))
     n = 1 if single else len(prompt_ids)
     sess = model.__dict__.get("_generate_session")

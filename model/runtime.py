@@ -1,7 +1,8 @@
 """Process-wide MindSpore settings: device target, execution mode, compile cache, compute dtypes.
 
-The one place that chooses a device; the model code never names CPU, GPU or Ascend. Call `set_device` once,
-before building models (MindSpore binds parameters to the device when they are first used).
+The one place that chooses a device; the model code never names CPU, GPU or Ascend, and the server, the trainer,
+the MindFormers-style API and the tests all call `set_device`. Call it before building models (MindSpore binds
+parameters to the device when they are first used); a process runs on one device.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import mindspore as ms
 
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
+_target: str | None = None  # the device this process runs on, once set
 
 _DTYPES = {
     "float32": ms.float32,
@@ -29,10 +31,14 @@ def set_device(
     """Select the device and graph mode; with `compile_cache_dir`, reuse compiled graphs across restarts.
 
     `cpu_threads` sizes MindSpore's CPU kernel thread pool (default: the CPUs this process may use). MindSpore's
-    own default is 25 threads, which oversubscribes small machines badly.
+    own default is 25 threads, which oversubscribes small machines badly. Calling it again for the same target
+    is harmless; another target is a ValueError (MindSpore cannot move a process to another device).
     """
+    global _target
     if target not in DEVICE_TARGETS:
         raise ValueError(f"unknown device target {target!r}; use one of {', '.join(DEVICE_TARGETS)}")
+    if _target is not None and target != _target:
+        raise ValueError(f"this process already runs on {_target}; cannot switch to {target}")
     if device_id is None:
         ms.set_device(target)
     else:
@@ -48,6 +54,7 @@ def set_device(
             pass
     # Graph mode everywhere: PyNative is 7-17x slower for decode on CPU, and the training step is compiled too.
     ms.set_context(mode=ms.GRAPH_MODE)
+    _target = target
     if compile_cache_dir:
         enable_compile_cache(compile_cache_dir)
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "GPT2_"
-DECODE_BATCHING = ("fixed", "bucketed")
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 ACCESS_LOG = ("json", "off")
 
@@ -31,25 +30,13 @@ class Settings:
     max_queue: int = 64  # waiting requests beyond the running ones; more are refused with 429
     queue_timeout: float | None = None  # seconds a request may wait for a slot before it fails (503)
     max_total_tokens: int | None = None  # prompt + new tokens per request; default and cap: the context window
-    # Prompt tokens per row and prefill step: a long prompt is prefilled in chunks of at most this many tokens.
-    # 124M on 2 CPU cores (AMX): a 256-token pass takes 0.15-0.3 s, about 1 ms per token from 128 to 512 tokens
-    # per pass, against 41-55 ms for a 16-row decode step; a 512-token prompt gets its first token in two passes.
+    # Tokens one step computes, in one pass: every running request's next token plus prompt tokens of waiting ones,
+    # oldest first (vLLM's max_num_batched_tokens). It bounds how long a step delays the running requests' next
+    # token. 256: in bench/sim_scheduler.py (16 clients, prompts of 16-512 tokens, 128 new tokens) budgets of
+    # 128 / 256 / 384 gave 233 / 235 / 236 tok/s and steady-state TTFT p99 1.40 / 1.36 / 1.46 s.
+    max_batched_tokens: int = 256
+    # Most prompt tokens of one request per step: a longer prompt is prefilled in chunks over several steps.
     prefill_chunk: int = 256
-    # Bucketed decode batching only: the prompts of several requests are prefilled in one pass, oldest first, while
-    # (rows, padded to a batch bucket) x (chunk length, padded to a chunk bucket) stays within this budget (the oldest
-    # prompt always gets a whole chunk). With the CPU kernels a pass is flat (the prompts' tokens one after the other,
-    # no padding between them): the budget counts prompt tokens, at most prefill_chunk. It bounds how long a step's
-    # prefill delays the running requests' next token. 256: in bench/sim_scheduler.py (16 clients, prompts of 16-512
-    # tokens, 128 new tokens, 30 ms + 1 ms per token a step) budgets of 128 / 256 / 384 gave 233 / 235 / 236 tok/s,
-    # TTFT p99 3.1 / 2.8 / 2.7 s (the first wave) and steady-state p99 1.40 / 1.36 / 1.46 s; 384 would stall the
-    # running requests half as long again per pass for no steady-state gain.
-    max_prefill_tokens: int = 256
-    # "bucketed": decode runs at the smallest batch bucket that fits the running requests and waiting prompts
-    # are prefilled together: what vLLM/TGI users expect, and the faster mode. A request's logits may then differ
-    # in the last bits with the load, so a near-tie can flip a greedy token.
-    # "fixed": every decode step runs at max_batch_size rows and each generating prompt is prefilled alone, so
-    # greedy output never depends on what else runs (slower: a lone request computes max_batch_size rows).
-    decode_batching: str = "bucketed"
     warmup: bool = True  # compile the common step shapes before reporting healthy
     compile_cache: str | None = None  # directory for MindSpore's compiled-graph cache (faster restarts)
     device_target: str = "CPU"  # MindSpore device: CPU, GPU or Ascend
@@ -78,7 +65,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive = (
-            "max_batch_size", "prefill_chunk", "max_prefill_tokens", "max_stop_sequences", "max_n", "max_score_texts",
+            "max_batch_size", "prefill_chunk", "max_batched_tokens", "max_stop_sequences", "max_n", "max_score_texts",
             "max_body_bytes", "max_connections",
         )
         for name in positive:
@@ -94,8 +81,11 @@ class Settings:
             value = getattr(self, name)
             if not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value}")
-        if self.decode_batching not in DECODE_BATCHING:
-            raise ValueError(f"decode_batching must be one of {DECODE_BATCHING}, got {self.decode_batching!r}")
+        if self.max_batched_tokens <= self.max_batch_size:
+            raise ValueError(
+                f"max_batched_tokens ({self.max_batched_tokens}) must exceed max_batch_size ({self.max_batch_size}): "
+                "a step must have room for a prompt token after every running request's next token"
+            )
         if self.access_log not in ACCESS_LOG:
             raise ValueError(f"access_log must be one of {ACCESS_LOG}, got {self.access_log!r}")
         if self.device_target not in DEVICE_TARGETS:
@@ -157,11 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-queue", type=int, help="waiting requests before new ones get 429 (default 64)")
     a("--queue-timeout", type=float, help="seconds a request may wait for a slot (default: no limit)")
     a("--max-total-tokens", type=int, help="prompt + generated tokens per request (default: the context window)")
-    a("--prefill-chunk", type=int, help="prompt tokens per row and prefill step (default 256)")
-    a("--max-prefill-tokens", type=int,
-      help="padded prompt tokens per prefill step, several requests together (bucketed only; default 256)")
-    a("--decode-batching", choices=DECODE_BATCHING,
-      help="bucketed (default: fastest) or fixed (greedy output independent of the load)")
+    a("--max-batched-tokens", type=int,
+      help="tokens per step, running requests' next tokens and waiting prompts' tokens together (default 256)")
+    a("--prefill-chunk", type=int, help="most prompt tokens of one request per step (default 256)")
     a("--warmup", action=argparse.BooleanOptionalAction, default=None, help="compile common shapes at start")
     a("--compile-cache", help="directory for MindSpore's compiled-graph cache")
     a("--device-target", choices=DEVICE_TARGETS, help="MindSpore device (default CPU)")
@@ -216,16 +204,19 @@ class EngineConfig:
     max_queue: int = 64
     queue_timeout: float | None = None
     max_total_tokens: int = 1024
+    max_batched_tokens: int = 256
     prefill_chunk: int = 256
-    max_prefill_tokens: int = 256
-    decode_batching: str = "bucketed"
     # Consecutive failed steps after which the engine declares itself dead (each failure fails its requests).
     max_consecutive_failures: int = 3
 
     @property
+    def max_step_tokens(self) -> int:
+        """Tokens in one step's pass: the largest chunk bucket."""
+        return self.chunk_buckets[-1]
+
+    @property
     def batch_buckets(self) -> tuple[int, ...]:
-        """Row counts a step is padded to: powers of two up to max_batch_size. With fixed decode batching the
-        decode steps are always padded to max_batch_size; the smaller buckets serve prefill and packed scoring."""
+        """Row counts a row-shaped step is padded to (no CPU kernels): powers of two up to max_batch_size."""
         out, b = [], 1
         while b < self.max_batch_size:
             out.append(b)
@@ -234,36 +225,34 @@ class EngineConfig:
 
     @property
     def chunk_buckets(self) -> tuple[int, ...]:
-        """Token counts per row a step is padded to: 1 (decode), 16, then powers of two from 64 up to
-        prefill_chunk and 1.5 times each (96, 192, ...), and prefill_chunk itself: a pass longer than 64 tokens
-        pads to at most 1.5 times its length (a pass costs about 1 ms per padded token on 2 cores: a 140-token pass
-        padded to 256 spent 0.1-0.17 s on padding)."""
-        c = self.prefill_chunk
-        out, b = {1, min(16, c), c}, 64
+        """Token counts a step's pass is padded to: powers of two up to 64 (decode steps of a few requests pad
+        little), then 64, 96, 128, 192, ... (at most 1.5 times the tokens: a pass costs about as much per padded
+        token as per real one) and max_batched_tokens itself (also the cap)."""
+        c = self.max_batched_tokens
+        out, b = {c}, 1
         while b < c:
             out.add(b)
-            if b * 3 // 2 < c:
+            if b >= 64 and b * 3 // 2 < c:
                 out.add(b * 3 // 2)
             b *= 2
         return tuple(sorted(out))
-
-    @property
-    def packed_prefill(self) -> bool:
-        """Several generating prompts share a prefill step (bucketed); with fixed decode batching each is
-        prefilled alone, so its computation never depends on the others."""
-        return self.decode_batching == "bucketed"
 
     @classmethod
     def from_settings(cls, s: Settings, info: ModelInfo) -> "EngineConfig":
         total = info.n_positions if s.max_total_tokens is None else s.max_total_tokens
         if total > info.n_positions:
             raise ValueError(f"max_total_tokens {total} exceeds the model's context window {info.n_positions}")
+        batched = min(s.max_batched_tokens, total)
+        if batched <= s.max_batch_size:
+            raise ValueError(
+                f"max_batched_tokens ({batched}, capped by max_total_tokens) must exceed max_batch_size "
+                f"({s.max_batch_size})"
+            )
         return cls(
             max_batch_size=s.max_batch_size,
             max_queue=s.max_queue,
             queue_timeout=s.queue_timeout,
             max_total_tokens=total,
-            prefill_chunk=min(s.prefill_chunk, total),
-            max_prefill_tokens=s.max_prefill_tokens,
-            decode_batching=s.decode_batching,
+            max_batched_tokens=batched,
+            prefill_chunk=min(s.prefill_chunk, batched),
         )

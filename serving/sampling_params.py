@@ -23,6 +23,9 @@ MIN_TEMPERATURE = 1e-2
 # only reach float32's limits (inf / inf = NaN).
 MAX_TEMPERATURE = 100.0
 REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+# OpenAI's ranges for the additive penalties and the logit bias (logits are O(10): +-100 already forces or bans).
+PENALTY_RANGE = (-2.0, 2.0)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 # Per-token work on the engine thread grows with these (stop-string matching, penalty arrays), so one request's
 # long lists would slow every request batched with it. 300 logit_bias entries is OpenAI's own limit.
 MAX_STOP_CHARS = 512
@@ -66,8 +69,8 @@ class SamplingParams:
         _check_float("typical_p", self.typical_p, lo=0.0, lo_open=True, hi=1.0)
         lo, hi = REPETITION_PENALTY_RANGE
         _check_float("repetition_penalty", self.repetition_penalty, lo=lo, hi=hi)
-        _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
-        _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        _check_float("presence_penalty", self.presence_penalty, lo=PENALTY_RANGE[0], hi=PENALTY_RANGE[1])
+        _check_float("frequency_penalty", self.frequency_penalty, lo=PENALTY_RANGE[0], hi=PENALTY_RANGE[1])
         if self.seed is not None:
             _check_int("seed", self.seed, lo=0, hi=MAX_SEED)
         _check_int("min_new_tokens", self.min_new_tokens, lo=0, hi=MAX_INT32)
@@ -88,7 +91,7 @@ class SamplingParams:
             _check_int("stop_token_ids", t, lo=0, hi=MAX_INT32)
         for tok, bias in self.logit_bias:
             _check_int("logit_bias", tok, lo=0, hi=MAX_INT32)
-            _check_float("logit_bias", bias, lo=-100.0, hi=100.0)
+            _check_float("logit_bias", bias, lo=LOGIT_BIAS_RANGE[0], hi=LOGIT_BIAS_RANGE[1])
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=MAX_INT32)
         if self.prompt_logprobs is not None:

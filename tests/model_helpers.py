@@ -17,12 +17,6 @@ SESSION_KW = dict(num_slots=4, max_seq_len=128, batch_buckets=(1, 4), chunk_buck
                   context_buckets=(64, 128))
 
 
-def setup_device() -> None:
-    from model.runtime import set_device
-
-    set_device("CPU")
-
-
 def hf_model(seed: int = 0, **overrides):
     """A seeded random transformers.GPT2LMHeadModel in eval mode, with non-trivial biases and norms."""
     import torch

@@ -103,48 +103,17 @@ class FakeSession:
         self.delay = delay
         self.fail = fail
         self.cache = np.full((num_slots, max_seq_len), -1, np.int64)
-        self.calls: list[tuple[int, int, bool]] = []  # (B, T, all_logits)
-        self.packed_calls: list[tuple[int, int, bool]] = []  # step_packed: (tokens, sequences, all_logits)
+        self.calls: list[tuple[int, int, bool]] = []  # step_flat: (tokens, sequences, all_logits)
         self.lock = threading.Lock()
 
-    def step(self, token_ids, positions, slot_ids, logits_index):
-        ids, pos, slots = np.asarray(token_ids), np.asarray(positions), np.asarray(slot_ids)
-        b, t = ids.shape
-        assert pos.shape == (b, t) and slots.shape == (b,)
-        assert len(set(slots.tolist())) == b, f"slot ids must be distinct: {slots}"
-        assert ((pos >= -1) & (pos < self.max_seq_len)).all()
-        assert (pos >= 0).any()
-        with self.lock:
-            self.calls.append((b, t, logits_index is None))
-        if self.fail is not None:
-            self.fail(ids, pos)
-        if self.delay:
-            time.sleep(self.delay)
-        for r in range(b):
-            for c in range(t):
-                if pos[r, c] >= 0:
-                    self.cache[slots[r], pos[r, c]] = ids[r, c]
-        out = np.zeros((b, t, VOCAB), np.float32)
-        for r in range(b):
-            for c in range(t):
-                p = pos[r, c]
-                if p < 0:
-                    continue
-                prefix = self.cache[slots[r], : p + 1]
-                assert (prefix >= 0).all(), "reading a position that was never written"
-                out[r, c] = fake_logits(prefix, self.eos_every)
-        if logits_index is None:
-            return out
-        return out[np.arange(b), np.asarray(logits_index)]
-
-    def step_packed(self, token_ids, positions, slot_ids, logits_index):
-        """`InferenceSession.step_packed`: several sequences' tokens in one flat pass (a sequence's adjacent)."""
+    def step_flat(self, token_ids, positions, slot_ids, logits_index):
+        """`InferenceSession.step_flat`: several sequences' tokens in one flat pass (a sequence's adjacent)."""
         ids, pos, slots = np.asarray(token_ids), np.asarray(positions), np.asarray(slot_ids)
         n = ids.size
         assert ids.shape == pos.shape == slots.shape == (n,) and n > 0
         assert ((pos >= 0) & (pos < self.max_seq_len)).all() and ((slots >= 0) & (slots < self.num_slots)).all()
         with self.lock:
-            self.packed_calls.append((n, len(set(slots.tolist())), logits_index is None))
+            self.calls.append((n, len(set(slots.tolist())), logits_index is None))
         if self.fail is not None:
             self.fail(ids[None], pos[None])
         if self.delay:
@@ -158,24 +127,14 @@ class FakeSession:
         return out if logits_index is None else out[np.asarray(logits_index)]
 
 
-def fake_parts(
-    config: EngineConfig, flat_prefill: bool = False, **session_kwargs
-) -> tuple[Callable[[], EngineParts], dict]:
-    """A loader for AsyncEngine / create_app plus a dict that receives the session once loaded; flat_prefill as
-    the real loader sets it with the CPU kernels (packed prefill through step_packed)."""
+def fake_parts(config: EngineConfig, **session_kwargs) -> tuple[Callable[[], EngineParts], dict]:
+    """A loader for AsyncEngine / create_app plus a dict that receives the session once loaded."""
     box: dict = {}
 
     def load() -> EngineParts:
         session = FakeSession(config.max_batch_size, config.max_total_tokens, **session_kwargs)
         box["session"] = session
-        runner = ModelRunner(
-            session,
-            num_slots=config.max_batch_size,
-            eos_token_id=EOS,
-            decode_batch=config.max_batch_size if config.decode_batching == "fixed" else None,
-            flat_prefill=flat_prefill and config.packed_prefill,
-        )
-        return EngineParts(runner, FakeTokenizer())
+        return EngineParts(ModelRunner(session, eos_token_id=EOS), FakeTokenizer())
 
     return load, box
 

@@ -437,7 +437,7 @@ def test_real_server_with_the_example_template(tmp_path):
     """`python -m serving --chat-template configs/chat/plain.jinja` over a tiny MindSpore GPT-2 and the
     real tokenizer: the chat completion is /v1/completions on the text the example template renders."""
     model = make_tiny_model(tmp_path / "tiny")
-    server = ServerProcess(model, "--max-batch-size", "2", "--prefill-chunk", "64", "--decode-batching", "fixed",
+    server = ServerProcess(model, "--max-batch-size", "2", "--prefill-chunk", "64",
                            "--chat-template", str(REPO / "configs" / "chat" / "plain.jinja"),
                            log_path=tmp_path / "server.log")
     try:

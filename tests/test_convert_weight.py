@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from model_helpers import TINY, hf_logits, hf_model, save_hf_dir, setup_device
+from model.runtime import set_device
+from model.checkpoint import load_model_dir
+from model_helpers import TINY, hf_logits, hf_model, save_hf_dir
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -17,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def model_hf():
-    setup_device()
+    set_device("CPU")
     return hf_model(seed=3)
 
 
@@ -26,7 +28,7 @@ def _ours_logits(path, ids):
 
     from model import GPT2LMHeadModel
 
-    m = GPT2LMHeadModel.from_pretrained(path)
+    m = load_model_dir(path)
     m.set_train(False)
     return m(ms.Tensor(np.asarray(ids, np.int32))).asnumpy()
 
@@ -278,7 +280,7 @@ def test_an_existing_model_directory_is_replaced_and_stale_temporaries_cleaned(m
 
 
 def test_an_interrupted_replacement_is_restored_not_removed(tmp_path):
-    from model.checkpoint import remove_stale_temporaries
+    from model.atomic_write import remove_stale_temporaries
 
     # Killed between its two renames: the old directory is aside, the new one complete, the name missing.
     dead = _dead_pid()

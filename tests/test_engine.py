@@ -6,10 +6,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from serving import sampler
+from model import sampler
 from serving.config import EngineConfig
 from serving.engine import AsyncEngine, EngineState, FinishReason, ModelRunner
-from serving.engine.core import EngineCore, StepResult
+from serving.engine.core import EngineCore
 from serving.engine.scheduler import SchedulerConfig
 from serving.engine.sequence import Sequence
 from serving.errors import EngineUnavailableError, OverloadedError, QueueTimeoutError, RequestFailedError
@@ -58,103 +58,58 @@ def test_greedy_matches_the_reference_and_reports_a_final():
     run_engine(t)
 
 
-def test_fixed_batching_pads_decode_and_prefills_alone_and_matches_alone():
+def test_concurrent_requests_share_passes_and_match_alone():
+    # Prompts longer than one 16-token chunk, of different lengths: passes mix first and later chunks and decode
+    # tokens, within the step's token budget.
     prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
-
-    async def t(engine, box):
-        results = await asyncio.gather(*(generate(engine, p, greedy(20)) for p in prompts))
-        for p, outs in zip(prompts, results):
-            assert [x.id for o in outs for x in o.tokens] == fake_greedy(TOK.encode(p), 20)
-        session = box["session"]
-        decode_shapes = {(b, t) for b, t, _ in session.calls if t == 1}
-        assert decode_shapes == {(4, 1)}  # always padded to max_batch_size
-        prefill_rows = {b for b, t, _ in session.calls if t > 1}
-        assert prefill_rows == {1}  # each prompt prefilled alone
-
-    run_engine(t, config=dataclasses.replace(CONFIG, decode_batching="fixed"))
-
-
-def test_bucketed_batching_packs_prefill_and_matches_alone():
-    # Longer than one 16-token chunk, of different lengths: packed passes mix first and later chunks.
-    prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
-    config = dataclasses.replace(CONFIG, max_prefill_tokens=64)
-    assert config.decode_batching == "bucketed"  # the default
+    config = dataclasses.replace(CONFIG, max_batched_tokens=32)
 
     async def t(engine, box):
         results = await asyncio.gather(*(generate(engine, p, greedy(20)) for p in prompts))
         for p, outs in zip(prompts, results):
             assert [x.id for o in outs for x in o.tokens] == fake_greedy(TOK.encode(p), 20)
         calls = box["session"].calls
-        assert any(b > 1 for b, t, _ in calls if t > 1)  # several prompts in one prefill pass
-        assert all(b * t <= 64 for b, t, _ in calls if t > 1)  # the budget (the fake does not pad)
-        assert {b for b, t, _ in calls if t == 1} > {1} and all(b <= 4 for b, _, _ in calls)
+        assert any(seqs > 1 for _, seqs, _ in calls)  # several sequences in one pass
+        assert all(n <= config.max_step_tokens for n, _, _ in calls)
+        assert all(seqs <= 4 for _, seqs, _ in calls)
 
     run_engine(t, config=config)
 
 
-def test_flat_packed_prefill_matches_alone_within_the_token_budget():
-    # With the CPU kernels packed passes are flat: the budget counts prompt tokens, not padded rows.
-    prompts = [f"prompt number {i} " * (i + 1) for i in range(6)]
-    # A flat pass pads to a chunk bucket, so its budget is at most the largest (prefill_chunk).
-    config = dataclasses.replace(CONFIG, prefill_chunk=64, max_prefill_tokens=64)
-
-    async def t(engine, box):
-        results = await asyncio.gather(*(generate(engine, p, greedy(20)) for p in prompts))
-        for p, outs in zip(prompts, results):
-            assert [x.id for o in outs for x in o.tokens] == fake_greedy(TOK.encode(p), 20)
-        session = box["session"]
-        assert all(t == 1 for _, t, _ in session.calls)  # every prefill went through step_packed
-        assert any(seqs > 1 for _, seqs, _ in session.packed_calls)
-        assert all(n <= 64 for n, _, _ in session.packed_calls)
-
-    run_engine(t, config=config, flat_prefill=True)
-
-
-def test_bucketed_decode_runs_only_the_live_rows():
-    async def t(engine, box):
-        await generate(engine, "abc", greedy(3))
-        assert {b for b, t, _ in box["session"].calls if t == 1} == {1}
-
-    run_engine(t, config=dataclasses.replace(CONFIG, decode_batching="bucketed"))
-
-
-def test_a_steps_first_tokens_are_out_before_its_decode_pass_runs():
+def test_a_step_runs_prefill_and_decode_as_one_pass():
     session = FakeSession(4, 128)
-    runner = ModelRunner(session, num_slots=4, eos_token_id=EOS, decode_batch=None)
-    core = EngineCore(runner, SchedulerConfig(num_slots=4, max_waiting=4, prefill_chunk=16, max_prefill_tokens=64),
+    core = EngineCore(ModelRunner(session, eos_token_id=EOS),
+                      SchedulerConfig(num_slots=4, max_waiting=4, max_step_tokens=16, prefill_chunk=16),
                       TOK.token_bytes)
-    core.add([Sequence("a", TOK.encode("first"), greedy(5))])
-    core.step()
-    core.add([Sequence("b", TOK.encode("second"), greedy(5))])
-    sched = core.schedule()
-    assert [c.seq.request_id for c in sched.prefill] == ["b"] and [s.request_id for s in sched.decode] == ["a"]
-    res = StepResult()
-    core.execute_prefill(sched, res)
-    first = core.postprocess_prefill(sched, res)
-    assert [o.request_id for o in first] == ["b"] and len(session.calls) == 2  # no decode pass yet
-    core.abort("a")  # a request that ends meanwhile is not decoded
-    core.execute_decode(sched, res)
-    assert core.postprocess_decode(sched, res) == [] and len(session.calls) == 2
-
-
-def test_with_flat_prefill_a_step_runs_prefill_and_decode_as_one_pass():
-    session = FakeSession(4, 128)
-    runner = ModelRunner(session, num_slots=4, eos_token_id=EOS, decode_batch=None, flat_prefill=True)
-    core = EngineCore(runner, SchedulerConfig(num_slots=4, max_waiting=4, prefill_chunk=16, max_prefill_tokens=16,
-                                              prefill_chunk_buckets=(1, 16), flat_prefill=True), TOK.token_bytes)
     a, b = TOK.encode("first"), TOK.encode("a second, longer prompt")
     core.add([Sequence("a", a, greedy(6))])
     outs = core.step()  # a's prefill alone
     core.add([Sequence("b", b, greedy(4))])
     sched = core.schedule()
     # b's first chunk leaves room in the 16-token pass for a's decode token.
-    assert [(c.seq.request_id, c.end - c.start) for c in sched.prefill] == [("b", 15)] and core.can_fuse(sched)
+    assert [(c.seq.request_id, c.end - c.start) for c in sched.prefill] == [("b", 15)]
+    assert [s.request_id for s in sched.decode] == ["a"]
     outs += core.postprocess(sched, core.execute(sched))
-    assert session.packed_calls[-1][:2] == (16, 2) and session.calls == []  # one pass, no separate decode
+    assert session.calls[-1][:2] == (16, 2) and len(session.calls) == 2  # one pass for both
     while core.has_work():
         outs += core.step()
     for rid, prompt, n in (("a", a, 6), ("b", b, 4)):
         assert [t.id for o in outs if o.request_id == rid for t in o.tokens] == fake_greedy(prompt, n)
+
+
+def test_a_request_that_ends_after_scheduling_is_left_out_of_the_pass():
+    session = FakeSession(4, 128)
+    core = EngineCore(ModelRunner(session, eos_token_id=EOS),
+                      SchedulerConfig(num_slots=4, max_waiting=4, max_step_tokens=16, prefill_chunk=16),
+                      TOK.token_bytes)
+    core.add([Sequence("a", TOK.encode("first"), greedy(5)), Sequence("b", TOK.encode("second"), greedy(5))])
+    core.step()
+    sched = core.schedule()
+    assert [s.request_id for s in sched.decode] == ["a", "b"]
+    core.abort("a")
+    res = core.execute(sched)
+    assert session.calls[-1][:2] == (1, 1)  # b alone
+    assert [o.request_id for o in core.postprocess(sched, res)] == ["b"]
 
 
 def test_eos_stops_unless_ignored():
@@ -224,8 +179,7 @@ def test_seeded_sampling_is_reproducible_whatever_else_runs():
     run_engine(t)
 
 
-@pytest.mark.parametrize("flat", [False, True])
-def test_prompt_logprobs_across_chunks_and_score(flat):
+def test_prompt_logprobs_across_chunks_and_score():
     prompt = "a prompt of more than sixteen bytes, so prefill takes several chunks"
     ids = TOK.encode(prompt)
     want = [None] + [float(sampler.log_softmax(fake_logits(ids[: i + 1])[None])[0, ids[i + 1]])
@@ -240,10 +194,10 @@ def test_prompt_logprobs_across_chunks_and_score(flat):
         scored = await engine.score([ids, ids[:3], [5]])
         assert np.allclose([x.logprob for x in scored[0][1:]], want[1:], atol=1e-5)
         assert [x.logprob for x in scored[2]] == [None]
-        calls = box["session"].packed_calls if flat else box["session"].calls
-        assert any(b > 1 for _, b, all_logits in calls if all_logits)  # packed scoring pass
+        calls = box["session"].calls
+        assert any(b > 1 for _, b, all_logits in calls if all_logits)  # several texts in one scoring pass
 
-    run_engine(t, flat_prefill=flat)
+    run_engine(t)
 
 
 def test_closing_a_stream_aborts_and_frees_the_slot_for_a_waiting_request():
@@ -388,37 +342,15 @@ def test_shutdown_lets_running_requests_finish_then_refuses():
     asyncio.run(main())
 
 
-def test_step_shapes_the_loader_asks_for():
-    from serving.engine.loader import chunk_buckets
-    from serving.engine.model_runner import warmup
+def test_step_shapes_cover_every_token_and_row_bucket():
+    from serving.engine.model_runner import step_shapes
 
-    assert chunk_buckets(CONFIG) == (1, 16)  # 1 is decode's: a decode step must never pad to a prefill chunk
-    assert chunk_buckets(dataclasses.replace(CONFIG, prefill_chunk=256)) == (1, 16, 64, 96, 128, 192, 256)
-    assert chunk_buckets(dataclasses.replace(CONFIG, prefill_chunk=100)) == (1, 16, 64, 96, 100)
-    assert dataclasses.replace(CONFIG, max_batch_size=12).batch_buckets == (1, 2, 4, 8, 12)
+    class Session:
+        chunk_buckets = (1, 2, 4, 8, 16, 32)
+        logits_row_buckets = (1, 4, 16)
 
-    class Recorder:
-        context_buckets = (64, 128)
-        chunk_buckets = (1, 16, 64)
-        batch_buckets = (1, 2, 4, 8, 16)
-        shapes = None
-
-        def warmup(self, shapes):
-            self.shapes = shapes
-
-    r = Recorder()
-    assert warmup(r, decode_batches=(16,)) == 5
-    assert r.shapes == [(16, 1, 64), (16, 1, 128), (1, 1, 64), (1, 16, 64), (1, 64, 64)]
-    # Packed prefill: first chunks at every row bucket whose padded pass fits the budget, too.
-    assert warmup(r, decode_batches=(1, 2, 4, 8, 16), max_prefill_tokens=128) == 16
-    assert r.shapes[10:] == [(1, 16, 64), (2, 16, 64), (4, 16, 64), (8, 16, 64), (1, 64, 64), (2, 64, 64)]
-    # Flat packed passes (CPU kernels): decode shapes, then (tokens, logits rows) for every chunk bucket.
-    r.packed_row_buckets = (1, 4, 16)
-    r.warmup_packed = lambda shapes: setattr(r, "packed", shapes)
-    assert warmup(r, decode_batches=(1, 16), max_prefill_tokens=64, flat_prefill=True) == 4 + 6
-    assert r.shapes == [(16, 1, 64), (16, 1, 128), (1, 1, 64), (1, 1, 128)]
-    assert r.packed == [(16, 1), (16, 4), (16, 16), (64, 1), (64, 4), (64, 16)]
-    # A first chunk of 65-256 tokens pads to 256 and needs context 128, 192 or 256.
-    r.context_buckets, r.chunk_buckets = (64, 128, 192, 256), (1, 16, 64, 256)
-    warmup(r, decode_batches=(4,))
-    assert r.shapes[5:] == [(1, 16, 64), (1, 64, 64), (1, 256, 128), (1, 256, 192), (1, 256, 256)]
+    shapes = step_shapes(Session())
+    assert (1, 1) in shapes and (1, 4) not in shapes  # one token: one row
+    assert (8, 16) in shapes  # 5-8 rows (one token each) pad to 16 logits rows
+    assert (4, 16) not in shapes and (32, 16) in shapes
+    assert all((t, None) in shapes for t in Session.chunk_buckets)  # prompt logprobs: every position

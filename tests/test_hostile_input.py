@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-import serving.sampler
+import model.sampler
 from serving.api.app import create_app
 from serving.config import EngineConfig
 from serving.sampling_params import MAX_SEED
@@ -229,7 +229,7 @@ def test_the_batch_size_gauge_reads_zero_when_idle(client):
 
 
 def test_a_request_whose_sampling_raises_fails_alone(monkeypatch):
-    real = serving.sampler.sample
+    real = model.sampler.sample
     batches = []
 
     def faulty(logits, rows):
@@ -248,7 +248,7 @@ def test_a_request_whose_sampling_raises_fails_alone(monkeypatch):
     with serve(delay=0.02) as (c, _):
         solo = [c.post("/generate", json=b).json()["generated_text"] for b in bodies]
         assert solo[0] == TOK.decode(fake_greedy(TOK.encode("abc"), 12))
-        monkeypatch.setattr(serving.sampler, "sample", faulty)
+        monkeypatch.setattr(model.sampler, "sample", faulty)
         for _ in range(4):  # more than max_consecutive_failures: the engine must stay up
             with ThreadPoolExecutor(4) as pool:
                 futures = [pool.submit(c.post, "/generate", json=b) for b in [bad, *bodies]]

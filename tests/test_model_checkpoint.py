@@ -5,18 +5,20 @@ import os
 import numpy as np
 import pytest
 
-from model_helpers import hf_logits, hf_model, our_config, our_model_from_hf, setup_device
+from model.runtime import set_device
+from model.checkpoint import load_model_dir, save_model_dir
+from model_helpers import hf_logits, hf_model, our_config, our_model_from_hf
 
 torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(scope="module")
 def model_saved(tmp_path_factory):
-    setup_device()
+    set_device("CPU")
     hf = hf_model(seed=1)
     ours = our_model_from_hf(hf)
     path = tmp_path_factory.mktemp("ckpt") / "m"
-    ours.save_pretrained(path)
+    save_model_dir(ours, path)
     return hf, ours, path
 
 
@@ -26,11 +28,11 @@ def test_round_trip_is_exact(model_saved, tmp_path, fmt):
     from model.checkpoint import state_dict
 
     _, ours, _ = model_saved
-    ours.save_pretrained(tmp_path / "m", weights_format=fmt)
+    save_model_dir(ours, tmp_path / "m", weights_format=fmt)
     names = sorted(os.listdir(tmp_path / "m"))
     assert "config.json" in names and f"model.{fmt}" in names
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporary left behind
-    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    loaded = load_model_dir(tmp_path / "m")
     assert loaded.config == ours.config
     a, b = state_dict(ours), state_dict(loaded)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
@@ -49,7 +51,7 @@ def test_save_replaces_an_existing_directory_atomically(model_saved, tmp_path, m
     import model.checkpoint as ckpt
 
     _, ours, _ = model_saved
-    ours.save_pretrained(tmp_path / "m")
+    save_model_dir(ours, tmp_path / "m")
     before = sorted(os.listdir(tmp_path / "m"))
 
     def boom(*a, **k):
@@ -57,7 +59,7 @@ def test_save_replaces_an_existing_directory_atomically(model_saved, tmp_path, m
 
     monkeypatch.setattr(ckpt, "write_weights", boom)
     with pytest.raises(OSError, match="disk full"):
-        ours.save_pretrained(tmp_path / "m")
+        save_model_dir(ours, tmp_path / "m")
     assert sorted(os.listdir(tmp_path / "m")) == before  # the old directory is untouched
     assert sorted(os.listdir(tmp_path)) == ["m"]  # and the temporary is gone
 
@@ -68,10 +70,10 @@ def test_tokenizer_files_are_copied(model_saved, tmp_path):
     tok.mkdir()
     (tok / "vocab.json").write_text("{}")
     (tok / "merges.txt").write_text("#version: 0.2\n")
-    ours.save_pretrained(tmp_path / "m", tokenizer_dir=str(tok))
+    save_model_dir(ours, tmp_path / "m", tokenizer_dir=str(tok))
     assert (tmp_path / "m" / "vocab.json").read_text() == "{}"
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
-        ours.save_pretrained(tmp_path / "m2", tokenizer_dir=str(tmp_path))
+        save_model_dir(ours, tmp_path / "m2", tokenizer_dir=str(tmp_path))
 
 
 def _damage(path, fn):
@@ -100,7 +102,7 @@ def test_mismatched_tensors_are_named(model_saved, tmp_path, damage, match):
     shutil.copytree(path, tmp_path / "m")
     _damage(tmp_path / "m", damage)
     with pytest.raises(CheckpointError, match=match):
-        GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+        load_model_dir(tmp_path / "m")
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
@@ -109,20 +111,20 @@ def test_truncated_weights_file_is_a_clear_error(model_saved, tmp_path, fmt):
     from model.checkpoint import CheckpointError
 
     _, ours, _ = model_saved
-    ours.save_pretrained(tmp_path / "m", weights_format=fmt)
+    save_model_dir(ours, tmp_path / "m", weights_format=fmt)
     f = tmp_path / "m" / f"model.{fmt}"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=f"cannot read weights file .*model.{fmt}"):
-        GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+        load_model_dir(tmp_path / "m")
 
 
 def test_missing_directory_or_weights(tmp_path):
     from model import GPT2LMHeadModel
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        GPT2LMHeadModel.from_pretrained(tmp_path / "nope")
+        load_model_dir(tmp_path / "nope")
     our_config().to_json(tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="model.safetensors or model.ckpt"):
-        GPT2LMHeadModel.from_pretrained(tmp_path)
+        load_model_dir(tmp_path)
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from model_helpers import TINY, hf_logits, hf_model, our_config, our_model_from_hf, setup_device
+from model.runtime import set_device
+from model_helpers import TINY, hf_logits, hf_model, our_config, our_model_from_hf
 
 torch = pytest.importorskip("torch")
 ms = pytest.importorskip("mindspore")
@@ -11,7 +12,7 @@ ms = pytest.importorskip("mindspore")
 
 @pytest.fixture(scope="module")
 def model_pair():
-    setup_device()
+    set_device("CPU")
     hf = hf_model()
     return hf, our_model_from_hf(hf)
 

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from model_helpers import SESSION_KW, TINY, hf_greedy, hf_logits, hf_model, our_model_from_hf, prompts, setup_device
+from model.runtime import set_device
+from model.inference import generate
+from model_helpers import SESSION_KW, TINY, hf_greedy, hf_logits, hf_model, our_model_from_hf, prompts
 
 pytest.importorskip("torch")
 TOL = 1e-4
@@ -14,7 +16,7 @@ def model_env(request):
     # Every test runs on both step paths: model.kernels' CPU kernels and MindSpore's own ops.
     from model import InferenceSession
 
-    setup_device()
+    set_device("CPU")
     hf = hf_model()
     ours = our_model_from_hf(hf)
     return hf, ours, InferenceSession(ours, **SESSION_KW, cpu_kernels=request.param)
@@ -33,7 +35,7 @@ def test_greedy_generation_matches_transformers(model_env):
 def test_model_generate_helper(model_env):
     hf, ours, _ = model_env
     p = prompts(seed=5, lengths=(12,))[0]
-    assert ours.generate(p, 8) == hf_greedy(hf, p, 8)
+    assert generate(ours, p, 8) == hf_greedy(hf, p, 8)
 
 
 def test_decode_logits_equal_full_forward_at_every_step(model_env):
@@ -93,19 +95,19 @@ def test_packed_step_runs_several_sequences_in_one_flat_pass(model_env):
     ids = np.concatenate([a[5:], b, c[:9]])
     pos = np.concatenate([np.arange(5, 12), np.arange(7), np.arange(9)])
     slots = np.repeat([2, 0, 3], [7, 7, 9])
-    out = sess.step_packed(ids, pos, slots, np.array([6, 13, 22]))
+    out = sess.step_flat(ids, pos, slots, np.array([6, 13, 22]))
     assert out.shape == (3, TINY["vocab_size"])
     for got, want in zip(out, (ref["a"][11], ref["b"][6], ref["c"][8])):
         assert np.abs(got - want).max() < TOL
     # Every token's logits, and the caches left for decode.
-    every = sess.step_packed(c[9:], np.arange(9, 13), np.full(4, 3), None)
+    every = sess.step_flat(c[9:], np.arange(9, 13), np.full(4, 3), None)
     assert np.abs(every - ref["c"][9:13]).max() < TOL
     nxt = sess.step(np.array([[b[-1]]]), np.array([[7]]), np.array([0]), np.array([0]))
     assert np.abs(nxt[0] - hf_logits(hf, [list(b) + [b[-1]]])[0][7]).max() < TOL
     with pytest.raises(ValueError, match="logits_index"):
-        sess.step_packed(ids, pos, slots, np.array([24]))
+        sess.step_flat(ids, pos, slots, np.array([24]))
     with pytest.raises(ValueError, match="positions must be >= 0"):
-        sess.step_packed(ids, np.where(pos == 0, -1, pos), slots, None)
+        sess.step_flat(ids, np.where(pos == 0, -1, pos), slots, None)
 
 
 def test_a_reused_slot_does_not_see_its_previous_sequence(model_env):

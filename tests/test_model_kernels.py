@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_helpers import SESSION_KW, TINY, hf_logits, hf_model, our_model_from_hf, prompts, setup_device
+from model.runtime import set_device
+from model.checkpoint import save_model_dir
+from model.inference import generate
+from model_helpers import SESSION_KW, TINY, hf_logits, hf_model, our_model_from_hf, prompts
 
 pytest.importorskip("torch")
 REPO = Path(__file__).resolve().parent.parent
@@ -18,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 def sessions():
     from model import InferenceSession
 
-    setup_device()
+    set_device("CPU")
     ours = our_model_from_hf(hf_model(seed=3))
     # Each session compiles its graphs on first use with the kernel setting it was made with: use each at once.
     kern = InferenceSession(ours, **SESSION_KW, cpu_kernels=True)
@@ -52,7 +55,7 @@ def test_switched_off_by_environment(monkeypatch):
 
     from model import GPT2Config, kernels
 
-    setup_device()
+    set_device("CPU")
     cfg = GPT2Config(**TINY)
     assert kernels.available(cfg, ms.float32)
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
@@ -140,9 +143,10 @@ def test_cached_attention_matches_numpy(hs, flat):
             assert np.abs(y_all[t, h * hs : (h + 1) * hs] - ref).max() < 1e-5, (t, h)
 
 
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 13, 96, 97, 130])  # both forms: register-blocked <= 96 rows, GEMM above
-@pytest.mark.parametrize("n,k", [(16, 16), (100, 272), (530, 48)])  # widths not multiples of the tiles
-def test_linear_kernels_match_numpy(m, n, k):
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 13, 96, 97, 130])  # a tile's rows and more; K blocks from 7 rows up
+@pytest.mark.parametrize("n,k", [(16, 16), (100, 272), (530, 48), (40, 600)])  # widths not multiples of the tiles
+@pytest.mark.parametrize("packed", [False, True])  # panels packed per call, or by the session (pack_panels)
+def test_linear_kernels_match_numpy(m, n, k, packed):
     import ctypes
 
     from model import kernels
@@ -153,28 +157,84 @@ def test_linear_kernels_match_numpy(m, n, k):
     w = rng.standard_normal((n, k), np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     r = rng.standard_normal((m, n)).astype(np.float32)
+    wp = (kernels.pack_panels(w),) if packed else ()
     ref = x.astype(np.float64) @ w.T.astype(np.float64) + b
     # GPT-2's GELU (tanh form); inputs down to about -100 here, where a fast-math reciprocal once gave NaN.
     with np.errstate(over="ignore"):
         gelu = ref / (1 + np.exp(-1.5957691216057308 * (ref + 0.044715 * ref**3)))
     for name, args, want in (
-        ("Linear", (x, w), ref - b),
-        ("Linear", (x, w, b), ref),
-        ("LinearGelu", (x, w, b), gelu),
-        ("LinearAdd", (x, w, b, r), ref + r),
+        ("Linear", (x, w, *wp), ref - b),
+        ("Linear", (x, w, *wp, b), ref),
+        ("LinearGelu", (x, w, *wp, b), gelu),
+        ("LinearAdd", (x, w, *wp, b, r), ref + r),
     ):
         y = np.full((m, n), np.nan, np.float32)
         assert _call(lib, name, *args, y) == 0
         scale = 1 + np.abs(want).max()
         assert np.abs(y - want).max() / scale < 1e-5, name
-    # A row's result does not depend on the other rows (same form: up to 96 rows, or above).
-    extra = 7 if m + 7 <= 96 or m > 96 else 0
-    if extra:
+    # Batch invariance: a row's result is bitwise the same alone, among any number of other rows, at any position,
+    # with the weights packed per call or by the session.
+    y = np.empty((m, n), np.float32)
+    _call(lib, "LinearGelu", x, w, *wp, b, y)
+    for extra in (1, 7, 100):
         x2 = np.concatenate([rng.standard_normal((extra, k), np.float32), x])
-        y1, y2 = np.empty((m, n), np.float32), np.empty((m + extra, n), np.float32)
-        _call(lib, "LinearGelu", x, w, b, y1)
-        _call(lib, "LinearGelu", x2, w, b, y2)
-        assert np.array_equal(y1, y2[extra:])
+        y2 = np.empty((m + extra, n), np.float32)
+        _call(lib, "LinearGelu", x2, w, *wp, b, y2)
+        assert np.array_equal(y, y2[extra:]), extra
+    for i in {0, m // 2, m - 1}:
+        alone = np.empty((1, n), np.float32)
+        _call(lib, "LinearGelu", x[i : i + 1].copy(), w, b, alone)  # packed per call
+        assert np.array_equal(alone[0], y[i]), i
+
+
+def test_panels_hold_the_transposed_weight_in_column_blocks():
+    from model import kernels
+
+    nr = kernels.panel_width()
+    assert nr in (8, 16, 32)  # two vectors: portable, AVX2, AVX-512
+    w = np.arange(3 * 5, dtype=np.float32).reshape(3, 5) if nr > 3 else None
+    p = kernels.pack_panels(w)
+    assert p.shape == (1, 5, nr) and np.array_equal(p[0, :, :3], w.T) and not p[0, :, 3:].any()
+    w = np.random.default_rng(0).standard_normal((2 * nr + 1, 16)).astype(np.float32)
+    p = kernels.pack_panels(w)
+    assert p.shape == (3, 16, nr)
+    assert np.array_equal(p.transpose(0, 2, 1).reshape(-1, 16)[: 2 * nr + 1], w)
+    import ctypes
+
+    lib = ctypes.CDLL(kernels.library_path())
+    bad = np.zeros((2, 16, nr), np.float32)  # a packing of another shape is refused
+    assert _call(lib, "Linear", np.zeros((1, 16), np.float32), w, bad, np.zeros((1, 2 * nr + 1), np.float32)) != 0
+
+
+def test_attention_gives_a_token_the_same_bits_in_any_chunking():
+    # Prefill in one chunk (tokens attend in groups of four where the CPU has AVX-512), chunk by chunk of 3, and
+    # token by token must give bitwise the same outputs: chunking never changes a token's arithmetic.
+    import ctypes
+
+    from model import kernels
+
+    lib = ctypes.CDLL(kernels.library_path())
+    rng = np.random.default_rng(5)
+    nh, hs, L, T = 2, 64, 40, 23
+    d = nh * hs
+    qkv = rng.standard_normal((T, 3 * d)).astype(np.float32)
+    meta, scale = np.array([L, nh], np.int32), np.array([0.125], np.float32)
+
+    def run(chunks):
+        kc = np.zeros((nh * L, hs), np.float32)
+        vc = np.zeros((nh * L, hs), np.float32)
+        out = []
+        for a, e in chunks:
+            pos = np.arange(a, e, dtype=np.int32)[None]
+            y = np.empty((1, e - a, d), np.float32)
+            assert _call(lib, "CachedAttention", qkv[None, a:e].copy(), kc, vc, pos[0].copy(), np.zeros(1, np.int32),
+                         pos, meta, scale, y) == 0
+            out.append(y[0])
+        return np.concatenate(out)
+
+    whole = run([(0, T)])
+    assert np.array_equal(whole, run([(a, min(a + 3, T)) for a in range(0, T, 3)]))
+    assert np.array_equal(whole, run([(a, a + 1) for a in range(T)]))
 
 
 def test_a_rows_logits_do_not_depend_on_the_batch(sessions):
@@ -244,8 +304,8 @@ def test_amx_packing_splits_each_weight_into_two_bf16_parts():
     assert q.shape == (2, 4, 48, 16) and np.array_equal(q[:, :2], u[:, :2]) and not q[:, 2:, :, 8:].any()
 
 
-# Below 8 rows the float32 kernels, even with wp; AMX takes 32 rows at a time and a last 16 (zero-padded).
-@pytest.mark.parametrize("m", [7, 8, 16, 31, 33, 48, 130])
+# Every row count goes through AMX when the weights are packed for it: 32 rows at a time and a last 16 (zero-padded).
+@pytest.mark.parametrize("m", [1, 7, 8, 16, 31, 33, 48, 130])
 # A long K (50 tile steps); N not a multiple of 32 (as the LM head's): a narrow last column block.
 @pytest.mark.parametrize("n,k", [(64, 32), (96, 1600), (70, 96)])
 def test_amx_linear_matches_numpy_and_rows_stay_independent(m, n, k):
@@ -270,16 +330,16 @@ def test_amx_linear_matches_numpy_and_rows_stay_independent(m, n, k):
         assert _call(lib, name, *args, y) == 0
         # bf16x3 keeps ~float32 accuracy (a plain bf16 product would be off by ~1e-2 of the scale).
         assert np.abs(y - want).max() / np.abs(want).max() < 2e-5, name
-    plain = np.empty((m, n), np.float32)
-    _call(lib, "Linear", x, w, b, plain)
     y = np.empty((m, n), np.float32)
     _call(lib, "Linear", x, w, wp, b, y)
-    assert np.array_equal(y, plain) == (m < 8)  # the AMX path is taken from 8 rows on, and only there
-    if m >= 8:  # a row's result does not depend on the other rows, its position or its block (32 or 16 rows)
-        x2 = np.concatenate([rng.standard_normal((5, k), np.float32), x])
-        y2 = np.empty((m + 5, n), np.float32)
+    for extra in (5, 40):  # a row's result does not depend on the other rows, its position or its block (32 or 16)
+        x2 = np.concatenate([rng.standard_normal((extra, k), np.float32), x])
+        y2 = np.empty((m + extra, n), np.float32)
         _call(lib, "Linear", x2, w, wp, b, y2)
-        assert np.array_equal(y, y2[5:])
+        assert np.array_equal(y, y2[extra:])
+    alone = np.empty((1, n), np.float32)
+    _call(lib, "Linear", x[-1:].copy(), w, wp, b, alone)
+    assert np.array_equal(alone[0], y[-1])
     bad = np.zeros((2, wp.shape[1], k // 2 + 1, 16), np.int32)  # a packing of another shape is refused
     assert _call(lib, "Linear", x, w, bad, b, y) != 0
 
@@ -288,7 +348,7 @@ def test_a_session_with_amx_weights_matches_transformers(monkeypatch):
     from model import InferenceSession
 
     _amx_or_skip()
-    setup_device()
+    set_device("CPU")
     hf = hf_model(seed=4)
     ours = our_model_from_hf(hf)
     sess = InferenceSession(ours, **SESSION_KW, cpu_kernels=True, packed_weights=True)
@@ -298,13 +358,15 @@ def test_a_session_with_amx_weights_matches_transformers(monkeypatch):
     got = np.concatenate([got, sess.step(ids[:, 32:], np.arange(32, 64)[None], np.array([1]), None)], axis=1)
     want = hf_logits(hf, ids)
     assert np.abs(got - want).max() < 1e-4
+    assert sess.packed_form == "amx"
     assert not InferenceSession(ours, **SESSION_KW, cpu_kernels=True).packed_weights  # only when asked for
     monkeypatch.setenv("GPT2_AMX", "0")
     from model import kernels
 
     kernels.amx_available.cache_clear()
     try:
-        assert not InferenceSession(ours, **SESSION_KW, cpu_kernels=True, packed_weights=True).packed_weights
+        sess = InferenceSession(ours, **SESSION_KW, cpu_kernels=True, packed_weights=True)
+        assert sess.packed_form == "panels"
     finally:
         monkeypatch.delenv("GPT2_AMX")
         kernels.amx_available.cache_clear()
@@ -314,11 +376,11 @@ def test_the_servers_session_packs_its_weights_for_amx(tmp_path):
     from serving.engine.model_runner import load_session
 
     kernels = _amx_or_skip()
-    setup_device()
-    our_model_from_hf(hf_model(seed=5)).save_pretrained(tmp_path / "m")
+    set_device("CPU")
+    save_model_dir(our_model_from_hf(hf_model(seed=5)), tmp_path / "m")
     sess = load_session(str(tmp_path / "m"), num_slots=2, max_seq_len=64, batch_buckets=(1, 2), chunk_buckets=(1, 32))
-    assert sess.packed_weights and kernels.amx_available()
+    assert sess.packed_form == "amx" and kernels.amx_available()
     ids = np.array(prompts(seed=10, lengths=(32,)))
     plain = our_model_from_hf(hf_model(seed=5))
-    want = plain.generate(ids[0].tolist(), 4)  # the model's own session: no AMX copy
+    want = generate(plain, ids[0].tolist(), 4)  # the model's own session: no AMX copy
     assert sess.generate(ids[0].tolist(), 4) == want

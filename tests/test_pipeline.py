@@ -38,7 +38,7 @@ def test_sampling_filters():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer model with random weights, saved as a model directory."""
-    from model import GPT2Config, GPT2LMHeadModel
+    from textgen import GPT2Config, GPT2LMHeadModel
     from textgen import ensure_device
 
     ensure_device()
@@ -77,7 +77,7 @@ def test_pipeline_greedy_matches_the_model_generate_and_validates_parameters(tin
 def test_pipeline_prefills_a_prompt_longer_than_its_largest_chunk(tmp_path):
     import mindspore as ms
 
-    from model import GPT2Config, GPT2LMHeadModel
+    from textgen import GPT2Config, GPT2LMHeadModel
     from textgen import ensure_device, pipeline
 
     ensure_device()

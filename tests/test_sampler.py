@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving import sampler
-from serving.sampler import SamplingRow
+from model import sampler
+from model.sampler import SamplingRow
 from serving.sampling_params import SamplingParams
 from serving.errors import ValidationError
 

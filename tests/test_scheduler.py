@@ -1,4 +1,5 @@
-"""Unit tests of the pure scheduler: admission, chunked prefill, slots, queue bound, timeouts, score packing."""
+"""Unit tests of the pure scheduler: one token budget per step (running sequences' decode tokens plus prompt chunks,
+oldest prompt first), slots, queue bound, timeouts, chunked and score-only prompts."""
 
 import pytest
 from hypothesis import given, settings
@@ -18,8 +19,19 @@ def score_seq(rid, n_prompt):
     return Sequence(rid, [1] * n_prompt, SamplingParams(max_new_tokens=0, prompt_logprobs=0))
 
 
+def sched(num_slots=4, budget=64, chunk=16, max_waiting=100, queue_timeout=None) -> Scheduler:
+    return Scheduler(SchedulerConfig(num_slots=num_slots, max_waiting=max_waiting, max_step_tokens=budget,
+                                     prefill_chunk=chunk, queue_timeout=queue_timeout))
+
+
+def finish_if_done(s: Scheduler, q: Sequence, now: float) -> None:
+    if q.num_output >= q.params.max_new_tokens:
+        s.finish(q, FinishReason.LENGTH, now)
+
+
 def run_step(s: Scheduler, now=0.0):
-    """Schedule, then pretend the model ran: prefill chunks complete, decoded sequences get a token."""
+    """Schedule, then pretend the model ran, as the engine does: chunks are recorded, a prompt's last chunk gives
+    its first token (a score-only prompt finishes instead), every decoded sequence gets a token."""
     out = s.schedule(now)
     for c in out.prefill:
         s.prefilled(c)
@@ -28,318 +40,428 @@ def run_step(s: Scheduler, now=0.0):
                 s.finish(c.seq, FinishReason.LENGTH, now)
             else:
                 c.seq.output_ids.append(7)
+                finish_if_done(s, c.seq, now)
     for q in out.decode:
         s.decoded(q)
         q.output_ids.append(7)
-        if q.num_output >= q.params.max_new_tokens:
-            s.finish(q, FinishReason.LENGTH, now)
+        finish_if_done(s, q, now)
     return out
 
 
-def test_one_generating_prefill_per_step_then_decode():
-    s = Scheduler(SchedulerConfig(num_slots=4, max_waiting=10, prefill_chunk=8))
+def chunks(out):
+    return [(c.seq.request_id, c.start, c.end) for c in out.prefill]
+
+
+def ids(seqs):
+    return [q.request_id for q in seqs]
+
+
+def step_tokens(out) -> int:
+    return len(out.decode) + sum(c.end - c.start for c in out.prefill)
+
+
+# ---- configuration ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [
+    dict(num_slots=4, max_step_tokens=4),  # no room for a prompt token after every decode token
+    dict(num_slots=4, max_step_tokens=3),
+    dict(num_slots=0, max_step_tokens=8),
+    dict(num_slots=2, max_step_tokens=8, prefill_chunk=0),
+    dict(num_slots=2, max_step_tokens=8, max_waiting=-1),
+])
+def test_invalid_config_is_refused(kw):
+    args = dict(num_slots=2, max_waiting=4, max_step_tokens=8, prefill_chunk=4) | kw
+    with pytest.raises(ValueError):
+        SchedulerConfig(**args)
+
+
+def test_smallest_valid_budget_is_one_more_than_the_slots():
+    cfg = SchedulerConfig(num_slots=4, max_waiting=0, max_step_tokens=5, prefill_chunk=1)
+    assert cfg.max_step_tokens == 5 and cfg.queue_timeout is None
+
+
+# ---- the step: decode tokens, then prompt chunks ------------------------------------------------------------
+
+
+def test_short_prompts_share_one_step_then_decode_together():
+    s = sched(num_slots=4, budget=64)
     s.add([seq("a"), seq("b")])
     out = run_step(s)
-    assert [c.seq.request_id for c in out.prefill] == ["a"] and out.decode == []
+    assert chunks(out) == [("a", 0, 4), ("b", 0, 4)] and out.decode == []
+    assert (s.get("a").slot, s.get("b").slot) == (0, 1)
+    assert s.get("a").output_ids == [7] and s.get("b").status is SequenceStatus.RUNNING
     out = run_step(s)
-    assert [c.seq.request_id for c in out.prefill] == ["b"]
-    assert [q.request_id for q in out.decode] == ["a"]
-    out = run_step(s)
-    assert out.prefill == [] and [q.request_id for q in out.decode] == ["a", "b"]
+    assert out.prefill == [] and ids(out.decode) == ["a", "b"]
 
 
-def test_long_prompt_is_chunked_and_others_keep_decoding():
-    s = Scheduler(SchedulerConfig(num_slots=2, max_waiting=10, prefill_chunk=8))
+def test_every_running_sequence_decodes_and_counts_against_the_budget():
+    s = sched(num_slots=8, budget=20, chunk=100)
+    s.add([seq(f"r{i}", 1, max_new=50) for i in range(6)])
+    out = run_step(s)  # six one-token prompts: 6 tokens, all running afterwards
+    assert len(out.prefill) == 6 and step_tokens(out) == 6
+    s.add([seq("long", 400)])
+    out = run_step(s)
+    # 20 - 6 decode tokens leaves 14 prompt tokens.
+    assert ids(out.decode) == [f"r{i}" for i in range(6)]
+    assert chunks(out) == [("long", 0, 14)] and step_tokens(out) == 20
+    out = run_step(s)
+    assert len(out.decode) == 6 and chunks(out) == [("long", 14, 28)]
+
+
+def test_a_step_never_exceeds_max_step_tokens():
+    s = sched(num_slots=4, budget=25, chunk=16)
+    s.add([seq("a", 10), seq("b", 10), seq("c", 10)])
+    out = run_step(s)
+    assert chunks(out) == [("a", 0, 10), ("b", 0, 10), ("c", 0, 5)] and step_tokens(out) == 25
+    assert s.get("c").status is SequenceStatus.PREFILLING and s.get("c").num_cached == 5
+    out = run_step(s)
+    assert ids(out.decode) == ["a", "b"] and chunks(out) == [("c", 5, 10)] and step_tokens(out) == 7
+
+
+def test_the_oldest_prompt_is_served_first_and_younger_ones_fill_the_rest():
+    s = sched(num_slots=4, budget=300, chunk=256)
+    s.add([seq("old", 600), seq("young", 30), seq("third", 30)])
+    out = run_step(s)
+    assert chunks(out) == [("old", 0, 256), ("young", 0, 30), ("third", 0, 14)]
+    out = run_step(s)
+    # young decodes (1 token); old continues before third, which gets what is left (here all it needs).
+    assert ids(out.decode) == ["young"]
+    assert chunks(out) == [("old", 256, 512), ("third", 14, 30)]
+    out = run_step(s)
+    assert ids(out.decode) == ["young", "third"] and chunks(out) == [("old", 512, 600)]
+    assert s.get("old").status is SequenceStatus.RUNNING and s.get("old").num_cached == 600
+
+
+def test_prompts_in_progress_go_first_in_admission_order():
+    s = sched(num_slots=4, budget=12, chunk=8)
+    s.add([seq("first", 20)])
+    out = run_step(s)
+    assert chunks(out) == [("first", 0, 8)]
+    s.add([seq("second", 20)])
+    out = run_step(s)
+    assert chunks(out) == [("first", 8, 16), ("second", 0, 4)]
+    out = run_step(s)
+    assert chunks(out) == [("first", 16, 20), ("second", 4, 12)]
+    out = run_step(s)
+    assert ids(out.decode) == ["first"] and chunks(out) == [("second", 12, 20)]
+
+
+def test_each_chunk_is_at_most_prefill_chunk_and_others_keep_decoding():
+    s = sched(num_slots=2, budget=100, chunk=8)
     s.add([seq("short", 3, max_new=50)])
     run_step(s)
     s.add([seq("long", 20, max_new=2)])
-    chunks = []
+    got = []
     for _ in range(3):
         out = run_step(s)
-        chunks += [(c.start, c.end) for c in out.prefill]
-        assert [q.request_id for q in out.decode][:1] == ["short"]  # never stalled by the long prompt
-    assert chunks == [(0, 8), (8, 16), (16, 20)]
+        got += [(c.start, c.end) for c in out.prefill]
+        assert ids(out.decode)[:1] == ["short"]  # never stalled by the long prompt
+    assert got == [(0, 8), (8, 16), (16, 20)]
     assert s.get("long").status is SequenceStatus.RUNNING and s.get("long").num_cached == 20
 
 
+def test_several_prompts_each_capped_at_prefill_chunk():
+    s = sched(num_slots=4, budget=64, chunk=10)
+    s.add([seq("a", 25), seq("b", 25), seq("c", 4)])
+    out = run_step(s)
+    assert chunks(out) == [("a", 0, 10), ("b", 0, 10), ("c", 0, 4)]
+
+
+def test_waiting_sequences_start_only_into_free_slots_and_take_the_lowest():
+    s = sched(num_slots=2, budget=64)
+    a, b, c = seq("a", 5), seq("b", 5), seq("c", 5)
+    s.add([a, b, c])
+    out = run_step(s)  # a and b prefilled together; c waits for a slot although the budget has room
+    assert ids(x.seq for x in out.prefill) == ["a", "b"] and c.slot is None
+    assert c.status is SequenceStatus.WAITING and s.num_free_slots == 0 and s.num_waiting == 1
+    s.finish(a, FinishReason.STOP, 0.0)  # e.g. its first token was a stop token
+    assert s.num_free_slots == 1
+    out = run_step(s)
+    assert chunks(out) == [("c", 0, 5)] and c.slot == a.slot == 0
+    assert ids(out.decode) == ["b"]
+
+
+def test_freed_slots_are_reused_lowest_first():
+    s = sched(num_slots=3, budget=64)
+    first = [seq(f"s{i}", 2, max_new=100) for i in range(3)]
+    s.add(first)
+    run_step(s)
+    assert [q.slot for q in first] == [0, 1, 2]
+    s.finish(first[2], FinishReason.STOP, 0.0)
+    s.finish(first[0], FinishReason.STOP, 0.0)
+    assert s.num_free_slots == 2 and s.num_running == 1
+    x, y = seq("x", 2), seq("y", 2)
+    s.add([x])
+    run_step(s)
+    assert x.slot == 0
+    s.add([y])
+    run_step(s)
+    assert y.slot == 2
+
+
 def test_finished_sequence_frees_its_slot_for_a_waiting_one():
-    s = Scheduler(SchedulerConfig(num_slots=1, max_waiting=10, prefill_chunk=8))
+    s = sched(num_slots=1, budget=64)
     a, b = seq("a", max_new=2), seq("b")
     s.add([a, b])
     run_step(s)  # a prefilled, first token
     assert s.num_free_slots == 0 and s.num_waiting == 1
     run_step(s)  # a decodes its 2nd token and finishes
-    assert a.is_finished and s.num_free_slots == 1
+    assert a.is_finished and a.finish_reason is FinishReason.LENGTH and s.num_free_slots == 1
     out = run_step(s)
-    assert [c.seq.request_id for c in out.prefill] == ["b"] and b.slot == a.slot
+    assert ids(c.seq for c in out.prefill) == ["b"] and b.slot == a.slot
 
 
 def test_abort_frees_slot_at_once_from_any_state():
-    s = Scheduler(SchedulerConfig(num_slots=2, max_waiting=10, prefill_chunk=2))
+    s = sched(num_slots=2, budget=3, chunk=2)
     s.add([seq("run", 2, 100), seq("pre", 6, 100), seq("wait", 2, 100)])
-    run_step(s)
-    run_step(s)  # "pre" is mid-prefill, "wait" waits
-    assert s.get("pre").status is SequenceStatus.PREFILLING
+    out = run_step(s)  # run: its whole prompt; pre: the one token left
+    assert chunks(out) == [("run", 0, 2), ("pre", 0, 1)]
+    out = run_step(s)
+    assert ids(out.decode) == ["run"] and chunks(out) == [("pre", 1, 3)]
+    assert s.get("pre").status is SequenceStatus.PREFILLING and s.get("wait").status is SequenceStatus.WAITING
     for rid in ("wait", "pre", "run"):
         q = s.abort(rid, 1.0)
-        assert q.finish_reason is FinishReason.ABORTED
+        assert q.finish_reason is FinishReason.ABORTED and q.is_finished and s.get(rid) is None
     assert s.num_free_slots == 2 and not s.has_work()
     assert s.abort("unknown", 1.0) is None
+    assert s.schedule(2.0).is_empty
+
+
+def test_finished_sequences_are_dropped_from_decode_and_prefill():
+    s = sched(num_slots=2, budget=8, chunk=4)
+    s.add([seq("a", 2, 100), seq("b", 10, 100)])
+    run_step(s)
+    a = s.get("a")
+    s.finish(a, FinishReason.STOP, 0.0)
+    s.finish(a, FinishReason.ERROR, 0.0)  # a second finish is a no-op: same reason, slot not freed twice
+    assert a.finish_reason is FinishReason.STOP and s.num_free_slots == 1
+    out = s.schedule(0.0)
+    assert out.decode == [] and chunks(out) == [("b", 4, 8)]
 
 
 def test_queue_bound_counts_requests_that_will_wait_and_is_all_or_none():
-    s = Scheduler(SchedulerConfig(num_slots=1, max_waiting=2, prefill_chunk=8))
+    s = sched(num_slots=1, max_waiting=2)
     s.add([seq("a", max_new=100)])
     run_step(s)  # "a" holds the only slot
     with pytest.raises(OverloadedError):
         s.add([seq("b"), seq("c"), seq("d")])
-    assert s.num_waiting == 0
+    assert s.num_waiting == 0 and s.get("b") is None
     s.add([seq("b"), seq("c")])
     with pytest.raises(OverloadedError):
         s.add([seq("d")])
-    # With a free slot, one more request is accepted: it will not wait for long.
-    s2 = Scheduler(SchedulerConfig(num_slots=2, max_waiting=0, prefill_chunk=8))
+    # With free slots, as many more requests are accepted: they will not wait for long.
+    s2 = sched(num_slots=2, max_waiting=0)
     s2.add([seq("x"), seq("y")])
     with pytest.raises(OverloadedError):
         s2.add([seq("z")])
 
 
 def test_queue_timeout_drops_only_waiting_requests():
-    s = Scheduler(SchedulerConfig(num_slots=1, max_waiting=5, prefill_chunk=8, queue_timeout=1.0))
+    s = sched(num_slots=1, max_waiting=5, queue_timeout=1.0)
     s.add([seq("a", max_new=100, t=0.0), seq("b", t=0.0), seq("c", t=0.9)])
     run_step(s, now=0.1)
     out = run_step(s, now=1.5)
-    assert [q.request_id for q in out.timed_out] == ["b"]
-    assert s.get("a") is not None and s.get("c") is not None
-    assert out.timed_out[0].finish_reason is FinishReason.TIMEOUT
+    assert ids(out.timed_out) == ["b"]
+    assert out.timed_out[0].finish_reason is FinishReason.TIMEOUT and out.timed_out[0].slot is None
+    assert s.get("b") is None and s.get("a") is not None and s.get("c") is not None
+    assert ids(out.decode) == ["a"] and out.prefill == []
+    assert s.num_waiting == 1
 
 
-def test_score_only_prompts_are_packed_within_the_budget():
-    s = Scheduler(SchedulerConfig(num_slots=8, max_waiting=20, prefill_chunk=32))
-    s.add([score_seq(f"s{i}", 7) for i in range(6)] + [seq("g")])
-    out = run_step(s)
-    # 4 rows x 8 tokens would be 32: at most 4 rows of <= 8 tokens each (rows x longest <= budget).
-    assert len(out.prefill) == 4 and all(c.end - c.start == 7 for c in out.prefill)
-    out = run_step(s)
-    assert len(out.prefill) == 2
-    out = run_step(s)
-    assert [c.seq.request_id for c in out.prefill] == ["g"]
-
-
-def test_a_long_score_prompt_goes_alone_in_chunks():
-    s = Scheduler(SchedulerConfig(num_slots=4, max_waiting=20, prefill_chunk=8))
-    s.add([score_seq("long", 20), score_seq("short", 2)])
-    out = run_step(s)
-    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("long", 0, 8)]
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    st.integers(1, 4),
-    st.integers(1, 9),
-    st.lists(st.tuples(st.integers(1, 30), st.integers(0, 6), st.booleans()), min_size=1, max_size=12),
-)
-def test_random_workloads_keep_invariants_and_finish(num_slots, chunk, reqs):
-    s = Scheduler(SchedulerConfig(num_slots=num_slots, max_waiting=100, prefill_chunk=chunk))
-    seqs = []
-    for i, (n, max_new, abort_early) in enumerate(reqs):
-        q = Sequence(str(i), [1] * n, SamplingParams(max_new_tokens=max_new))
-        seqs.append((q, abort_early))
-    s.add([q for q, _ in seqs])
-    for step in range(2000):
-        if not s.has_work():
-            break
-        out = run_step(s)
-        rows = out.prefill and sum(c.end - c.start for c in out.prefill)
-        assert not out.prefill or rows <= max(chunk, 1) * len(out.prefill)
-        holders = [q for q in s.prefilling + s.running]
-        slots = [q.slot for q in holders]
-        assert len(slots) == len(set(slots)) and len(holders) + s.num_free_slots == num_slots
-        assert len(out.decode) <= num_slots
-        for q, abort_early in seqs:
-            if abort_early and step == 3:
-                s.abort(q.request_id, 0.0)
-    assert not s.has_work() and s.num_free_slots == num_slots
-    assert all(q.is_finished for q, _ in seqs)
-
-
-def test_score_packing_budgets_padded_rows():
-    cfg = SchedulerConfig(num_slots=16, max_waiting=20, prefill_chunk=64, prefill_row_buckets=(1, 2, 4, 8, 16))
-    s = Scheduler(cfg)
-    s.add([score_seq(f"s{i}", 12) for i in range(6)])
-    out = run_step(s)
-    # 5 rows would pad to 8 and 8 x 12 > 64: four rows (4 x 12 <= 64) go first.
-    assert len(out.prefill) == 4
-
-
-# ---- packed prefill (bucketed decode batching) ------------------------------------------------------------------
-
-ROWS = (1, 2, 4, 8, 16)
-CHUNKS = (1, 16, 64, 128, 256)
-
-
-def packed(num_slots=16, budget=256, chunk=256, **kw):
-    return Scheduler(SchedulerConfig(num_slots=num_slots, max_waiting=100, prefill_chunk=chunk,
-                                     prefill_row_buckets=ROWS, prefill_chunk_buckets=CHUNKS,
-                                     max_prefill_tokens=budget, **kw))
-
-
-def padded_size(s: Scheduler, chunks) -> int:
-    return s._padded_rows(len(chunks)) * s._padded_chunk(max(c.end - c.start for c in chunks))
-
-
-def test_packed_prefill_takes_several_waiting_prompts_in_one_pass():
-    s = packed()
-    s.add([seq(f"r{i}", 12) for i in range(16)])
-    out = run_step(s)
-    # 16 rows x 16 tokens (12 padded to 16) = 256: every prompt in one pass, all get their first token.
-    assert [c.seq.request_id for c in out.prefill] == [f"r{i}" for i in range(16)]
-    assert all((c.start, c.end) == (0, 12) for c in out.prefill) and out.decode == []
-    out = run_step(s)
-    assert out.prefill == [] and len(out.decode) == 16
-
-
-def test_packed_prefill_respects_the_padded_budget_in_arrival_order():
-    s = packed(budget=256)
-    s.add([seq("a", 40), seq("b", 30), seq("c", 50), seq("d", 10), seq("e", 20)])
-    out = run_step(s)
-    # 4 rows of <= 64 tokens: 4 x 64 = 256; a fifth row would pad to 8 x 64.
-    assert [c.seq.request_id for c in out.prefill] == ["a", "b", "c", "d"]
-    assert padded_size(s, out.prefill) <= 256
-    assert s.get("e").status is SequenceStatus.WAITING and s.get("e").slot is None
-    out = run_step(s)
-    assert [c.seq.request_id for c in out.prefill] == ["e"]
-
-
-def test_the_oldest_prompt_gets_a_whole_chunk_and_younger_ones_fill_what_is_left():
-    s = packed(budget=512, chunk=256)
-    s.add([seq("old", 600), seq("young", 30), seq("third", 30)])
-    out = run_step(s)
-    # old: 256 tokens; 2 rows x 256 = 512 leaves room for one more row; a third would pad to 4 x 256.
-    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("old", 0, 256), ("young", 0, 30)]
-    out = run_step(s)
-    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("old", 256, 512), ("third", 0, 30)]
-    assert [q.request_id for q in out.decode] == ["young"]
-    out = run_step(s)
-    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("old", 512, 600)]
-    assert s.get("old").status is SequenceStatus.RUNNING
-
-
-def test_a_younger_row_is_cut_at_a_chunk_bucket_that_keeps_the_pass_within_budget():
-    s = packed(budget=256, chunk=256)
-    s.add([seq("short", 20), seq("long", 300)])
-    out = run_step(s)
-    # short pads to 16..64 -> width 64; a second row may take up to 256 // 2 = 128 tokens (a bucket).
-    assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [("short", 20), ("long", 128)]
-    assert padded_size(s, out.prefill) == 256
-
-
-def test_a_long_prompt_alone_goes_in_chunks_while_the_others_decode():
-    s = packed(budget=64, chunk=64)
-    s.add([seq("short", 3, max_new=50)])
-    run_step(s)
-    s.add([seq("long", 150, max_new=2)])
-    chunks = []
-    for _ in range(3):
-        out = run_step(s)
-        chunks += [(c.start, c.end) for c in out.prefill]
-        assert [q.request_id for q in out.decode][:1] == ["short"]
-    assert chunks == [(0, 64), (64, 128), (128, 150)]
-
-
-def test_the_oldest_row_gets_its_chunk_even_above_the_budget():
-    s = packed(budget=32, chunk=64)
-    s.add([seq("a", 100), seq("b", 5)])
-    out = run_step(s)
-    assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [("a", 64)]
-
-
-def test_packed_prefill_admits_no_more_than_the_free_slots_and_reuses_freed_ones():
-    s = packed(num_slots=2)
-    a, b, c = seq("a", 5), seq("b", 5), seq("c", 5)
+def test_queue_timeout_is_checked_before_a_freed_slot_is_given():
+    s = sched(num_slots=1, max_waiting=5, queue_timeout=1.0)
+    a, b, c = seq("a", max_new=100, t=0.0), seq("b", t=0.0), seq("c", t=0.5)
     s.add([a, b, c])
-    out = run_step(s)  # a and b prefilled together; c waits for a slot
-    assert [x.seq.request_id for x in out.prefill] == ["a", "b"] and c.slot is None
-    assert c.status is SequenceStatus.WAITING and s.num_free_slots == 0
-    s.finish(a, FinishReason.STOP, 0.0)  # e.g. its first token was a stop token
-    assert s.num_free_slots == 1
+    run_step(s, now=0.0)
+    s.finish(a, FinishReason.STOP, 1.2)
+    out = run_step(s, now=1.2)
+    # b waited 1.2 s (> 1 s): it fails, and c, which waited 0.7 s, gets the slot.
+    assert ids(out.timed_out) == ["b"] and chunks(out) == [("c", 0, 4)] and c.slot == 0
+
+
+def test_no_timeout_means_waiting_forever():
+    s = sched(num_slots=1, max_waiting=5)
+    s.add([seq("a", max_new=100, t=0.0), seq("b", t=0.0)])
+    run_step(s, now=0.0)
+    out = run_step(s, now=1e6)
+    assert out.timed_out == [] and s.get("b").status is SequenceStatus.WAITING
+
+
+# ---- score-only prompts -----------------------------------------------------------------------------------------
+
+
+def test_score_only_prompts_share_the_budget_and_finish_after_their_last_chunk():
+    s = sched(num_slots=8, budget=32, chunk=32)
+    scores = [score_seq(f"s{i}", 7) for i in range(6)]
+    s.add(scores + [seq("g", 4)])
     out = run_step(s)
-    assert [x.seq.request_id for x in out.prefill] == ["c"] and c.slot == a.slot
-    assert [q.request_id for q in out.decode] == ["b"]
-
-
-def test_flat_packed_prefill_counts_prompt_tokens_not_padded_rows():
-    s = packed(budget=256, flat_prefill=True)
-    s.add([seq("a", 40), seq("b", 30), seq("c", 50), seq("d", 10), seq("e", 20), seq("f", 200)])
+    # 4 x 7 = 28 tokens, then the fifth prompt gets the 4 that are left.
+    assert chunks(out) == [("s0", 0, 7), ("s1", 0, 7), ("s2", 0, 7), ("s3", 0, 7), ("s4", 0, 4)]
+    assert all(q.is_finished and q.finish_reason is FinishReason.LENGTH for q in scores[:4])
+    assert s.get("s4").status is SequenceStatus.PREFILLING
     out = run_step(s)
-    # 150 tokens for a-e (the padded form took 4 rows); f takes the 106 the budget leaves.
-    assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [
-        ("a", 40), ("b", 30), ("c", 50), ("d", 10), ("e", 20), ("f", 106)]
+    assert chunks(out) == [("s4", 4, 7), ("s5", 0, 7), ("g", 0, 4)] and out.decode == []
     out = run_step(s)
-    assert [(c.seq.request_id, c.start, c.end) for c in out.prefill] == [("f", 106, 200)]
+    assert ids(out.decode) == ["g"] and out.prefill == []
+    assert all(q.is_finished for q in scores) and s.num_running == 1
 
 
-def test_a_flat_pass_stays_within_the_largest_chunk_bucket():
-    s = packed(budget=1024, chunk=256, flat_prefill=True)  # the model pads a pass to a chunk bucket (<= 256)
-    s.add([seq("a", 100), seq("b", 300)])
-    out = run_step(s)
-    assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [("a", 100), ("b", 156)]
+def test_a_long_score_prompt_goes_in_chunks_and_never_decodes():
+    s = sched(num_slots=4, budget=64, chunk=8)
+    long = score_seq("long", 20)
+    s.add([long])
+    for expected in [(0, 8), (8, 16), (16, 20)]:
+        out = s.schedule(0.0)
+        assert out.decode == [] and [(c.start, c.end) for c in out.prefill] == [expected]
+        s.prefilled(out.prefill[0])
+        # Still prefilling after its last chunk: it is never moved to the running sequences.
+        assert long.status is SequenceStatus.PREFILLING and long not in s.running
+    assert out.prefill[0].is_last and long.num_cached == 20 and long.output_ids == []
+    s.finish(long, FinishReason.LENGTH, 0.0)
+    assert s.num_free_slots == 4 and not s.has_work()
 
 
-def test_a_flat_pass_leaves_room_for_the_running_sequences_decode_tokens():
-    s = packed(budget=256, chunk=256, flat_prefill=True)
-    s.add([seq(f"r{i}", 3, max_new=20) for i in range(6)])
-    run_step(s)  # six running sequences
-    s.add([seq("long", 400)])
-    out = run_step(s)
-    # 256 - 6: the decode tokens join the pass, which must stay within the largest chunk bucket.
-    assert [(c.seq.request_id, c.end - c.start) for c in out.prefill] == [("long", 250)] and len(out.decode) == 6
-
-
-def test_packed_prefill_mixes_score_only_and_generating_prompts():
-    s = packed()
+def test_score_only_and_generating_prompts_mix_in_one_step():
+    s = sched(num_slots=4, budget=64)
     s.add([score_seq("s1", 10), seq("g", 10), score_seq("s2", 10)])
     out = run_step(s)
-    assert [c.seq.request_id for c in out.prefill] == ["s1", "g", "s2"]
-    assert not s.has_work() or [q.request_id for q in s.running] == ["g"]
+    assert ids(c.seq for c in out.prefill) == ["s1", "g", "s2"]
+    assert ids(s.running) == ["g"] and s.get("s1") is None and s.get("s2") is None
 
 
-@settings(max_examples=60, deadline=None)
+# ---- first tokens in arrival order ------------------------------------------------------------------------------
+
+
+def test_first_tokens_come_in_arrival_order_when_chunks_hold_whole_prompts():
+    s = sched(num_slots=4, budget=10, chunk=64)
+    qs = [seq("a", 6, 50), seq("b", 6, 50), seq("c", 3, 50), seq("d", 1, 50)]
+    s.add(qs)
+    first = {}
+    for step in range(10):
+        run_step(s, now=float(step))
+        for q in qs:
+            if q.output_ids and q.request_id not in first:
+                first[q.request_id] = step
+    # a: 6 tokens at step 0; b: 4 at step 0 and 2 at step 1; c and d at step 1 (1 decode + 2 + 3 + 1 = 7).
+    assert first == {"a": 0, "b": 1, "c": 1, "d": 1}
+
+
+# ---- random workloads -------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
 @given(
-    st.integers(1, 6),
-    st.sampled_from([16, 64, 128, 256]),
-    st.sampled_from([16, 64, 256, 512]),
-    st.lists(st.tuples(st.integers(1, 700), st.integers(0, 6), st.booleans()), min_size=1, max_size=12),
+    num_slots=st.integers(1, 6),
+    extra=st.integers(1, 80),
+    chunk=st.integers(1, 64),
+    timeout=st.sampled_from([None, 3.0, 40.0]),
+    reqs=st.lists(
+        st.tuples(st.integers(1, 120), st.integers(0, 6), st.integers(0, 15), st.one_of(st.none(), st.integers(0, 30))),
+        min_size=1, max_size=14,
+    ),
 )
-@pytest.mark.parametrize("flat", [False, True])
-def test_packed_random_workloads_keep_the_budget_fifo_and_invariants(flat, num_slots, chunk, budget, reqs):
-    s = packed(num_slots=num_slots, budget=budget, chunk=chunk, flat_prefill=flat)
-    seqs = [(Sequence(str(i), [1] * n, SamplingParams(max_new_tokens=m)), ab) for i, (n, m, ab) in enumerate(reqs)]
-    s.add([q for q, _ in seqs])
-    for step in range(5000):
-        if not s.has_work():
-            break
-        holders_before = s.prefilling + list(s.waiting)
-        out = run_step(s)
-        if out.prefill:
-            first = out.prefill[0]
-            # FIFO: the pass starts with the oldest unfinished prompt, which gets a whole chunk.
-            assert first.seq is holders_before[0]
-            whole = min(chunk, max(1, CHUNKS[-1] - len(out.decode))) if flat else chunk  # flat: room for decode
-            assert first.end - first.start == min(whole, first.seq.num_prompt - first.start)
-            if flat:
-                tokens = sum(c.end - c.start for c in out.prefill)
-                assert tokens + len(out.decode) <= CHUNKS[-1] or len(out.decode) >= CHUNKS[-1]
-                assert len(out.prefill) == 1 or tokens <= budget
-            else:
-                assert len(out.prefill) == 1 or padded_size(s, out.prefill) <= budget
-            order = [int(c.seq.request_id) for c in out.prefill]
-            assert order == sorted(order)
+def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, timeout, reqs):
+    """reqs: (prompt tokens, max new tokens (0: score-only), arrival step, abort at step or None)."""
+    budget = num_slots + extra
+    s = sched(num_slots=num_slots, budget=budget, chunk=chunk, max_waiting=100, queue_timeout=timeout)
+    seqs = [Sequence(str(i), [1] * n, SamplingParams(max_new_tokens=m), arrival_time=float(t))
+            for i, (n, m, t, _) in enumerate(reqs)]
+    # Requests arrive in id order (arrival order = id order).
+    order = sorted(range(len(seqs)), key=lambda i: reqs[i][2])
+    seqs = [seqs[i] for i in order]
+    reqs = [reqs[i] for i in order]
+    for i, q in enumerate(seqs):
+        q.request_id = str(i)
+    timed_out = set()
+    step = 0
+    while step < 100 or s.has_work():
+        assert step < 20000, "the workload did not finish"
+        now = float(step)
+        s.add([q for q, r in zip(seqs, reqs) if r[2] == step])
+        for q, r in zip(seqs, reqs):
+            if r[3] == step and r[2] <= step:
+                s.abort(q.request_id, now)
+
+        running = list(s.running)
+        prefilling = list(s.prefilling)
+        waiting = list(s.waiting)
+        cached = {q.request_id: q.num_cached for q in seqs}
+        held = {q.slot for q in running + prefilling}
+        free = sorted(set(range(num_slots)) - held)
+        expired = [q for q in waiting if timeout is not None and now - q.arrival_time > timeout]
+        still_waiting = [q for q in waiting if q not in expired]
+
+        out = run_step(s, now)
+
+        assert out.timed_out == expired
+        assert all(q.finish_reason is FinishReason.TIMEOUT and q.slot is None for q in out.timed_out)
+        timed_out |= {q.request_id for q in out.timed_out}
+        # Every running sequence decodes one token.
+        assert out.decode == running
+        # The budget holds, and each chunk is a non-empty continuation of at most prefill_chunk tokens.
+        assert step_tokens(out) <= budget
+        for c in out.prefill:
+            assert 1 <= c.end - c.start <= chunk and c.start == cached[c.seq.request_id]
+        # Prompts in progress first (admission order), then waiting ones in arrival order, into free slots only.
+        eligible = prefilling + still_waiting[: len(free)]
+        served = [c.seq for c in out.prefill]
+        assert served == eligible[: len(served)]
+        # Greedy: everyone before the last chunk got all it may take; anyone left out means the budget is spent.
+        for c in out.prefill[:-1]:
+            assert c.end - c.start == min(chunk, c.seq.num_prompt - c.start)
+        if out.prefill and out.prefill[-1].end - out.prefill[-1].start < min(
+                chunk, out.prefill[-1].seq.num_prompt - out.prefill[-1].start):
+            assert step_tokens(out) == budget
+        if len(served) < len(eligible):
+            assert step_tokens(out) == budget
+        # A prompt in progress always advances (the budget exceeds the slots).
+        if prefilling:
+            assert served[:1] == prefilling[:1]
+        # Newly started sequences are the oldest waiting ones and take the lowest free slots.
+        started = [q for q in served if q in still_waiting]
+        assert started == still_waiting[: len(started)]
+        assert [q.slot for q in started] == free[: len(started)]
+        # No waiting sequence started while an older one waits.
+        if s.waiting:
+            oldest_waiting = min(int(q.request_id) for q in s.waiting)
+            assert all(int(q.request_id) < oldest_waiting for q in seqs if q.scheduled_time is not None)
+        # Slots: unique, in range, and accounted for.
         holders = s.prefilling + s.running
         slots = [q.slot for q in holders]
-        assert len(slots) == len(set(slots)) and len(holders) + s.num_free_slots == num_slots
-        for q, abort_early in seqs:
-            if abort_early and step == 2:
-                s.abort(q.request_id, 0.0)
-    assert not s.has_work() and s.num_free_slots == num_slots
-    assert all(q.is_finished for q, _ in seqs)
+        assert len(slots) == len(set(slots)) and all(0 <= x < num_slots for x in slots)
+        assert len(holders) + s.num_free_slots == num_slots
+        step += 1
+
+    assert s.num_free_slots == num_slots and s.num_waiting == 0
+    for q, r in zip(seqs, reqs):
+        assert q.is_finished
+        if q.request_id in timed_out:
+            assert q.finish_reason is FinishReason.TIMEOUT and q.scheduled_time is None
+        elif q.finish_reason is FinishReason.LENGTH:
+            assert q.num_cached >= q.num_prompt and q.num_output == q.params.max_new_tokens
+        else:
+            assert q.finish_reason is FinishReason.ABORTED and r[3] is not None
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    num_slots=st.integers(1, 5),
+    extra=st.integers(1, 40),
+    prompts=st.lists(st.integers(1, 60), min_size=1, max_size=10),
+)
+def test_first_tokens_follow_arrival_order_when_no_prompt_exceeds_the_chunk(num_slots, extra, prompts):
+    s = sched(num_slots=num_slots, budget=num_slots + extra, chunk=max(prompts), max_waiting=100)
+    qs = [seq(str(i), n, max_new=3) for i, n in enumerate(prompts)]
+    s.add(qs)
+    first = {}
+    step = 0
+    while s.has_work():
+        assert step < 10000
+        run_step(s, now=float(step))
+        for q in qs:
+            if q.output_ids and q.request_id not in first:
+                first[q.request_id] = step
+        step += 1
+    steps = [first[q.request_id] for q in qs]
+    assert steps == sorted(steps)

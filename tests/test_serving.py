@@ -1,8 +1,8 @@
 """The real server as a separate uvicorn process over a tiny random MindSpore GPT-2 (slow, but run in CI).
 
-Two servers share one session-scoped model directory: a 16-slot one with fixed decode batching for clients,
-batching and validation, and a 2-slot one with the default (bucketed) batching and a 1-deep queue for packed
-prefill, disconnects, 429 and graceful shutdown.
+Two servers share one session-scoped model directory, both with the default engine settings: a 16-slot one for
+clients, batching and validation, and a 2-slot one with a 1-deep queue for shared passes, disconnects, 429 and
+graceful shutdown.
 """
 
 import asyncio
@@ -33,9 +33,9 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    # Fixed decode batching: the batching tests compare concurrent greedy output with solo runs token for token.
+    # The default settings: the batching tests compare concurrent greedy output with solo runs token for token.
     s = ServerProcess(tiny_model, "--max-batch-size", "16", "--max-queue", "32", "--prefill-chunk", "64",
-                      "--decode-batching", "fixed", "--compile-cache", str(logs / "graphs"),
+                      "--compile-cache", str(logs / "graphs"),
                       log_path=logs / "server.log")
     try:
         s.wait_healthy()
@@ -119,9 +119,10 @@ def test_greedy_equals_the_models_own_generate(server, tiny_model):
         "import json, sys\n"
         "from model.runtime import set_device\n"
         "set_device('CPU')\n"
-        "from model import GPT2LMHeadModel\n"
-        "m = GPT2LMHeadModel.from_pretrained(sys.argv[1])\n"
-        "print(json.dumps([m.generate(p, 24, eos_token_id=50256) for p in json.loads(sys.argv[2])]))\n"
+        "from model.checkpoint import load_model_dir\n"
+        "from model.inference import generate\n"
+        "m = load_model_dir(sys.argv[1])\n"
+        "print(json.dumps([generate(m, p, 24, eos_token_id=50256) for p in json.loads(sys.argv[2])]))\n"
     )
     res = subprocess.run([sys.executable, "-c", script, str(tiny_model), json.dumps(ids)], cwd=REPO,
                          capture_output=True, text=True, timeout=600, check=True)
@@ -166,7 +167,7 @@ def test_16_concurrent_streams_are_batched_and_each_matches_its_solo_run(server)
         "gpt2_request_success_total{finish_reason=length}", 0) == 16
 
 
-def test_bucketed_default_prefills_a_request_group_in_one_pass(small_server):
+def test_a_request_group_is_prefilled_in_one_pass(small_server):
     url = small_server.url
     solo = httpx.post(url + "/v1/completions", json={"prompt": "Packed together", "max_tokens": 12,
                                                        "temperature": 0}, timeout=120).json()

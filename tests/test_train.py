@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from model.checkpoint import load_model_dir
+
 from tools.prepare_data import prepare
 from tools.train import main as train_main
 from tools.training.checkpoint import CheckpointError, CheckpointManager
@@ -164,8 +166,8 @@ def test_a_completed_save_removes_stale_temporaries(tmp_path):
     p = subprocess.Popen([sys.executable, "-c", ""])
     p.wait()  # reaped: its PID names no process now
     # Killed mid-save: a dead process's, and this PID's from an earlier run (containers reuse PIDs).
-    stale = [f".tmp-step_00000002-{p.pid}", f".tmp-step_00000004-{os.getpid()}"]
-    live = f".tmp-step_00000004-{os.getppid()}"  # another live process saving here: left alone
+    stale = [f".step_00000002.tmp-{p.pid}-abcd1234", f".step_00000004.tmp-{os.getpid()}-abcd1234"]
+    live = f".step_00000004.tmp-{os.getppid()}-abcd1234"  # another live process saving here: left alone
     for name in stale + [live]:
         (tmp_path / name).mkdir()
         (tmp_path / name / "state.ckpt").write_bytes(b"\0" * 100)
@@ -201,7 +203,7 @@ def test_training_loss_falls_and_writes_a_servable_model(trained):
     model_dir = out / "model"
     assert result.model_dir == model_dir
     assert {"config.json", "model.safetensors", "encoder.json", "vocab.bpe"} <= {p.name for p in model_dir.iterdir()}
-    m = GPT2LMHeadModel.from_pretrained(model_dir)
+    m = load_model_dir(model_dir)
     assert m.config.n_layer == 2 and m.config.n_embd == 32
 
 
@@ -266,7 +268,7 @@ def test_eval_perplexity_equals_a_direct_computation_from_the_logits(tmp_path, d
     report = evaluate(tiny_config(dataset, tmp_path, **{"run_mode": "eval", "model.pretrained": str(model_dir)}))
 
     samples = load_samples(dataset, "validation")
-    model = GPT2LMHeadModel.from_pretrained(model_dir)
+    model = load_model_dir(model_dir)
     model.set_train(False)
     nll, count = 0.0, 0
     for row in samples:

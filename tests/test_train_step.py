@@ -66,9 +66,9 @@ def test_update_matches_torch_adamw(accum):
     import torch
 
     from tools.training.step import AdamW, TrainStep
-    from tools.training.runtime import setup_device
+    from model.runtime import set_device
 
-    setup_device("CPU")
+    set_device("CPU")
     net, (tw, tb), torch_loss = _nets()
     opt = AdamW(net.trainable_params(), weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
     step = TrainStep(net, opt, accum_steps=accum, grad_clip=0.5)

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import mindspore as ms
 
-from model import GPT2LMHeadModel as _GPT2LMHeadModel
+from model.checkpoint import load_model_dir, save_model_dir
+from model.gpt2 import GPT2LMHeadModel as _GPT2LMHeadModel
+from model.inference import generate
+from model.runtime import set_device
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "default"
@@ -36,18 +39,27 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
 
 def ensure_device(target: str | None = None) -> None:
-    """Select graph mode on `target` (default: $GPT2_DEVICE_TARGET or CPU) unless graph mode is already set."""
-    from tools.training.runtime import setup_device
-
+    """`set_device(target)` (default: $GPT2_DEVICE_TARGET or CPU) unless graph mode is already set and no target
+    is named: a caller who chose the device first keeps it."""
     if target is None and ms.get_context("mode") == ms.GRAPH_MODE:
         return
-    setup_device(target or os.environ.get("GPT2_DEVICE_TARGET", "CPU"))
+    set_device(target or os.environ.get("GPT2_DEVICE_TARGET", "CPU"))
 
 
 class GPT2LMHeadModel(_GPT2LMHeadModel):
-    """model.GPT2LMHeadModel whose from_pretrained also accepts the embedded model's name ("gpt2")."""
+    """model.GPT2LMHeadModel with MindFormers' methods: from_pretrained (a model directory or the embedded model's
+    name, "gpt2"), save_pretrained and greedy generate."""
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs) -> "GPT2LMHeadModel":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, compute_dtype="float32") -> "GPT2LMHeadModel":
         ensure_device()
-        return super().from_pretrained(resolve_model_dir(name_or_path), **kwargs)
+        return load_model_dir(resolve_model_dir(name_or_path), compute_dtype=compute_dtype, cls=cls)
+
+    def save_pretrained(self, path: str | os.PathLike, *, weights_format: str = "safetensors",
+                        tokenizer_dir: str | None = None) -> None:
+        """Write a model directory atomically (config.json, weights, tokenizer files)."""
+        save_model_dir(self, path, weights_format=weights_format, tokenizer_dir=tokenizer_dir)
+
+    def generate(self, prompt_ids, max_new_tokens: int, *, eos_token_id: int | None = None):
+        """Greedy continuation of one prompt (list[int]) or several; see model.inference.generate."""
+        return generate(self, prompt_ids, max_new_tokens, eos_token_id=eos_token_id)

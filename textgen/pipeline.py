@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from serving.sampler import draw, filter_top_k_top_p_min_p
+from model.sampler import draw, filter_top_k_top_p_min_p
 
 from .models import GPT2LMHeadModel, ensure_device, resolve_model_dir
 
@@ -190,7 +190,7 @@ def sample_token(
 ) -> int:
     """Argmax, or a draw from softmax(logits / temperature) restricted to the top-k and then the nucleus top-p.
 
-    The filtering and the draw are the server's (serving.sampler), so the pipeline and the API sample alike.
+    The filtering and the draw are the server's (model.sampler), so the pipeline and the API sample alike.
     """
     if not do_sample:
         return int(np.argmax(logits))

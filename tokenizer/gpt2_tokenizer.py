@@ -89,7 +89,7 @@ class GPT2Tokenizer:
         return cls(encoder=read_encoder(encoder_path), merges=read_merges(merges_path), cache_size=cache_size)
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> tuple[Path, ...]:
-        """Write encoder.json, vocab.bpe, vocab.json and merges.txt (each atomically); returns their paths."""
+        """Write encoder.json, vocab.bpe, vocab.json and merges.txt; returns their paths."""
         return write_vocab_files(directory, encoder=self._encoder, merges=self._merges)
 
     @property

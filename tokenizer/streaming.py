@@ -13,6 +13,7 @@ caller calls ``flush``) nor anything about special tokens: ``<|endoftext|>`` dec
 from __future__ import annotations
 
 import codecs
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -23,8 +24,9 @@ class _HasTokenBytes(Protocol):
 class IncrementalDecoder:
     """Decode one stream of token ids piece by piece; make one per stream (it holds state)."""
 
-    def __init__(self, tokenizer: _HasTokenBytes) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: _HasTokenBytes | Callable[[int], bytes]) -> None:
+        """``tokenizer``: anything with ``token_bytes(id)``, or that function itself."""
+        self._token_bytes = getattr(tokenizer, "token_bytes", tokenizer)
         # Python's own incremental UTF-8 decoder: it holds back an incomplete trailing sequence and
         # replaces invalid bytes exactly as one-shot bytes.decode(errors="replace") does.
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -34,7 +36,7 @@ class IncrementalDecoder:
 
         Raises ValueError (naming the id) for an id outside the vocabulary; the state is unchanged.
         """
-        return self._utf8.decode(self._tokenizer.token_bytes(token_id))
+        return self._utf8.decode(self._token_bytes(token_id))
 
     def flush(self) -> str:
         """End the stream: whatever bytes are still held back, each invalid part as U+FFFD. Resets."""

@@ -6,18 +6,17 @@ Two spellings of the same vocabulary exist, and a directory may hold either (or 
   merge per line: two symbols separated by one space, in rank order);
 - Hugging Face's ``vocab.json`` and ``merges.txt``, with the same content under other names.
 
-Strings are in GPT-2's byte-to-unicode spelling (see ``bpe.py``). Files are written atomically: to a
-temporary name in the same directory, then renamed over the target, so a reader never sees half a file.
+Strings are in GPT-2's byte-to-unicode spelling (see ``bpe.py``). Files are written in place: four files
+cannot be replaced together by renaming each, so a writer that needs the set complete or absent writes into a
+temporary directory and renames that (a model directory is written so).
 
 This module knows file names and formats. It does not know how the merges are applied.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -98,25 +97,7 @@ def write_vocab_files(
     merges_text = "".join(f"{line}\n" for line in [MERGES_HEADER, *(f"{a} {b}" for a, b in merges)])
     written = []
     for encoder_name, merges_name in (OPENAI_FILES, HF_FILES):
-        written.append(atomic_write_text(directory / encoder_name, encoder_text))
-        written.append(atomic_write_text(directory / merges_name, merges_text))
+        for path, text in ((directory / encoder_name, encoder_text), (directory / merges_name, merges_text)):
+            path.write_text(text, encoding="utf-8", newline="")
+            written.append(path)
     return tuple(written)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` as UTF-8 to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates the file readable by its owner only; vocabulary files are for everyone.
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-    return path

@@ -26,6 +26,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -43,11 +44,10 @@ from model.checkpoint import (  # noqa: E402
     copy_tokenizer_files,
     parameter_shapes,
     read_weights,
-    write_dir_atomically,
-    write_file_atomically,
     write_model_dir,
     write_weights,
 )
+from model.atomic_write import write_atomically  # noqa: E402
 from model.config import PRESETS, GPT2Config  # noqa: E402
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -105,11 +105,6 @@ def from_hf(state: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dic
             raise CheckpointError("lm_head.weight differs from wte.weight: untied LM heads are not supported")
         dropped["tied lm_head.weight"].append("lm_head.weight")
     return out, dropped
-
-
-def to_hf(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This project's state -> Hugging Face GPT2LMHeadModel state_dict (the names are already Hugging Face's)."""
-    return dict(state)
 
 
 _MF_LAYER = {
@@ -297,7 +292,7 @@ def convert(
     if to_file:
         if weights_format is not None and not dst.endswith(weights_format):
             raise ValueError(f"--format {weights_format} contradicts the destination file name {dst}")
-        write_file_atomically(dst, lambda tmp: write_weights(state, tmp))
+        write_atomically(dst, lambda tmp: write_weights(state, tmp))
     else:
         if not explicit_cfg:
             raise ValueError("a model directory needs a config: the source has no config.json, so pass "
@@ -336,26 +331,26 @@ def export_hf(
         cfg = _resolve_config(config)
         if cfg is None:
             raise ValueError("exporting a weights file needs --config or --preset")
+    # A model directory's names and layouts are already Hugging Face's: the state is written as it is.
     state = read_state(weights_path)
     check_state_dict(state, cfg, source=f"weights in {weights_path}")
-    hf_state = to_hf(state)
 
     def write(tmp_dir: str) -> None:
         cfg.to_json(os.path.join(tmp_dir, CONFIG_NAME))
         if hf_format == "safetensors":
-            write_weights(hf_state, os.path.join(tmp_dir, SAFETENSORS_NAME))
+            write_weights(state, os.path.join(tmp_dir, SAFETENSORS_NAME))
         else:
             import torch
 
-            torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in hf_state.items()},
+            torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
                        os.path.join(tmp_dir, "pytorch_model.bin"))
         if tokenizer_dir is not None:
             copy_tokenizer_files(tmp_dir, tokenizer_dir)
 
-    write_dir_atomically(dst, write, overwrite=overwrite)
+    write_atomically(dst, write, directory=True, check=partial(check_destination, overwrite=overwrite))
     return Summary(src=src, dst=dst, source_format="mindspore model directory" if os.path.isdir(src) else "weights",
-                   tensors=len(hf_state), parameters=sum(int(v.size) for v in hf_state.values()),
-                   dtype=str(next(iter(hf_state.values())).dtype))
+                   tensors=len(state), parameters=sum(int(v.size) for v in state.values()),
+                   dtype=str(next(iter(state.values())).dtype))
 
 
 def _resolve_config(config: str | GPT2Config | None) -> GPT2Config | None:

@@ -51,13 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 
-    from model import GPT2LMHeadModel
+    from model.checkpoint import load_model_dir
     from tokenizer import GPT2Tokenizer
     from tools.training.evaluate import Evaluator, unigram_perplexity
-    from tools.training.runtime import setup_device
+    from model.runtime import set_device
 
-    setup_device("CPU")
-    model = GPT2LMHeadModel.from_pretrained(args.model, compute_dtype="float32")
+    set_device("CPU")
+    model = load_model_dir(args.model, compute_dtype="float32")
     tokenizer = GPT2Tokenizer.from_pretrained(args.model)
     results = []
     print(f"{'text':<14} {'docs':>5} {'tokens':>9} {'model ppl':>10} {'add-one unigram':>16} {'ML unigram':>11}")

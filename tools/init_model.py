@@ -1,6 +1,6 @@
 """Create a random-weights GPT-2 model directory (config.json, weights, GPT-2 tokenizer files).
 
-For tests, benchmarks and `make serve` until a trained model ships:
+For tests and benchmarks:
 
     python -m tools.init_model models/default                       # 124M-shaped ("gpt2" preset)
     python -m tools.init_model /tmp/tiny --n-layer 2 --n-embd 64 --n-head 4 --n-positions 128
@@ -23,13 +23,14 @@ def init_model(*, dst: str | Path, preset: str = "gpt2", seed: int = 0, **overri
     import numpy as np
 
     from model import GPT2Config, GPT2LMHeadModel
+    from model.checkpoint import save_model_dir
     from model.runtime import set_device
 
     set_device("CPU")
     ms.set_seed(seed)
     np.random.seed(seed)
     cfg = GPT2Config.from_preset(preset, **overrides)
-    GPT2LMHeadModel(cfg).save_pretrained(dst)
+    save_model_dir(GPT2LMHeadModel(cfg), dst)
     return Path(dst)
 
 

@@ -11,7 +11,8 @@ expects); the tail shorter than one sample is dropped and counted in the summary
 The validation split holds whole documents (chosen with `--seed`) when there are at least two, otherwise the
 last `--val_fraction` of the single document's tokens; `--validation FILE...` gives it explicitly instead
 (WikiText's wiki.valid.raw). The output directory holds train.mindrecord, validation.mindrecord (each with
-its .db index) and meta.json; it is written under a temporary name and renamed when complete.
+its .db index) and meta.json; it is written under a temporary name and renamed when complete
+(`model.atomic_write`).
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from tqdm import tqdm
+
+from model.atomic_write import write_atomically
 
 FORMATS = ("auto", "text", "wikitext")
 COLUMN = "input_ids"
@@ -181,8 +184,7 @@ def prepare(
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out = Path(output_dir)
-    if out.exists() and not overwrite:
-        raise DataError(f"output {out} already exists (pass --overwrite to replace it)")
+    _check_output(out, overwrite=overwrite)
     if tokenizer is None:
         from tokenizer import GPT2Tokenizer
 
@@ -258,7 +260,7 @@ def prepare(
         "seed": seed,
     }
     meta.pop("output_dir")
-    _write_atomically(out, train_rows, val_rows, meta, overwrite=overwrite)
+    _write_output(out, train_rows, val_rows, meta, overwrite=overwrite)
     return summary
 
 
@@ -267,27 +269,20 @@ def _non_empty(docs: list[Document]) -> tuple[list[Document], int]:
     return kept, len(docs) - len(kept)
 
 
-def _write_atomically(out: Path, train: np.ndarray, val: np.ndarray, meta: dict, *, overwrite: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write_mindrecord(tmp / "train.mindrecord", train)
+def _check_output(out: str | os.PathLike, *, overwrite: bool) -> None:
+    if os.path.lexists(out) and not overwrite:
+        raise DataError(f"output {out} already exists (pass --overwrite to replace it)")
+
+
+def _write_output(out: Path, train: np.ndarray, val: np.ndarray, meta: dict, *, overwrite: bool) -> None:
+    def write(tmp: str) -> None:
+        write_mindrecord(Path(tmp) / "train.mindrecord", train)
         if len(val):
-            write_mindrecord(tmp / "validation.mindrecord", val)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            if not overwrite:
-                raise DataError(f"output {out} appeared while writing (pass --overwrite to replace it)")
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            write_mindrecord(Path(tmp) / "validation.mindrecord", val)
+        (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    # Checked again before the rename: the output may have appeared while the samples were written.
+    write_atomically(out, write, directory=True, check=partial(_check_output, overwrite=overwrite))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

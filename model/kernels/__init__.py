@@ -4,18 +4,25 @@ Why: on CPU, MindSpore 2.10's MatMul streams weights at about half the machine's
 few rows of a decode step, keeps a packed copy of every weight per compiled graph (360 MB per prefill shape of
 GPT-2 124M: a server with a dozen step shapes held gigabytes of copies), and attention over the KV cache needs a
 gather (a copy of every cached row in use) plus small batched matmuls. `cpu_kernels.c` has two kernels: `Linear`
-(x @ W^T + b, with GELU or residual fused: register-blocked so each weight row is read once per call for up to
-96 rows, a packed GEMM above that; both pack into small per-thread buffers, never a persistent copy) and
-`CachedAttention` (each token attends over its own slot's cached rows in place, no gather, no context padding).
-No library offers these for MindSpore's CPU backend; the Ascend equivalents (PagedAttention) are Ascend-only.
+(x @ W^T + b, with GELU or residual fused) and `CachedAttention` (each token attends over its own slot's cached
+rows in place, no gather, no context padding). No library offers these for MindSpore's CPU backend; the Ascend
+equivalents (PagedAttention) are Ascend-only.
 
-On CPUs with AMX (Intel Sapphire Rapids and later; Linux grants the tile state per process) a session may also
-keep each projection's weight and the LM head packed for the tile unit (`pack_weight_amx`: two bf16 parts,
-hi + lo, in the layout the unit reads): `Linear` then multiplies 8 rows and more there, summing
-hi.hi + hi.lo + lo.hi in float32 ("bf16x3"), 1.4-2.5x the AVX-512 GEMM on this machine's cold weights at 12-256
-rows, with errors of ~5e-6 of the output's scale (float32 kernels: 1-2e-6; a plain bf16 product: ~1e-2). The
-packed copy costs as much memory as the float32 weights and is not updated when they change, so only sessions
-that ask for it have one (the server's); GPT2_AMX=0 turns the AMX path off.
+Batch invariance: both kernels compute a row's (a token's) result with one fixed sequence of operations, whatever
+else is in the call: `Linear` sums each output element as one FMA chain over k in order for every row count (a
+register tile across output columns, fed from weights packed as "panels" of columns), and `CachedAttention`
+computes a token the same way alone or in a group. So a request's logits are bitwise the same alone, in a batch
+of any size, or with its prompt chunked differently. The build uses no -ffast-math (which lets the compiler
+reorder sums differently from one loop to the next) and its own vectorised exp.
+
+Packed weights: a session may keep each projection's weight and the LM head packed for `Linear`
+(`packed_weights=True`, the server's setting): as panels (`pack_panels`, float32, W^T in blocks of `panel_width()`
+columns, so decode streams each weight once, contiguously), or, on CPUs with AMX (Intel Sapphire Rapids and
+later; Linux grants the tile state per process), for the tile unit (`pack_weight_amx`: two bf16 parts, hi + lo;
+`Linear` then runs every call there, summing hi.hi + hi.lo + lo.hi in float32, "bf16x3", with errors of ~5e-6 of
+the output's scale against 1-2e-6 for float32). Either copy costs as much memory as the weights and is not
+updated when they change, so only sessions that ask for it have one; without it `Linear` packs panels per call
+(same arithmetic, slower for few rows). GPT2_AMX=0 turns the AMX form off.
 
 The source is compiled once per machine with the system C compiler (`cc -O3 -march=native`) into a cache
 directory (GPT2_KERNEL_CACHE, default ~/.cache/gpt2-mindspore/kernels), keyed by the source, the flags and the
@@ -42,7 +49,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", "-std=c11")
+CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11")
 ENV_SWITCH = "GPT2_CPU_KERNELS"
 ENV_CACHE = "GPT2_KERNEL_CACHE"
 ENV_AMX = "GPT2_AMX"  # 0: never use AMX, even for sessions with packed weights
@@ -134,6 +141,34 @@ def amx_available() -> bool:
     return path is not None and bool(ctypes.CDLL(path).AmxAvailable())
 
 
+@lru_cache(maxsize=1)
+def panel_width() -> int:
+    """The column count of `pack_panels`' panels on this machine (twice the vector width the library was built for)."""
+    import ctypes
+
+    path = library_path()
+    if path is None:
+        raise RuntimeError("the CPU kernels are not available")
+    return int(ctypes.CDLL(path).PanelWidth())
+
+
+def pack_panels(w: np.ndarray) -> np.ndarray:
+    """A (N, K) float32 weight ([out, in]) -> (P, K, NR) float32 for `Linear`: P = ceil(N / NR) panels, panel p
+    holding W^T's columns p*NR .. p*NR+NR-1 k-major (zero past N), NR = panel_width()."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    nr = panel_width()
+    n, k = w.shape
+    p = -(-n // nr)
+    out = np.empty((p, k, nr), np.float32)
+    full = n // nr
+    out[:full] = w[: full * nr].reshape(full, nr, k).transpose(0, 2, 1)
+    if full < p:
+        last = np.zeros((nr, k), np.float32)
+        last[: n - full * nr] = w[full * nr :]
+        out[full] = last.T
+    return out
+
+
 def _bf16_round(v: np.ndarray) -> np.ndarray:
     # float32 -> bf16 bits, round to nearest even (what the kernel's conversion of x does); finite inputs only.
     u = v.view(np.uint32)
@@ -173,8 +208,8 @@ class StepKernels(NamedTuple):
     """The Custom ops an InferenceSession's step graph calls (one set per process; see cpu_kernels.c).
 
     linear, linear_gelu, linear_add: x (..., K), w (N, K) [, wp] [, b (N,)] [, r (..., N)] -> (..., N):
-    x @ w^T [+ b], gelu(x @ w^T + b) (GPT-2's tanh form), x @ w^T + b + r; wp = pack_weight_amx(w), if given, is
-    used for 8 rows and more where AMX is available.
+    x @ w^T [+ b], gelu(x @ w^T + b) (GPT-2's tanh form), x @ w^T + b + r; wp, if given, is w packed:
+    pack_panels(w) or pack_weight_amx(w) (then every call runs on AMX).
     attention: (qkv (B, T, 3d), k_cache, v_cache, write_base (B*T,), read_base (B,) or (B*T,), positions (B, T),
     meta (2,), scale (1,)) -> (B, T, d); writes this step's keys and values into the caches in place.
     """

@@ -35,11 +35,26 @@
 typedef __m512 vec;
 static inline vec vzero(void) { return _mm512_setzero_ps(); }
 static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
-static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
-static inline vec vset1(float v) { return _mm512_set1_ps(v); }
 static inline void vstore(float *p, vec a) { _mm512_storeu_ps(p, a); }
-/* The lane sums of a, b, c, d as one 4-float vector: 128-bit halves folded, then each 128-bit lane summed. */
+static inline vec vset1(float v) { return _mm512_set1_ps(v); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+/* The sum of a's lanes, always in this order (vsum4 below sums each of its inputs the same way):
+ * y_i = (a_i + a_{8+i}) + (a_{4+i} + a_{12+i}), then (y_0 + y_1) + (y_2 + y_3). Not _mm512_reduce_add_ps, whose
+ * last two steps pair the lanes differently. */
+static inline float vsum(vec a) {
+    const __m256 t = _mm256_add_ps(_mm512_castps512_ps256(a),
+                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+    const __m128 y = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    const __m128 z = _mm_add_ps(y, _mm_permute_ps(y, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtss_f32(_mm_add_ps(z, _mm_permute_ps(z, _MM_SHUFFLE(1, 0, 3, 2))));
+}
+/* The lane sums of a, b, c, d as one 4-float vector, each summed exactly as vsum sums it. */
 static inline __m128 vsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
     const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
@@ -49,12 +64,28 @@ static inline __m128 vsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                                                            0, 0, 0), y));
 }
+/* exp's range reduction: 2^n for integral n in [-126, 127], and x < lo as a mask (exp is then taken as 0). */
+static inline vec vfloor(vec a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline vec vpow2i(vec n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+static inline vec vzero_below(vec r, vec x, float lo) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, vset1(lo), _CMP_GE_OQ), r);
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define VW 8
 typedef __m256 vec;
 static inline vec vzero(void) { return _mm256_setzero_ps(); }
 static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vec a) { _mm256_storeu_ps(p, a); }
+static inline vec vset1(float v) { return _mm256_set1_ps(v); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
+static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float vsum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -62,20 +93,83 @@ static inline float vsum(vec a) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-static inline vec vset1(float v) { return _mm256_set1_ps(v); }
-static inline void vstore(float *p, vec a) { _mm256_storeu_ps(p, a); }
+static inline vec vfloor(vec a) { return _mm256_floor_ps(a); }
+static inline vec vpow2i(vec n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+static inline vec vzero_below(vec r, vec x, float lo) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, vset1(lo), _CMP_GE_OQ), r);
+}
 #else
-/* Portable 4-float vectors (GCC/Clang vector extensions): explicit vector operations keep each output element's
- * operation sequence fixed, which a scalar loop under -ffast-math does not (the compiler may re-associate it). */
+/* Portable 4-float vectors (GCC/Clang vector extensions); the build has no -ffast-math, so every operation below
+ * is done as written. */
 #define VW 4
 typedef float vec __attribute__((vector_size(16)));
 static inline vec vzero(void) { return (vec){0, 0, 0, 0}; }
 static inline vec vload(const float *p) { vec r; memcpy(&r, p, sizeof r); return r; }
-static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
-static inline float vsum(vec a) { return (a[0] + a[1]) + (a[2] + a[3]); }
-static inline vec vset1(float v) { return (vec){v, v, v, v}; }
 static inline void vstore(float *p, vec a) { memcpy(p, &a, sizeof a); }
+static inline vec vset1(float v) { return (vec){v, v, v, v}; }
+static inline vec vadd(vec a, vec b) { return a + b; }
+static inline vec vsub(vec a, vec b) { return a - b; }
+static inline vec vmul(vec a, vec b) { return a * b; }
+static inline vec vdiv(vec a, vec b) { return a / b; }
+static inline vec vmin(vec a, vec b) { vec r; for (int i = 0; i < 4; i++) r[i] = a[i] < b[i] ? a[i] : b[i]; return r; }
+static inline vec vmax(vec a, vec b) { vec r; for (int i = 0; i < 4; i++) r[i] = a[i] > b[i] ? a[i] : b[i]; return r; }
+static inline vec vfma(vec a, vec b, vec c) {
+    vec r;
+    for (int i = 0; i < 4; i++) r[i] = fmaf(a[i], b[i], c[i]);
+    return r;
+}
+static inline float vsum(vec a) { return (a[0] + a[1]) + (a[2] + a[3]); }
+static inline vec vfloor(vec a) { vec r; for (int i = 0; i < 4; i++) r[i] = floorf(a[i]); return r; }
+static inline vec vpow2i(vec n) {
+    vec r;
+    for (int i = 0; i < 4; i++) {
+        const uint32_t bits = (uint32_t)((int32_t)n[i] + 127) << 23;
+        memcpy(&r[i], &bits, 4);
+    }
+    return r;
+}
+static inline vec vzero_below(vec r, vec x, float lo) { for (int i = 0; i < 4; i++) r[i] = x[i] >= lo ? r[i] : 0.f; return r; }
 #endif
+
+/* exp(x), the same operations in every lane (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, times
+ * 2^n): ~2 ulp, exactly 0 below -87 and capped at exp(88). Ours rather than libm's so that every path, vector
+ * or not, computes the same bits: libm's may be vectorised differently from one loop to the next. */
+static inline vec vexp(vec x) {
+    const vec xc = vmin(vmax(x, vset1(-87.f)), vset1(88.f));
+    const vec n = vfloor(vfma(xc, vset1(1.44269504088896341f), vset1(0.5f)));
+    vec r = vsub(xc, vmul(n, vset1(0.693359375f)));
+    r = vsub(r, vmul(n, vset1(-2.12194440e-4f)));
+    vec p = vset1(1.9875691500e-4f);
+    p = vfma(p, r, vset1(1.3981999507e-3f));
+    p = vfma(p, r, vset1(8.3334519073e-3f));
+    p = vfma(p, r, vset1(4.1665795894e-2f));
+    p = vfma(p, r, vset1(1.6666665459e-1f));
+    p = vfma(p, r, vset1(5.0000001201e-1f));
+    p = vfma(p, vmul(r, r), vadd(r, vset1(1.f)));
+    return vzero_below(vmul(p, vpow2i(n)), x, -87.f);
+}
+
+/* p[0, n) = exp(p[0, n)); p has room for a whole vector past n (those lanes get garbage). */
+static void exp_inplace(float *p, int64_t n) {
+    for (int64_t j = 0; j < n; j += VW) vstore(p + j, vexp(vload(p + j)));
+}
+
+/* Up to VW floats, the rest of the vector zero. */
+static inline vec vload_n(const float *p, int64_t n) {
+    if (n >= VW) return vload(p);
+    float t[VW] = {0};
+    memcpy(t, p, sizeof(float) * (size_t)n);
+    return vload(t);
+}
+
+static inline void vstore_n(float *p, vec a, int64_t n) {
+    if (n >= VW) { vstore(p, a); return; }
+    float t[VW];
+    vstore(t, a);
+    memcpy(p, t, sizeof(float) * (size_t)n);
+}
 
 /* ---- thread pool ------------------------------------------------------------------------------------------ */
 
@@ -181,118 +275,18 @@ static int64_t rows_of(int nd, const int64_t *shape) {
     return m;
 }
 
-/* ---- linear ----------------------------------------------------------------------------------------------- */
-
-enum { EPI_NONE = 0, EPI_GELU = 1, EPI_ADD = 2 };
-
-typedef struct {
-    const float *x, *w, *b, *r;
-    const uint32_t *wp; /* w pre-packed for AMX (see amx_task), or NULL */
-    float *y;
-    int64_t M, K, N;
-    int epi;
-    _Atomic int failed;
-    _Atomic int64_t next; /* the next column block to claim */
-} linear_args;
-
-/* GPT-2's GELU (tanh form) as x * sigmoid(2z), the form model/gpt2.py uses. The exponent is capped: with
- * -ffast-math the vectorised division becomes a reciprocal estimate and a Newton step, which turns 1/inf into NaN
- * (for v < -10 or so; the result there is ~1e-34 v either way). */
-static inline float gelu(float v) {
-    const float e = -1.5957691216057308f * (v + 0.044715f * v * v * v);
-    return v / (1.f + expf(e < 80.f ? e : 80.f));
-}
-
-/* Bias, GELU or residual on rows [m0, m0+mm) x columns [n0, n0+nn) of y, once their sums are complete: in place,
- * or (src != NULL) from the sums in src (row stride lds) into y, so that y is written once. */
-static void epilogue_from(const linear_args *a, const float *src, int64_t lds, int64_t m0, int64_t mm, int64_t n0,
-                          int64_t nn) {
-    for (int64_t i = m0; i < m0 + mm; i++) {
-        float *y = a->y + i * a->N + n0;
-        const float *s = src ? src + (i - m0) * lds : y;
-        if (a->b)
-            for (int64_t j = 0; j < nn; j++) y[j] = s[j] + a->b[n0 + j];
-        else if (s != y)
-            memcpy(y, s, sizeof(float) * (size_t)nn);
-        if (a->epi == EPI_GELU)
-            for (int64_t j = 0; j < nn; j++) y[j] = gelu(y[j]);
-        else if (a->epi == EPI_ADD)
-            for (int64_t j = 0; j < nn; j++) y[j] += a->r[i * a->N + n0 + j];
-    }
-}
-
-static void epilogue(const linear_args *a, int64_t m0, int64_t mm, int64_t n0, int64_t nn) {
-    epilogue_from(a, NULL, 0, m0, mm, n0, nn);
-}
-
-/* Blocks of WB weight rows x XB input rows keep WB * XB accumulators in registers; each weight row is read from
- * memory once per call whatever the number of input rows (decode is bound by reading the weights), and the input
- * rows are re-read from cache once per block of WB weight rows (6 x 4 measured 12-33% faster than 4 x 4 at 16-32
- * rows). Every output element is the same FMA chain and final sum in any tile, for any row count. */
-#if VW == 16
-#define WB 6
-#define XB 4 /* 24 accumulators + 6 weight vectors + 1 input vector: 31 of 32 registers */
-#else
-#define WB 4
-#define XB 2
-#endif
-
-/* Columns [n0, n0 + nn) (nn <= WB) of every row. */
-static void linear_block(const linear_args *a, int64_t n0, int64_t nn) {
-    const int64_t K = a->K, M = a->M, N = a->N;
-    const float *wr[WB];
-    for (int j = 0; j < WB; j++) wr[j] = a->w + (n0 + (j < nn ? j : 0)) * K;
-    int64_t m = 0;
-    for (; m + XB <= M; m += XB) {
-        vec acc[XB][WB];
-        for (int i = 0; i < XB; i++)
-            for (int j = 0; j < WB; j++) acc[i][j] = vzero();
-        const float *xr = a->x + m * K;
-        for (int64_t k = 0; k < K; k += VW) {
-            vec wv[WB];
-            for (int j = 0; j < WB; j++) wv[j] = vload(wr[j] + k);
-            for (int i = 0; i < XB; i++) {
-                const vec xv = vload(xr + i * K + k);
-                for (int j = 0; j < WB; j++) acc[i][j] = vfma(xv, wv[j], acc[i][j]);
-            }
-        }
-        for (int i = 0; i < XB; i++)
-            for (int j = 0; j < nn; j++) a->y[(m + i) * N + n0 + j] = vsum(acc[i][j]);
-    }
-    for (; m < M; m++) {
-        vec acc[WB];
-        for (int j = 0; j < WB; j++) acc[j] = vzero();
-        const float *xr = a->x + m * K;
-        for (int64_t k = 0; k < K; k += VW) {
-            const vec xv = vload(xr + k);
-            for (int j = 0; j < WB; j++) acc[j] = vfma(xv, vload(wr[j] + k), acc[j]);
-        }
-        for (int j = 0; j < nn; j++) a->y[m * N + n0 + j] = vsum(acc[j]);
-    }
-}
-
-static void linear_task(void *p, int tid, int nt) {
-    (void)tid;
-    linear_args *a = p;
-    const int64_t N = a->N;
-    int64_t lo, hi;
-    while (claim(&a->next, (N + WB - 1) / WB, nt, 1, &lo, &hi)) {
-        for (int64_t nb = lo; nb < hi; nb++) linear_block(a, nb * WB, N - nb * WB < WB ? N - nb * WB : WB);
-        /* The epilogue over the chunk's columns at once, so that GELU's exponentials are vectorised. */
-        const int64_t c0 = lo * WB, c1 = hi * WB < N ? hi * WB : N;
-        epilogue(a, 0, a->M, c0, c1 - c0);
-    }
-}
-
-/* ---- GEMM for many rows ------------------------------------------------------------------------------------
- * Prefill and scoring multiply hundreds of rows by each weight, which is compute-bound: the weight block must be
- * reused from cache across rows. The usual packed scheme (Goto/BLIS): per thread a range of NR-column panels; for
- * each KC-deep block of K, the thread packs its panels of W^T ([k][NR], zero past N) and then each MC-row block of
- * x ([k][MR], zero past M), and an MR x NR register tile accumulates over the block. The W panel (KC x NR, 32 KB)
- * stays in L1 while the packed x block streams from L2.
- * Each output element is one FMA chain over k = 0..K-1 in order (partial sums are stored and reloaded exactly
- * between K blocks), then the epilogue: the result does not depend on M, the row's position or the thread count.
- */
+/* ---- linear -----------------------------------------------------------------------------------------------
+ * y = x @ W^T (+ b) (GELU | + r), W (N, K) in the [out, in] layout. One arithmetic for every row count: each output
+ * element is a single FMA chain over k = 0 .. K-1 in order, starting from x[0] w[0], then the epilogue. So a row's
+ * result depends only on that row and the weights: never on how many rows the call has, where the row sits, or
+ * which thread computes it (the engine relies on this for batch-invariant output).
+ *
+ * The chain runs across output columns: a register tile of MR rows x NR columns (two vectors), per k one broadcast
+ * of x and two loads of W^T's row k. W^T comes in "panels" of NR columns, [k][NR], zero past N: either packed once
+ * by the session (model.kernels.pack_panels; decode then streams each weight once, contiguously) or packed per call
+ * into a per-thread buffer. Many rows (prefill, scoring) follow the usual packed GEMM (Goto/BLIS): per thread a range
+ * of panels; per KC-deep block of K the W block stays in L1 while MC-row blocks of x, packed [k][MR], stream from
+ * L2; partial sums are stored in y and reloaded exactly between K blocks, so the chain is the same as unblocked. */
 #if VW == 16
 #define MR 14 /* 14 x 2 accumulators + 2 W vectors + 1 broadcast = 31 of AVX-512's 32 registers */
 #elif VW == 8
@@ -303,11 +297,53 @@ static void linear_task(void *p, int tid, int nt) {
 #define NR (2 * VW)
 #define KC 256
 #define MC (MR * 8)
-#define NP 64 /* W panels packed at a time: 64 x KC x NR floats = 2 MB, the L2 of one core here */
+#define NP 64 /* W panels per block: 64 x KC x NR floats = 2 MB (AVX-512), about one core's L2 */
 
-/* Rows above which linear() uses the packed GEMM instead of linear_task, which needs no packing and measured
- * faster up to about 96 rows (2 threads, 768 x 2304 and 3072 x 768 weights). */
-#define GEMM_MIN_ROWS 96
+enum { EPI_NONE = 0, EPI_GELU = 1, EPI_ADD = 2 };
+
+typedef struct {
+    const float *x, *w, *b, *r;
+    const float *panels; /* W packed as panels [N / NR][K][NR] (pack_panels), or NULL: packed per call */
+    const uint32_t *wp;  /* W packed for AMX (see amx_task), or NULL */
+    float *y;
+    int64_t M, K, N;
+    int epi;
+    _Atomic int failed;
+    _Atomic int64_t next; /* the next panel (or AMX column block) to claim */
+} linear_args;
+
+/* NR: the panel width pack_panels must use on this machine. */
+int PanelWidth(void) { return NR; }
+
+/* GPT-2's GELU (tanh form) as v * sigmoid(2z) = v / (1 + exp(-2z)), the form model/gpt2.py uses; the exponent is
+ * capped so that 1 + exp stays finite. */
+static inline vec vgelu(vec v) {
+    const vec z = vadd(v, vmul(vset1(0.044715f), vmul(vmul(v, v), v)));
+    const vec e = vmin(vmul(vset1(-1.5957691216057308f), z), vset1(80.f));
+    return vdiv(v, vadd(vset1(1.f), vexp(e)));
+}
+
+/* Bias, GELU or residual on rows [m0, m0+mm) x columns [n0, n0+nn) of y once their sums are complete: in place,
+ * or (src != NULL) from the sums in src (row stride lds) into y, so that y is written once. */
+static void epilogue_from(const linear_args *a, const float *src, int64_t lds, int64_t m0, int64_t mm, int64_t n0,
+                          int64_t nn) {
+    for (int64_t i = m0; i < m0 + mm; i++) {
+        float *y = a->y + i * a->N + n0;
+        const float *s = src ? src + (i - m0) * lds : y;
+        for (int64_t j = 0; j < nn; j += VW) {
+            const int64_t w = nn - j;
+            vec v = vload_n(s + j, w);
+            if (a->b) v = vadd(v, vload_n(a->b + n0 + j, w));
+            if (a->epi == EPI_GELU) v = vgelu(v);
+            else if (a->epi == EPI_ADD) v = vadd(v, vload_n(a->r + i * a->N + n0 + j, w));
+            vstore_n(y + j, v, w);
+        }
+    }
+}
+
+static void epilogue(const linear_args *a, int64_t m0, int64_t mm, int64_t n0, int64_t nn) {
+    epilogue_from(a, NULL, 0, m0, mm, n0, nn);
+}
 
 static __thread float *tls_buf;
 static __thread size_t tls_cap;
@@ -322,26 +358,43 @@ static float *scratch(size_t n) {
     return tls_buf;
 }
 
-/* acc (MR x NR) [+]= ap (kc x MR) . bp (kc x NR); c row stride ldc; load: continue the sums already in c. */
-static inline void micro_kernel(int64_t kc, const float *restrict ap, const float *restrict bp, float *c,
-                                int64_t ldc, int load) {
+/* c[ROWS][NR] (row stride ldc) [+]= ap (kc x MR, the first ROWS used) . bp (kc x NR); load: continue the sums in
+ * c. Specialised per ROWS (always_inline with a constant) so that a decode step of one row does one row's work. */
+static inline __attribute__((always_inline)) void micro_rows(const int ROWS, int64_t kc, const float *restrict ap,
+                                                             const float *restrict bp, float *c, int64_t ldc,
+                                                             int load) {
     vec acc[MR][2];
-    for (int i = 0; i < MR; i++) {
+    for (int i = 0; i < ROWS; i++) {
         acc[i][0] = load ? vload(c + i * ldc) : vzero();
         acc[i][1] = load ? vload(c + i * ldc + VW) : vzero();
     }
     for (int64_t k = 0; k < kc; k++) {
         const vec b0 = vload(bp + k * NR), b1 = vload(bp + k * NR + VW);
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; i++) {
+        for (int i = 0; i < ROWS; i++) {
             const vec a = vset1(ap[k * MR + i]);
             acc[i][0] = vfma(a, b0, acc[i][0]);
             acc[i][1] = vfma(a, b1, acc[i][1]);
         }
     }
-    for (int i = 0; i < MR; i++) {
+    for (int i = 0; i < ROWS; i++) {
         vstore(c + i * ldc, acc[i][0]);
         vstore(c + i * ldc + VW, acc[i][1]);
+    }
+}
+
+static void micro_kernel(int rows, int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int load) {
+    switch (rows) {
+#define ROWS_CASE(r) case r: micro_rows(r, kc, ap, bp, c, ldc, load); break;
+        ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
+#if MR > 4
+        ROWS_CASE(5) ROWS_CASE(6)
+#endif
+#if MR > 6
+        ROWS_CASE(7) ROWS_CASE(8) ROWS_CASE(9) ROWS_CASE(10) ROWS_CASE(11) ROWS_CASE(12) ROWS_CASE(13) ROWS_CASE(14)
+#endif
+#undef ROWS_CASE
+        default: break;
     }
 }
 
@@ -385,65 +438,98 @@ static void pack_x(const float *x, int64_t K, int64_t M, int64_t m0, int64_t k0,
         for (int64_t k = 0; k < kc; k++) ap[k * MR + i] = 0.f;
 }
 
-static void gemm_task(void *p, int tid, int nt) {
+/* The KC-deep block at k0 of panel p: the session's packing, or packed now into buf. */
+static const float *panel_block(const linear_args *a, int64_t p, int64_t k0, int64_t kc, float *buf) {
+    if (a->panels) return a->panels + (p * a->K + k0) * NR;
+    pack_w(a->w, a->K, a->N, p * NR, k0, kc, buf);
+    return buf;
+}
+
+/* Rows [m0, m0 + mm) (mm <= MR) x panel p, its sums continued (load) or started; an edge panel (fewer than NR
+ * columns left) goes through tile, so that the kernel is the same. */
+static void tile_op(const linear_args *a, int64_t mm, int64_t kc, const float *ap, const float *bp, int64_t m0,
+                    int64_t p, int load, float *tile) {
+    const int64_t n0 = p * NR, nn = a->N - n0 < NR ? a->N - n0 : NR;
+    float *c = a->y + m0 * a->N + n0;
+    if (nn == NR) {
+        micro_kernel((int)mm, kc, ap, bp, c, a->N, load);
+        return;
+    }
+    if (load)
+        for (int64_t r = 0; r < mm; r++) memcpy(tile + r * NR, c + r * a->N, sizeof(float) * (size_t)nn);
+    micro_kernel((int)mm, kc, ap, bp, tile, NR, load);
+    for (int64_t r = 0; r < mm; r++) memcpy(c + r * a->N, tile + r * NR, sizeof(float) * (size_t)nn);
+}
+
+/* Up to MR rows (decode): x packed once per thread, then each panel over all of K at once, so that packed panels
+ * stream from memory once, contiguously. */
+static void few_rows_task(linear_args *a, int nt, float *buf) {
+    const int64_t M = a->M, K = a->K, N = a->N, P = (N + NR - 1) / NR;
+    float *ap = buf, *bp = buf + MR * K, *tile = bp + (a->panels ? 0 : K * NR);
+    pack_x(a->x, K, M, 0, 0, K, ap);
+    int64_t lo, hi;
+    while (claim(&a->next, P, nt, 2, &lo, &hi))
+        for (int64_t p = lo; p < hi; p++) {
+            tile_op(a, M, K, ap, panel_block(a, p, 0, K, bp), 0, p, 0, tile);
+            const int64_t n0 = p * NR;
+            epilogue(a, 0, M, n0, N - n0 < NR ? N - n0 : NR);
+        }
+}
+
+static void linear_task(void *p, int tid, int nt) {
     linear_args *a = p;
-    const int64_t M = a->M, K = a->K, N = a->N;
+    const int64_t M = a->M, K = a->K, N = a->N, P = (N + NR - 1) / NR;
     (void)tid;
-    float *buf = scratch((size_t)(NP * KC * NR + MC * KC + MR * NR));
-    if (!buf) { /* no memory for the packing buffers (about 2.2 MB): fail the op, MindSpore raises */
+    float *buf = scratch((size_t)(M <= MR ? MR * K + K * NR + MR * NR : NP * KC * NR + MC * KC + MR * NR));
+    if (!buf) { /* no memory for the packing buffers (a few MB): fail the op, MindSpore raises */
         atomic_store(&a->failed, 1);
+        return;
+    }
+    if (M <= MR) {
+        few_rows_task(a, nt, buf);
         return;
     }
     float *bp = buf, *ap = buf + NP * KC * NR, *tile = ap + MC * KC;
     /* Chunks of at least 4 panels: x is packed again for each (about 1 copy per 256 multiply-adds). */
     int64_t lo, hi;
-    while (claim(&a->next, (N + NR - 1) / NR, nt, 4, &lo, &hi))
+    while (claim(&a->next, P, nt, 4, &lo, &hi))
     for (int64_t p0 = lo; p0 < hi; p0 += NP) { /* NP panels at a time bound the buffer (LM head: 1,571 panels) */
         const int64_t np = hi - p0 < NP ? hi - p0 : NP;
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
             const int64_t kc = K - k0 < KC ? K - k0 : KC;
             const int first = k0 == 0, last = k0 + kc == K;
-            for (int64_t p = 0; p < np; p++) pack_w(a->w, K, N, (p0 + p) * NR, k0, kc, bp + p * KC * NR);
+            const float *bps[NP];
+            for (int64_t q = 0; q < np; q++) bps[q] = panel_block(a, p0 + q, k0, kc, bp + q * KC * NR);
             for (int64_t m0 = 0; m0 < M; m0 += MC) {
                 const int64_t mc = M - m0 < MC ? M - m0 : MC;
                 for (int64_t i = 0; i < mc; i += MR) pack_x(a->x, K, M, m0 + i, k0, kc, ap + i * KC);
-                for (int64_t p = 0; p < np; p++) {
-                    const int64_t n0 = (p0 + p) * NR, nn = N - n0 < NR ? N - n0 : NR;
+                for (int64_t q = 0; q < np; q++)
                     for (int64_t i = 0; i < mc; i += MR) {
                         const int64_t mm = mc - i < MR ? mc - i : MR;
-                        float *c = a->y + (m0 + i) * N + n0;
-                        if (mm == MR && nn == NR) {
-                            micro_kernel(kc, ap + i * KC, bp + p * KC * NR, c, N, !first);
-                        } else { /* edge tile: through a full-size tile so the kernel is the same */
-                            if (!first)
-                                for (int64_t r = 0; r < mm; r++) memcpy(tile + r * NR, c + r * N, sizeof(float) * nn);
-                            micro_kernel(kc, ap + i * KC, bp + p * KC * NR, tile, NR, !first);
-                            for (int64_t r = 0; r < mm; r++) memcpy(c + r * N, tile + r * NR, sizeof(float) * nn);
+                        tile_op(a, mm, kc, ap + i * KC, bps[q], m0 + i, p0 + q, !first, tile);
+                        if (last) {
+                            const int64_t n0 = (p0 + q) * NR;
+                            epilogue(a, m0 + i, mm, n0, N - n0 < NR ? N - n0 : NR);
                         }
-                        if (last) epilogue(a, m0 + i, mm, n0, nn);
                     }
-                }
             }
         }
     }
 }
 
-/* ---- AMX (bf16 tiles) for many rows --------------------------------------------------------------------------
- * Where the CPU has AMX (Sapphire Rapids and later) and the session pre-packed the weights, AMX_MIN_ROWS rows and
- * more go through the tile unit: one TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16
- * float32 sums, about 2.5x our AVX-512 GEMM on one core here (313 against 120 GFLOPS at 256 x 768 x 2304).
+/* ---- AMX (bf16 tiles) -----------------------------------------------------------------------------------------
+ * Where the CPU has AMX (Sapphire Rapids and later) and the session packed the weights for it, every call goes
+ * through the tile unit, whatever its row count (one arithmetic per session: decode and prefill compute a row the
+ * same way). One TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 float32 sums.
  * float32 precision is kept by splitting each operand into two bf16 (hi = bf16(v), lo = bf16(v - hi)) and summing
  * hi.hi + hi.lo + lo.hi ("bf16x3"): measured error 5e-6 of the output's scale, against 1-2e-6 for the float32
  * kernels and the ~1e-2 of a plain bf16 product.
  * wp holds W's two parts as [2][Np / 16][K / 2][16] uint32 (Np: N rounded up to a multiple of 32 with zero rows):
  * for 16 output columns, each k-pair's two bf16 side by side (the "VNNI" layout the tile unit reads), packed once
  * by model.kernels.pack_weight_amx. x is split per call into the thread's scratch buffer. Each output element's
- * sums depend only on its row of x and the weights: not on M, the row's position or the thread count. */
+ * sums depend only on its row of x and the weights: not on M, the row's position or the thread count.
+ * Rows are taken 32 at a time and a last 16 (zero-padded). */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-/* From 8 rows (decode at batch 8 and up): below that the float32 kernel, bound by reading W, is as fast or faster
- * (12 layers' projections: 1 row 16 against 20 ms, 4 rows 19 either way, 12 rows 32 against 21, 16 rows 35 against
- * 22). Rows are taken 32 at a time and a last 16 (zero-padded). */
-#define AMX_MIN_ROWS 8
 #define AMX_PREFETCH 2 /* k-steps ahead */
 
 static int amx_ok = 0; /* the kernel may use the tile registers (set by amx_enable) */
@@ -591,7 +677,6 @@ static void amx_task(void *p, int tid, int nt) {
     _tile_release(); /* so a context switch need not save 8 KB of tile state */
 }
 #else
-#define AMX_MIN_ROWS INT64_MAX
 static const int amx_ok = 0;
 static void amx_enable(void) {}
 static void amx_task(void *p, int tid, int nt) { (void)p; (void)tid; (void)nt; }
@@ -605,27 +690,34 @@ int AmxAvailable(void) {
 }
 
 static int linear(int nparam, void **params, int *ndims, int64_t **shapes, int epi) {
-    /* (x, w[, wp][, b][, r], y): wp (4-D) is w packed for AMX; the tied LM head comes without a bias. */
+    /* (x, w[, packed][, b][, r], y): packed is w as panels (3-D float32, pack_panels) or for AMX (4-D int32,
+     * pack_weight_amx); the tied LM head comes without a bias. */
     int i = 2;
     const uint32_t *wp = NULL;
+    const float *panels = NULL;
+    const int64_t N = shapes[1][0], K = shapes[1][1];
     if (i < nparam - 1 && ndims[i] == 4) {
         const int64_t *ws = shapes[i];
-        if (ws[0] != 2 || ws[1] * 16 != (shapes[1][0] + 31) / 32 * 32 || ws[2] * 2 != shapes[1][1] || ws[3] != 16)
-            return 1;
+        if (ws[0] != 2 || ws[1] * 16 != (N + 31) / 32 * 32 || ws[2] * 2 != K || ws[3] != 16) return 1;
         wp = params[i++];
+    } else if (i < nparam - 1 && ndims[i] == 3) {
+        const int64_t *ws = shapes[i];
+        if (ws[0] != (N + NR - 1) / NR || ws[1] != K || ws[2] != NR) return 1;
+        panels = params[i++];
     }
     const float *b = epi == EPI_ADD ? params[i++] : i < nparam - 1 ? params[i++] : NULL;
     const float *r = epi == EPI_ADD ? params[i++] : NULL;
-    linear_args a = {params[0], params[1], b, r, NULL, params[nparam - 1], rows_of(ndims[0], shapes[0]),
-                     shapes[0][ndims[0] - 1], shapes[1][0], epi};
-    if (a.K % VW || shapes[1][1] != a.K) return 1;
+    linear_args a = {params[0], params[1], b, r, panels, NULL, params[nparam - 1], rows_of(ndims[0], shapes[0]),
+                     shapes[0][ndims[0] - 1], N, epi};
+    if (a.K % VW || K != a.K) return 1;
     atomic_store(&a.failed, 0);
     atomic_store(&a.next, 0);
-    if (wp && AmxAvailable() && a.M >= AMX_MIN_ROWS && a.K % 32 == 0) {
+    if (wp) {
+        if (!AmxAvailable() || a.K % 32) return 1; /* the session packs for AMX only where it is available */
         a.wp = wp;
         run_parallel(amx_task, &a);
     } else {
-        run_parallel(a.M > GEMM_MIN_ROWS ? gemm_task : linear_task, &a);
+        run_parallel(linear_task, &a);
     }
     return atomic_load(&a.failed);
 }
@@ -659,6 +751,7 @@ typedef struct {
     int64_t B, T, D, hs, nh, L;
     int per_token; /* read_base has one entry per token (packed sequences), not one per row */
     float scale;
+    _Atomic int failed;
     _Atomic int64_t next;
 } attn_args;
 
@@ -676,10 +769,57 @@ static void write_task(void *p, int tid, int nt) {
     }
 }
 
+/* Attention of one (token, head) over n cached keys: scores s_j = (q . k_j) scale, each dot product one FMA chain
+ * over the head's vectors then vsum; p = exp(s - max) with vexp, summed in key order; y = sum_j (p_j / sum) v_j as
+ * one FMA chain per output vector in key order. attend_group below computes four tokens at once with exactly these
+ * operations, so a token's output does not depend on whether its chunk let it join a group. HS: the head size, a
+ * constant where the compiler should keep q and y in registers (GPT-2's 64). */
+static inline __attribute__((always_inline)) void attend_one(const int64_t HS, const float *q, const float *k0,
+                                                             const float *v0, int64_t n, float scale, float *pr,
+                                                             float *y) {
+    enum { MAXV = 16 };
+    const int64_t nv = HS / VW;
+    vec qv[MAXV], yv[MAXV];
+    for (int64_t c = 0; c < nv; c++) qv[c] = vload(q + c * VW);
+    int64_t j = 0;
+#if VW == 16
+    if (HS == 4 * VW) /* four keys' dot products reduced together: a quarter of the shuffles, the same sums */
+        for (; j + 4 <= n; j += 4) {
+            vec acc[4];
+            for (int u = 0; u < 4; u++) {
+                const float *k = k0 + (j + u) * HS;
+                acc[u] = vfma(qv[3], vload(k + 3 * VW), vfma(qv[2], vload(k + 2 * VW),
+                              vfma(qv[1], vload(k + VW), vmul(qv[0], vload(k)))));
+            }
+            _mm_storeu_ps(pr + j, _mm_mul_ps(vsum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+        }
+#endif
+    for (; j < n; j++) {
+        const float *k = k0 + j * HS;
+        vec acc = vmul(qv[0], vload(k));
+        for (int64_t c = 1; c < nv; c++) acc = vfma(qv[c], vload(k + c * VW), acc);
+        pr[j] = vsum(acc) * scale;
+    }
+    float mx = -FLT_MAX;
+    for (j = 0; j < n; j++) mx = pr[j] > mx ? pr[j] : mx;
+    for (j = 0; j < n; j++) pr[j] = pr[j] - mx;
+    exp_inplace(pr, n);
+    float sum = 0.f;
+    for (j = 0; j < n; j++) sum += pr[j];
+    const float inv = 1.f / sum;
+    for (int64_t c = 0; c < nv; c++) yv[c] = vzero();
+    for (j = 0; j < n; j++) {
+        const vec pj = vset1(pr[j] * inv);
+        const float *v = v0 + j * HS;
+        for (int64_t c = 0; c < nv; c++) yv[c] = vfma(pj, vload(v + c * VW), yv[c]);
+    }
+    for (int64_t c = 0; c < nv; c++) vstore(y + c * VW, yv[c]);
+}
+
 #if VW == 16
 /* Prompt tokens attend in groups of four: a sequence's tokens at positions 4g .. 4g+3, adjacent in the step and
- * all in it, share every key and value load (the group's last token sees three keys more than its first; the
- * others' scores there are masked). A token's group depends only on its own sequence's positions and chunking. */
+ * all in it, share every key and value load. Each computes exactly what attend_one computes for it: the keys past
+ * a token's own position get a score of -FLT_MAX, an exp of exactly 0, and add exact zeros to its sums. */
 static int group_leader(const attn_args *a, int64_t bt) {
     const int32_t p = a->pos[bt];
     if (p < 0 || p % 4 != 0 || a->hs != 4 * VW) return 0;
@@ -698,7 +838,8 @@ static int in_group(const attn_args *a, int64_t bt) {
     return r > 0 && bt - r >= start && group_leader(a, bt - r);
 }
 
-/* Head h of tokens bt .. bt+3 (a group_leader's group); pr holds 4 * L floats, query u's score of key j at 4j+u. */
+/* Head h of tokens bt .. bt+3 (a group_leader's group); pr holds 4 * L floats (plus a vector), query u's score of
+ * key j at 4j+u. */
 static void attend_group(const attn_args *a, int64_t bt, int64_t h, const float *k0, const float *v0, float *pr) {
     const int64_t hs = a->hs, D = a->D, n0 = (int64_t)a->pos[bt] + 1, n = n0 + 3;
     vec q[4][4];
@@ -709,8 +850,7 @@ static void attend_group(const attn_args *a, int64_t bt, int64_t h, const float 
         const float *k = k0 + j * hs;
         const vec c0 = vload(k), c1 = vload(k + VW), c2 = vload(k + 2 * VW), c3 = vload(k + 3 * VW);
         vec acc[4];
-        for (int u = 0; u < 4; u++)
-            acc[u] = vfma(q[u][3], c3, vfma(q[u][2], c2, vfma(q[u][1], c1, _mm512_mul_ps(q[u][0], c0))));
+        for (int u = 0; u < 4; u++) acc[u] = vfma(q[u][3], c3, vfma(q[u][2], c2, vfma(q[u][1], c1, vmul(q[u][0], c0))));
         _mm_storeu_ps(pr + 4 * j, _mm_mul_ps(vsum4(acc[0], acc[1], acc[2], acc[3]), scale));
     }
     for (int u = 0; u < 3; u++) /* keys past a query's own position */
@@ -718,7 +858,7 @@ static void attend_group(const attn_args *a, int64_t bt, int64_t h, const float 
     __m128 mx = _mm_set1_ps(-FLT_MAX);
     for (int64_t j = 0; j < n; j++) mx = _mm_max_ps(mx, _mm_loadu_ps(pr + 4 * j));
     for (int64_t j = 0; j < n; j++) _mm_storeu_ps(pr + 4 * j, _mm_sub_ps(_mm_loadu_ps(pr + 4 * j), mx));
-    for (int64_t i = 0; i < 4 * n; i++) pr[i] = expf(pr[i]);
+    exp_inplace(pr, 4 * n);
     __m128 sum = _mm_setzero_ps();
     for (int64_t j = 0; j < n; j++) sum = _mm_add_ps(sum, _mm_loadu_ps(pr + 4 * j));
     const __m128 inv = _mm_div_ps(_mm_set1_ps(1.f), sum);
@@ -746,15 +886,17 @@ static void attend_task(void *p, int tid, int nt) {
     (void)tid; (void)nt;
     attn_args *a = p;
     const int64_t hs = a->hs, D = a->D, L = a->L, n_items = a->B * a->T * a->nh;
-    float *pr = malloc(sizeof(float) * 4 * (size_t)L);
+    float *pr = malloc(sizeof(float) * (4 * (size_t)L + VW));
+    if (!pr) {
+        atomic_store(&a->failed, 1);
+        return;
+    }
     for (;;) {
         /* Items (token, head) handed out one at a time (sequences differ in length), head by head: the tokens of
-         * a prompt then read the same head's keys and values while they are in cache (a 256-token pass over
-         * 200-455 positions: 7.0 -> 5.5 ms per layer, against token by token). */
+         * a prompt then read the same head's keys and values while they are in cache. */
         const int64_t i = atomic_fetch_add_explicit(&a->next, 1, memory_order_relaxed);
         if (i >= n_items) break;
         const int64_t h = i / (a->B * a->T), bt = i % (a->B * a->T), b = a->per_token ? bt : bt / a->T;
-        const float *q = a->qkv + bt * 3 * D + h * hs;
         float *y = a->y + bt * D + h * hs;
         const int64_t n = (int64_t)a->pos[bt] + 1;
         if (n <= 0 || n > L) {
@@ -770,90 +912,9 @@ static void attend_task(void *p, int tid, int nt) {
         }
         if (in_group(a, bt)) continue;
 #endif
-        if (hs == 4 * VW) {
-            /* GPT-2's head size (64 floats with AVX-512): q and the output stay in registers. */
-            const vec q0 = vload(q), q1 = vload(q + VW), q2 = vload(q + 2 * VW), q3 = vload(q + 3 * VW);
-            int64_t j = 0;
-#if VW == 16
-            /* Four keys at a time, their four dot products reduced together (a quarter of the shuffles of one
-             * reduction per key). */
-            for (; j + 4 <= n; j += 4) {
-                vec acc[4];
-                for (int u = 0; u < 4; u++) {
-                    const float *k = k0 + (j + u) * hs;
-                    acc[u] = vfma(q3, vload(k + 3 * VW), vfma(q2, vload(k + 2 * VW),
-                                  vfma(q1, vload(k + VW), _mm512_mul_ps(q0, vload(k)))));
-                }
-                _mm_storeu_ps(pr + j, _mm_mul_ps(vsum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(a->scale)));
-            }
-#endif
-            for (; j < n; j++) {
-                const float *k = k0 + j * hs;
-                vec acc = vfma(q0, vload(k), vzero());
-                acc = vfma(q1, vload(k + VW), acc);
-                acc = vfma(q2, vload(k + 2 * VW), acc);
-                acc = vfma(q3, vload(k + 3 * VW), acc);
-                pr[j] = vsum(acc) * a->scale;
-            }
-            float mx = -FLT_MAX;
-            for (j = 0; j < n; j++) mx = pr[j] > mx ? pr[j] : mx;
-            float sum = 0.f;
-            for (j = 0; j < n; j++) {
-                pr[j] = expf(pr[j] - mx);
-                sum += pr[j];
-            }
-            const float inv = 1.f / sum;
-            /* Two keys per iteration into two sets of sums: one set alone is a chain of dependent FMAs. */
-            vec y0 = vzero(), y1 = vzero(), y2 = vzero(), y3 = vzero();
-            vec z0 = vzero(), z1 = vzero(), z2 = vzero(), z3 = vzero();
-            for (j = 0; j + 2 <= n; j += 2) {
-                const vec pj = vset1(pr[j] * inv), pk = vset1(pr[j + 1] * inv);
-                const float *v = v0 + j * hs, *w = v + hs;
-                y0 = vfma(pj, vload(v), y0);
-                y1 = vfma(pj, vload(v + VW), y1);
-                y2 = vfma(pj, vload(v + 2 * VW), y2);
-                y3 = vfma(pj, vload(v + 3 * VW), y3);
-                z0 = vfma(pk, vload(w), z0);
-                z1 = vfma(pk, vload(w + VW), z1);
-                z2 = vfma(pk, vload(w + 2 * VW), z2);
-                z3 = vfma(pk, vload(w + 3 * VW), z3);
-            }
-            if (j < n) {
-                const vec pj = vset1(pr[j] * inv);
-                const float *v = v0 + j * hs;
-                y0 = vfma(pj, vload(v), y0);
-                y1 = vfma(pj, vload(v + VW), y1);
-                y2 = vfma(pj, vload(v + 2 * VW), y2);
-                y3 = vfma(pj, vload(v + 3 * VW), y3);
-            }
-            y0 = y0 + z0;
-            y1 = y1 + z1;
-            y2 = y2 + z2;
-            y3 = y3 + z3;
-            vstore(y, y0);
-            vstore(y + VW, y1);
-            vstore(y + 2 * VW, y2);
-            vstore(y + 3 * VW, y3);
-            continue;
-        }
-        float mx = -FLT_MAX;
-        for (int64_t j = 0; j < n; j++) {
-            vec acc = vzero();
-            for (int64_t c = 0; c < hs; c += VW) acc = vfma(vload(q + c), vload(k0 + j * hs + c), acc);
-            pr[j] = vsum(acc) * a->scale;
-            if (pr[j] > mx) mx = pr[j];
-        }
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; j++) {
-            pr[j] = expf(pr[j] - mx);
-            sum += pr[j];
-        }
-        const float inv = 1.f / sum;
-        for (int64_t c = 0; c < hs; c++) y[c] = 0.f;
-        for (int64_t j = 0; j < n; j++) {
-            const float pj = pr[j] * inv, *vj = v0 + j * hs;
-            for (int64_t c = 0; c < hs; c++) y[c] += pj * vj[c];
-        }
+        const float *q = a->qkv + bt * 3 * D + h * hs;
+        if (hs == 64) attend_one(64, q, k0, v0, n, a->scale, pr, y); /* every GPT-2 size's head */
+        else attend_one(hs, q, k0, v0, n, a->scale, pr, y);
     }
     free(pr);
 }
@@ -877,8 +938,9 @@ int CachedAttention(int nparam, void **params, int *ndims, int64_t **shapes, con
                    .hs = shapes[1][1], .L = meta[0], .nh = meta[1],
                    .per_token = shapes[4][0] == shapes[0][0] * shapes[0][1] && shapes[0][1] > 1};
     atomic_store(&a.next, 0);
-    if (a.nh * a.hs != a.D || a.hs % VW) return 1;
+    atomic_store(&a.failed, 0);
+    if (a.nh * a.hs != a.D || a.hs % VW || a.hs > 16 * VW) return 1;
     run_parallel(write_task, &a);
     run_parallel(attend_task, &a);
-    return 0;
+    return atomic_load(&a.failed);
 }

@@ -57,7 +57,7 @@ async def info(engine: AsyncEngine = Depends(get_engine), s: Settings = Depends(
         "max_best_of": 1,
         "max_client_batch_size": s.max_score_texts,
         "prefill_chunk": c.prefill_chunk,
-        "decode_batching": c.decode_batching,
+        "max_batched_tokens": c.max_batched_tokens,
         "queue_timeout": c.queue_timeout,
         "state": engine.state.value,
         "last_error": engine.last_error,

@@ -78,13 +78,13 @@ class Metrics(EngineStats):
         self.slots_used.set(running)
         self.kv_usage.set(running / self.num_slots)
 
-    def on_step(self, *, prefill_rows, prefill_tokens, decode_rows, prefill_time, decode_time) -> None:
+    def on_step(self, *, prefill_rows, prefill_tokens, decode_rows, step_time) -> None:
+        # One pass per step: "prefill" when it computed prompt tokens (decode tokens may ride along), else "decode".
         if prefill_rows:
             self.prefill_rows.observe(prefill_rows)
-            self.step_time.labels("prefill").observe(prefill_time)
         if decode_rows:
             self.batch_size.observe(decode_rows)
-            self.step_time.labels("decode").observe(decode_time)
+        self.step_time.labels("prefill" if prefill_rows else "decode").observe(step_time)
         self.batch_current.set(decode_rows)
 
     def on_prompt_tokens(self, n: int) -> None:

@@ -34,10 +34,6 @@ router = APIRouter(prefix="/v1", tags=["OpenAI"])
 _CREATED = int(time.time())
 
 
-def _bad(msg: str, param: str) -> ValidationError:
-    return ValidationError(msg, param=param)
-
-
 @router.get("/models")
 async def models(request: Request, s: Settings = Depends(get_settings)) -> dict[str, Any]:
     engine: AsyncEngine = request.app.state.engine
@@ -68,14 +64,15 @@ async def _prompts(req: CompletionRequest, engine: AsyncEngine, s: Settings) -> 
     else:
         items = list(p)
     if not items:
-        raise _bad("`prompt` must not be an empty list", "prompt")
+        raise ValidationError("`prompt` must not be an empty list", param="prompt")
     if len(items) > s.max_score_texts:
-        raise _bad(f"at most {s.max_score_texts} prompts per request, got {len(items)}", "prompt")
+        raise ValidationError(f"at most {s.max_score_texts} prompts per request, got {len(items)}", param="prompt")
     for item in items:
         if not isinstance(item, str):
             bad = [t for t in item if not 0 <= t < engine.vocab_size]
             if bad:
-                raise _bad(f"token ids in `prompt` must be in [0, {engine.vocab_size}), got {bad[:5]}", "prompt")
+                raise ValidationError(f"token ids in `prompt` must be in [0, {engine.vocab_size}), got {bad[:5]}",
+                                      param="prompt")
     limit = engine.config.max_total_tokens
     texts = [("prompt", item) for item in items if isinstance(item, str)]
     encoded = iter(await encode_texts(engine, texts, max_tokens=limit))
@@ -86,7 +83,7 @@ async def _prompts(req: CompletionRequest, engine: AsyncEngine, s: Settings) -> 
     for item in items:
         ids, text = (next(encoded), item) if isinstance(item, str) else (list(item), next(decoded))
         if not ids:
-            raise _bad("`prompt` cannot be empty", "prompt")
+            raise ValidationError("`prompt` cannot be empty", param="prompt")
         out.append(_Prompt(ids, text))
     return out
 
@@ -126,16 +123,15 @@ def check_request(
     if model is not None and model != s.model_name:
         raise NotFoundError(f"The model `{model}` does not exist.")
     if not 1 <= n <= s.max_n:
-        raise _bad(f"`n` must be in [1, {s.max_n}], got {n}", "n")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise _bad(f"`seed` must be in [0, {MAX_SEED}], got {seed}", "seed")
+        raise ValidationError(f"`n` must be in [1, {s.max_n}], got {n}", param="n")
     if stream_options is not None and not stream:
-        raise _bad("`stream_options` is only allowed when `stream` is true", "stream_options")
+        raise ValidationError("`stream_options` is only allowed when `stream` is true", param="stream_options")
 
 
 def choice_seed(seed: int | None, j: int) -> int | None:
-    """One seed per choice; wraps past 2^64 - 1 rather than refusing a valid seed for n > 1."""
-    return None if seed is None else (seed + j) % (MAX_SEED + 1)
+    """One seed per choice: the request's own for the first (so `SamplingParams` checks its range), then the
+    next ones, wrapping past 2^64 - 1 rather than refusing a valid seed for n > 1."""
+    return seed if seed is None or j == 0 else (seed + j) % (MAX_SEED + 1)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -165,9 +161,9 @@ def _params(
     req: CompletionRequest, prompt_len: int, engine: AsyncEngine, s: Settings, seed: int | None
 ) -> SamplingParams:
     if req.best_of is not None and req.best_of != req.n:
-        raise _bad("`best_of` different from `n` is not supported", "best_of")
+        raise ValidationError("`best_of` different from `n` is not supported", param="best_of")
     if req.suffix is not None:
-        raise _bad("`suffix` is not supported", "suffix")
+        raise ValidationError("`suffix` is not supported", param="suffix")
     o = OpenAISampling(
         max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
         typical_p=req.typical_p, repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
@@ -181,50 +177,40 @@ def _params(
 def sampling_params(
     o: OpenAISampling, prompt_len: int, engine: AsyncEngine, s: Settings, seed: int | None
 ) -> SamplingParams:
-    """OpenAI's ranges (stricter than the engine's: temperature <= 2, penalties in [-2, 2], ...), then
-    `SamplingParams`, which checks the engine's own."""
+    """OpenAI's own rules (stricter than the engine's: temperature <= 2, top_k -1 for "disabled"), the server's
+    limits and the fields' OpenAI names, then `SamplingParams`, which checks the engine's ranges."""
     max_total = engine.config.max_total_tokens
     if o.temperature is not None and not 0.0 <= o.temperature <= 2.0:
-        raise _bad(f"`temperature` must be in [0, 2], got {o.temperature}", "temperature")
-    if o.top_p is not None and not 0.0 < o.top_p <= 1.0:
-        raise _bad(f"`top_p` must be in (0, 1], got {o.top_p}", "top_p")
+        raise ValidationError(f"`temperature` must be in [0, 2], got {o.temperature}", param="temperature")
     if o.top_k is not None and o.top_k < -1:
-        raise _bad(f"`top_k` must be -1 (disabled) or >= 1, got {o.top_k}", "top_k")
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = getattr(o, name)
-        if v is not None and not -2.0 <= v <= 2.0:
-            raise _bad(f"`{name}` must be in [-2, 2], got {v}", name)
+        raise ValidationError(f"`top_k` must be -1 (disabled) or >= 1, got {o.top_k}", param="top_k")
     for name, v in ((o.logprobs_param, o.logprobs), ("prompt_logprobs", o.prompt_logprobs)):
         if v is not None and not 0 <= v <= s.max_top_n_tokens:
-            raise _bad(f"`{name}` must be in [0, {s.max_top_n_tokens}], got {v}", name)
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise _bad(f"`seed` must be in [0, {MAX_SEED}], got {seed}", "seed")
+            raise ValidationError(f"`{name}` must be in [0, {s.max_top_n_tokens}], got {v}", param=name)
     stop = [o.stop] if isinstance(o.stop, str) else list(o.stop or [])
     if len(stop) > s.max_stop_sequences:
-        raise _bad(f"`stop` supports up to {s.max_stop_sequences} sequences, got {len(stop)}", "stop")
-    if any(not x for x in stop):
-        raise _bad("`stop` sequences must not be empty strings", "stop")
+        raise ValidationError(f"`stop` supports up to {s.max_stop_sequences} sequences, got {len(stop)}", param="stop")
     bias = []
     for key, value in (o.logit_bias or {}).items():
         # ASCII digits only: str.isdigit() also takes "²" (int() then fails) and "١٢" (int() reads 12).
         if not (0 < len(key) <= 10 and key.isascii() and key.isdigit()) or not int(key) < engine.vocab_size:
-            raise _bad(f"`logit_bias` keys must be token ids in [0, {engine.vocab_size}), got {key!r}", "logit_bias")
-        if not -100.0 <= value <= 100.0:
-            raise _bad(f"`logit_bias` values must be in [-100, 100], got {value}", "logit_bias")
+            raise ValidationError(f"`logit_bias` keys must be token ids in [0, {engine.vocab_size}), got {key!r}",
+                                  param="logit_bias")
         bias.append((int(key), float(value)))
     name = o.max_tokens_param
     max_tokens = o.max_tokens if o.max_tokens is not None else max_total - prompt_len
     if max_tokens < 0:
-        raise _bad(f"`{name}` must be >= 0, got {max_tokens}", name)
+        raise ValidationError(f"`{name}` must be >= 0, got {max_tokens}", param=name)
     if prompt_len + max_tokens > max_total:
-        raise _bad(
+        raise ValidationError(
             f"This model's maximum context length is {max_total} tokens. However, you requested "
             f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the completion). "
             "Please reduce the length of the prompt or completion.",
-            o.prompt_param if prompt_len >= max_total else name,
+            param=o.prompt_param if prompt_len >= max_total else name,
         )
     if not 0 <= o.min_tokens <= max_tokens:
-        raise _bad(f"`min_tokens` must be in [0, {name}={max_tokens}], got {o.min_tokens}", "min_tokens")
+        raise ValidationError(f"`min_tokens` must be in [0, {name}={max_tokens}], got {o.min_tokens}",
+                              param="min_tokens")
     prompt_logprobs = o.prompt_logprobs
     if o.echo and o.logprobs is not None:
         prompt_logprobs = max(prompt_logprobs or 0, o.logprobs)

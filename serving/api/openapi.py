@@ -28,12 +28,14 @@ from ..errors import (
     ValidationError,
 )
 from ..sampling_params import (
+    LOGIT_BIAS_RANGE,
     MAX_INT32,
     MAX_LOGIT_BIAS,
     MAX_SEED,
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
     MAX_TEMPERATURE,
+    PENALTY_RANGE,
     REPETITION_PENALTY_RANGE,
 )
 from . import schemas
@@ -216,10 +218,10 @@ def _constrain(components: dict[str, Any], s: Settings, max_total: int, vocab: i
     stop = {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS}
     stops = {"type": "array", "maxItems": s.max_stop_sequences, "items": stop}
     top_n = {"minimum": 0, "maximum": s.max_top_n_tokens}
-    penalty = {"minimum": -2.0, "maximum": 2.0}
+    penalty = _between(PENALTY_RANGE)
     seed = {"minimum": 0, "maximum": MAX_SEED}
     open_unit = {"exclusiveMinimum": 0.0, "exclusiveMaximum": 1.0}
-    repetition = dict(zip(("minimum", "maximum"), REPETITION_PENALTY_RANGE))
+    repetition = _between(REPETITION_PENALTY_RANGE)
     tgi_inputs = {"inputs": {"minLength": 1}}
     rules: dict[str, dict[str, dict[str, Any]]] = {
         "GenerateRequest": tgi_inputs,
@@ -267,7 +269,7 @@ def _constrain(components: dict[str, Any], s: Settings, max_total: int, vocab: i
             "best_of": {"minimum": 1, "maximum": s.max_n, "description": "must equal `n`"},
             "logit_bias": {"maxProperties": MAX_LOGIT_BIAS,
                            "propertyNames": {"pattern": _digits_below(vocab), "maxLength": 10},
-                           "additionalProperties": {"type": "number", "minimum": -100.0, "maximum": 100.0}},
+                           "additionalProperties": {"type": "number", **_between(LOGIT_BIAS_RANGE)}},
             "seed": seed,
             "suffix": {"type": "null", "description": "not supported: only null is accepted"},
             "top_k": {"minimum": -1, "maximum": MAX_INT32, "description": "-1 or 0: disabled"},
@@ -303,6 +305,11 @@ def _constrain(components: dict[str, Any], s: Settings, max_total: int, vocab: i
                 branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") != "null"]
                 assert len(branches) == 1, f"{model}.{name}: say which branch the rule is for"
                 branches[0].update(rule)
+
+
+def _between(bounds: tuple[float, float]) -> dict[str, float]:
+    """The enforced range (lo, hi) of SamplingParams as JSON Schema bounds."""
+    return {"minimum": bounds[0], "maximum": bounds[1]}
 
 
 def _cross_field(doc: dict[str, Any], components: dict[str, Any]) -> None:

@@ -268,7 +268,7 @@ class Info(BaseModel):
     max_best_of: int
     max_client_batch_size: int
     prefill_chunk: int
-    decode_batching: str
+    max_batched_tokens: int
     queue_timeout: float | None
     state: str
     last_error: str | None

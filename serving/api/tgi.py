@@ -1,7 +1,8 @@
 """TGI-compatible routes: POST /generate, POST /generate_stream (SSE) and POST / (either, by `stream`).
 
-Validation follows TGI's rules and messages (422); `do_sample` absent means "sample if any sampling parameter is
-set" (TGI), explicitly false means a true argmax. Knows the engine's async interface and the TGI wire format.
+Validation follows TGI's rules and messages (422; the engine's own ranges are checked, and worded, by
+`SamplingParams`); `do_sample` absent means "sample if any sampling parameter is set" (TGI), explicitly false
+means a true argmax. Knows the engine's async interface and the TGI wire format.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from fastapi.responses import Response
 from ..config import Settings
 from ..engine import AsyncEngine, FinishReason, RequestOutput, RequestStream, TokenInfo
 from ..errors import ServingError, ValidationError
-from ..sampling_params import MAX_SEED, SamplingParams
+from ..sampling_params import SamplingParams
 from .access_log import note_final
 from .deps import encode_texts, get_settings, ready_engine, token_text
 from .errors import tgi_body
@@ -38,58 +39,53 @@ FINISH = {
 def build_params(
     p: GenerateParameters, prompt_len: int, s: Settings, max_total: int
 ) -> tuple[SamplingParams, int]:
-    """TGI parameters -> (SamplingParams, prompt tokens kept after `truncate`); raises ValidationError."""
+    """TGI parameters -> (SamplingParams, prompt tokens kept after `truncate`); raises ValidationError.
 
-    def bad(msg: str, param: str) -> ValidationError:
-        return ValidationError(msg, param=param)
-
+    Here only TGI's own rules (stricter than the engine's: `temperature`, `top_k` and `max_new_tokens` > 0,
+    `top_p` and `typical_p` < 1) and the server's limits; `SamplingParams` checks the engine's ranges.
+    """
     if p.best_of is not None and p.best_of != 1:
-        raise bad(f"`best_of` must be > 0 and <= 1. Given: {p.best_of}", "best_of")
+        raise ValidationError(f"`best_of` must be > 0 and <= 1. Given: {p.best_of}", param="best_of")
     if p.watermark:
-        raise bad("`watermark` is not supported by this server", "watermark")
+        raise ValidationError("`watermark` is not supported by this server", param="watermark")
     if p.grammar is not None:
-        raise bad("`grammar` is not supported by this server", "grammar")
+        raise ValidationError("`grammar` is not supported by this server", param="grammar")
     if p.adapter_id:
-        raise bad("`adapter_id` is not supported by this server (no adapters are loaded)", "adapter_id")
+        raise ValidationError("`adapter_id` is not supported by this server (no adapters are loaded)",
+                              param="adapter_id")
     if p.temperature is not None and not p.temperature > 0:
-        raise bad("`temperature` must be strictly positive", "temperature")
-    if p.repetition_penalty is not None and not p.repetition_penalty > 0:
-        raise bad("`repetition_penalty` must be strictly positive", "repetition_penalty")
-    if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
-        raise bad("`frequency_penalty` must be >= -2.0 and <= 2.0", "frequency_penalty")
+        raise ValidationError("`temperature` must be strictly positive", param="temperature")
     if p.top_p is not None and not 0.0 < p.top_p < 1.0:
-        raise bad("`top_p` must be > 0.0 and < 1.0", "top_p")
+        raise ValidationError("`top_p` must be > 0.0 and < 1.0", param="top_p")
     if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
-        raise bad("`typical_p` must be > 0.0 and < 1.0", "typical_p")
+        raise ValidationError("`typical_p` must be > 0.0 and < 1.0", param="typical_p")
     if p.top_k is not None and p.top_k <= 0:
-        raise bad("`top_k` must be strictly positive", "top_k")
+        raise ValidationError("`top_k` must be strictly positive", param="top_k")
     if p.max_new_tokens is not None and p.max_new_tokens <= 0:
-        raise bad("`max_new_tokens` must be strictly positive", "max_new_tokens")
+        raise ValidationError("`max_new_tokens` must be strictly positive", param="max_new_tokens")
     if len(p.stop) > s.max_stop_sequences:
-        raise bad(f"`stop` supports up to {s.max_stop_sequences} stop sequences. Given: {len(p.stop)}", "stop")
-    if any(not x for x in p.stop):
-        raise bad("`stop` sequences must not be empty strings", "stop")
+        raise ValidationError(f"`stop` supports up to {s.max_stop_sequences} stop sequences. Given: {len(p.stop)}",
+                              param="stop")
     top_n = p.top_n_tokens or 0
     if not 0 <= top_n <= s.max_top_n_tokens:
-        raise bad(f"`top_n_tokens` must be >= 0 and <= {s.max_top_n_tokens}. Given: {top_n}", "top_n_tokens")
-    if p.seed is not None and not 0 <= p.seed <= MAX_SEED:
-        raise bad(f"`seed` must be in [0, {MAX_SEED}]. Given: {p.seed}", "seed")
+        raise ValidationError(f"`top_n_tokens` must be >= 0 and <= {s.max_top_n_tokens}. Given: {top_n}",
+                              param="top_n_tokens")
     max_input = max_total - 1
     if p.truncate is not None:
         if not 0 < p.truncate <= max_input:
-            raise bad(f"`truncate` must be strictly positive and less than {max_total}. Given: {p.truncate}",
-                      "truncate")
+            raise ValidationError(f"`truncate` must be strictly positive and less than {max_total}. "
+                                  f"Given: {p.truncate}", param="truncate")
         prompt_len = min(prompt_len, p.truncate)
     if prompt_len > max_input:
-        raise bad(f"`inputs` must have less than {max_total} tokens. Given: {prompt_len}", "inputs")
+        raise ValidationError(f"`inputs` must have less than {max_total} tokens. Given: {prompt_len}", param="inputs")
     max_new = p.max_new_tokens
     if max_new is None:
         max_new = min(DEFAULT_MAX_NEW_TOKENS, max_total - prompt_len)
     if prompt_len + max_new > max_total:
-        raise bad(
+        raise ValidationError(
             f"`inputs` tokens + `max_new_tokens` must be <= {max_total}. "
             f"Given: {prompt_len} `inputs` tokens and {max_new} `max_new_tokens`",
-            "max_new_tokens",
+            param="max_new_tokens",
         )
     warpers = (
         (p.temperature is not None and p.temperature != 1.0)
@@ -104,7 +100,7 @@ def build_params(
         top_k=p.top_k or 0,
         top_p=p.top_p or 1.0,
         typical_p=p.typical_p or 1.0,
-        repetition_penalty=p.repetition_penalty or 1.0,
+        repetition_penalty=1.0 if p.repetition_penalty is None else p.repetition_penalty,
         frequency_penalty=p.frequency_penalty or 0.0,
         seed=p.seed,
         stop=tuple(p.stop),

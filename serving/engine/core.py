@@ -1,11 +1,8 @@
-"""The synchronous engine step: schedule, run the model, post-process (tokens, text, stop checks, slot release).
+"""The synchronous engine step: schedule, run the model (one pass), post-process (tokens, text, stop checks, slot
+release).
 
-Split so the engine thread can hold its lock only while scheduling and post-processing, not while the model
-runs, and so a step's prefill results (first tokens) go out before its decode pass runs: schedule, then
-execute_prefill + postprocess_prefill, then execute_decode + postprocess_decode. With flat prefill (the CPU
-kernels) execute_prefill runs a step's decode tokens too, after the prompt chunks in the same pass, so the
-weights are read once per step rather than twice, and execute_decode has nothing left to do. Knows sequences,
-the model runner and token bytes; nothing of threads, asyncio or HTTP.
+Split in three so the engine thread can hold its lock while scheduling and post-processing, not while the model
+runs. Knows sequences, the model runner and token bytes; nothing of threads, asyncio or HTTP.
 """
 
 from __future__ import annotations
@@ -36,16 +33,13 @@ class _Request:
 @dataclass
 class StepResult:
     prefill: list[ChunkResult] | None = None
-    prefill_error: BaseException | None = None
     decode: list[TokenInfo | SampleFailure] | None = None
-    decode_error: BaseException | None = None
-    prefill_time: float = 0.0
-    decode_time: float = 0.0
-    fused: bool = False  # the prefill pass also ran the decode tokens (EngineCore.execute_prefill)
+    error: BaseException | None = None  # the pass failed: every request in it fails
+    time: float = 0.0
 
     @property
     def failed(self) -> bool:
-        return self.prefill_error is not None or self.decode_error is not None
+        return self.error is not None
 
     @property
     def sample_error(self) -> Exception | None:
@@ -103,61 +97,23 @@ class EngineCore:
         return self.scheduler.schedule(self.clock())
 
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        """Run the model for a whole schedule (prefill pass, then decode pass; one pass when they fuse)."""
+        """Run the step's one pass (without the engine lock), less the requests that ended since scheduling."""
         res = StepResult()
-        self.execute_prefill(sched, res)
-        self.execute_decode(sched, res)
+        sched.prefill = [c for c in sched.prefill if not c.seq.is_finished]
+        sched.decode = [s for s in sched.decode if not s.is_finished]
+        if sched.is_empty:
+            return res
+        t0 = self.clock()
+        try:
+            res.prefill, res.decode = self.runner.run(sched.prefill, sched.decode)
+        except Exception as e:  # noqa: BLE001 - reported to the affected requests
+            log.exception("step failed")
+            res.error = e
+        res.time = self.clock() - t0
         return res
 
-    def execute_prefill(self, sched: SchedulerOutput, res: StepResult) -> None:
-        """Run the step's prefill pass (without the engine lock); with flat prefill it takes the step's decode
-        tokens along when they fit the pass (res.fused), leaving execute_decode nothing to do."""
-        if not sched.prefill:
-            return
-        sched.decode = [s for s in sched.decode if not s.is_finished]
-        res.fused = self.can_fuse(sched)
-        t0 = self.clock()
-        try:
-            if res.fused:
-                res.prefill, res.decode = self.runner.prefill_and_decode(sched.prefill, sched.decode)
-            else:
-                res.prefill = self.runner.prefill(sched.prefill)
-        except Exception as e:  # noqa: BLE001 - reported to the affected requests
-            log.exception("prefill step failed")
-            res.prefill_error = e
-            if res.fused:
-                res.decode_error = e
-        res.prefill_time = self.clock() - t0
-
-    def can_fuse(self, sched: SchedulerOutput) -> bool:
-        """Whether the step's decode tokens can join its prefill pass: flat prefill, and they fit the pass's
-        largest chunk bucket (the scheduler leaves them room unless more sequences run than that)."""
-        if not (self.runner.flat_prefill and sched.prefill and sched.decode):
-            return False
-        buckets = self.scheduler_config.prefill_chunk_buckets
-        tokens = sum(c.end - c.start for c in sched.prefill) + len(sched.decode)
-        return not buckets or tokens <= max(buckets)
-
-    def execute_decode(self, sched: SchedulerOutput, res: StepResult) -> None:
-        """Run the step's decode pass (without the engine lock), less the requests that ended since scheduling."""
-        if res.fused:
-            return
-        sched.decode = [s for s in sched.decode if not s.is_finished]
-        if not sched.decode:
-            return
-        t0 = self.clock()
-        try:
-            res.decode = self.runner.decode(sched.decode)
-        except Exception as e:  # noqa: BLE001
-            log.exception("decode step failed")
-            res.decode_error = e
-        res.decode_time = self.clock() - t0
-
     def postprocess(self, sched: SchedulerOutput, res: StepResult) -> list[RequestOutput]:
-        return self.postprocess_prefill(sched, res) + self.postprocess_decode(sched, res)
-
-    def postprocess_prefill(self, sched: SchedulerOutput, res: StepResult) -> list[RequestOutput]:
-        """Timed-out requests and the prefill pass's results."""
+        """Timed-out requests, then the pass's prompt chunks and decode tokens; records the step."""
         now = self.clock()
         outs: list[RequestOutput] = []
         for seq in sched.timed_out:
@@ -166,22 +122,13 @@ class EngineCore:
             waited = now - seq.arrival_time
             outs.append(RequestOutput(seq.request_id, error=QueueTimeoutError(
                 f"Request timed out after waiting {waited:.1f} s in the queue")))
-        if res.prefill_error is not None:
-            outs += self._fail([c.seq for c in sched.prefill], res.prefill_error, now)
+        if res.error is not None:
+            outs += self._fail([c.seq for c in sched.prefill] + sched.decode, res.error, now)
         elif res.prefill is not None:
             for chunk, r in zip(sched.prefill, res.prefill):
                 out = self._on_chunk(chunk, r, now)
                 if out is not None:
                     outs.append(out)
-        return outs
-
-    def postprocess_decode(self, sched: SchedulerOutput, res: StepResult) -> list[RequestOutput]:
-        """The decode pass's tokens; records the step."""
-        now = self.clock()
-        outs: list[RequestOutput] = []
-        if res.decode_error is not None:
-            outs += self._fail(sched.decode, res.decode_error, now)
-        elif res.decode is not None:
             for seq, tok in zip(sched.decode, res.decode):
                 if seq.is_finished:
                     continue
@@ -190,13 +137,13 @@ class EngineCore:
                     continue
                 self.scheduler.decoded(seq)
                 outs.append(self._on_token(seq, tok, now))
-        self.stats.on_step(
-            prefill_rows=len(sched.prefill),
-            prefill_tokens=sum(c.end - c.start for c in sched.prefill),
-            decode_rows=len(sched.decode),
-            prefill_time=res.prefill_time,
-            decode_time=res.decode_time,
-        )
+        if not sched.is_empty:
+            self.stats.on_step(
+                prefill_rows=len(sched.prefill),
+                prefill_tokens=sum(c.end - c.start for c in sched.prefill),
+                decode_rows=len(sched.decode),
+                step_time=res.time,
+            )
         self.stats.on_queue(self.scheduler)
         return outs
 

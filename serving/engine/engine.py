@@ -25,7 +25,7 @@ import numpy as np
 from ..config import EngineConfig
 from ..errors import EngineUnavailableError, OverloadedError, ValidationError
 from ..sampling_params import SamplingParams
-from .core import EngineCore, StepResult
+from .core import EngineCore
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, TokenInfo
 from .scheduler import SchedulerConfig
@@ -223,12 +223,9 @@ class AsyncEngine:
             sched = SchedulerConfig(
                 num_slots=c.max_batch_size,
                 max_waiting=c.max_queue,
+                max_step_tokens=c.max_step_tokens,
                 prefill_chunk=c.prefill_chunk,
                 queue_timeout=c.queue_timeout,
-                prefill_row_buckets=c.batch_buckets,
-                prefill_chunk_buckets=c.chunk_buckets,
-                max_prefill_tokens=c.max_prefill_tokens if c.packed_prefill else None,
-                flat_prefill=parts.runner.flat_prefill,
             )
             self._core = EngineCore(parts.runner, sched, parts.tokenizer.token_bytes, self.stats)
         except BaseException as e:  # noqa: BLE001 - reported by /health
@@ -257,24 +254,18 @@ class AsyncEngine:
                     self._deliver_threadsafe(core.fail_all(EngineUnavailableError("The server is shutting down")))
                     return
                 sched = core.schedule()
-            res = StepResult()
-            core.execute_prefill(sched, res)
+            res = core.execute(sched)
             with self._cv:
-                first = core.postprocess_prefill(sched, res)
-            # First tokens go out before the decode pass runs: a new request need not wait for it.
-            self._deliver_threadsafe(first)
-            core.execute_decode(sched, res)
-            with self._cv:
-                decoded = core.postprocess_decode(sched, res)
-            self._deliver_threadsafe(decoded)
-            err = res.prefill_error or res.decode_error or res.sample_error
+                outs = core.postprocess(sched, res)
+            self._deliver_threadsafe(outs)
+            err = res.error or res.sample_error
             if err is not None:
                 # /health and /info report it: a sampler that raises for every row fails every request alone.
                 self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {type(err).__name__}: {err}"
             failures = failures + 1 if res.failed else 0
             if failures >= self.config.max_consecutive_failures:
                 raise RuntimeError(f"{failures} consecutive engine steps failed")
-            if sched.is_empty and not first and not decoded:
+            if sched.is_empty and not outs:
                 time.sleep(0.001)
 
     def _die(self, reason: str) -> None:

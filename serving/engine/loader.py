@@ -16,11 +16,6 @@ from .model_runner import ModelRunner, load_session, warmup
 log = logging.getLogger("serving.engine")
 
 
-def chunk_buckets(config: EngineConfig) -> tuple[int, ...]:
-    """Token counts per row a step is padded to: 1 (decode), then a few prefill chunk sizes."""
-    return config.chunk_buckets
-
-
 def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], EngineParts]:
     def load() -> EngineParts:
         from tokenizer import GPT2Tokenizer
@@ -32,30 +27,16 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
             num_slots=config.max_batch_size,
             max_seq_len=config.max_total_tokens,
             batch_buckets=config.batch_buckets,
-            chunk_buckets=chunk_buckets(config),
+            chunk_buckets=config.chunk_buckets,
             device_target=settings.device_target,
             compute_dtype=settings.compute_dtype,
             compile_cache_dir=settings.compile_cache,
         )
-        fixed = config.decode_batching == "fixed"
-        # Packed prefill runs flat (no padding between prompts) where the attention kernel allows it.
-        flat = config.packed_prefill and session.cpu_kernels
-        runner = ModelRunner(
-            session,
-            num_slots=config.max_batch_size,
-            eos_token_id=tok.eos_token_id,
-            decode_batch=config.max_batch_size if fixed else None,
-            flat_prefill=flat,
-        )
+        runner = ModelRunner(session, eos_token_id=tok.eos_token_id)
         log.info("model loaded in %.1f s", time.monotonic() - t0)
         if settings.warmup:
             t0 = time.monotonic()
-            n = warmup(
-                session,
-                decode_batches=(config.max_batch_size,) if fixed else config.batch_buckets,
-                max_prefill_tokens=config.max_prefill_tokens if config.packed_prefill else None,
-                flat_prefill=flat,
-            )
+            n = warmup(session)
             log.info("compiled %d step shapes in %.1f s", n, time.monotonic() - t0)
         return EngineParts(runner, tok)
 

@@ -17,10 +17,8 @@ class EngineStats:
     def on_queue(self, scheduler: "Scheduler") -> None:
         """Waiting / running counts or slot usage may have changed."""
 
-    def on_step(
-        self, *, prefill_rows: int, prefill_tokens: int, decode_rows: int, prefill_time: float, decode_time: float
-    ) -> None:
-        """A step ran (either part may be empty)."""
+    def on_step(self, *, prefill_rows: int, prefill_tokens: int, decode_rows: int, step_time: float) -> None:
+        """A step's pass ran: prompt chunks and decode tokens together (either may be empty)."""
 
     def on_prompt_tokens(self, n: int) -> None:
         """n prompt tokens were computed (prefilled)."""

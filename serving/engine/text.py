@@ -1,13 +1,15 @@
 """Incremental output text of one request: whole UTF-8 characters only, special tokens skipped, stop strings cut.
 
 Text that could still become a stop string is held back until it is known not to be one; when a stop string
-appears, it and everything after it are dropped. Knows token bytes and strings; nothing of models or HTTP.
+appears, it and everything after it are dropped. The bytes become text through `tokenizer.IncrementalDecoder`.
+Knows token bytes and strings; nothing of models or HTTP.
 """
 
 from __future__ import annotations
 
-import codecs
 from collections.abc import Callable, Collection, Sequence
+
+from tokenizer import IncrementalDecoder
 
 
 class OutputText:
@@ -18,12 +20,11 @@ class OutputText:
         special_ids: Collection[int] = (),
         stop: Sequence[str] = (),
     ) -> None:
-        self._token_bytes = token_bytes
         self._special = special_ids
         self._stop = tuple(stop)
         self._longest_stop = max((len(s) for s in self._stop), default=0)
-        # Byte-level BPE splits characters across tokens: an incremental decoder only emits complete ones.
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Byte-level BPE splits characters across tokens: the decoder only emits complete ones.
+        self._decoder = IncrementalDecoder(token_bytes)
         self._text = ""
         self._sent = 0
         self.stopped = False
@@ -39,7 +40,7 @@ class OutputText:
             return ""
         if token_id not in self._special:
             before = len(self._text)
-            self._text += self._decoder.decode(self._token_bytes(token_id))
+            self._text += self._decoder.add(token_id)
             self._match_stop(before)
         return self._release(final=self.stopped)
 
@@ -47,7 +48,7 @@ class OutputText:
         """Flush (an unfinished character becomes U+FFFD) and release everything still held back."""
         if not self.stopped:
             before = len(self._text)
-            self._text += self._decoder.decode(b"", final=True)
+            self._text += self._decoder.flush()
             self._match_stop(before)
         return self._release(final=True)
 

@@ -3,9 +3,10 @@
 A checkpoint is a directory `step_00000500/` holding `state.ckpt` (MindSpore checkpoint format: model
 parameters under their own names, optimizer and loss-scale state under prefixed names, the RNG state) and
 `trainer_state.json` (step, samples consumed, the settings a resume must not change, and the byte size and
-sha256 of state.ckpt). It is written as `.tmp-step_00000500-PID/` and renamed, so a directory with the final
-name is always complete; loading checks the size and checksum, so a file damaged since is refused, naming it.
-A completed save removes the `.tmp-step_*` directories of processes that are gone (killed mid-save).
+sha256 of state.ckpt). It is written atomically (`model.atomic_write`: a temporary sibling directory, renamed),
+so a directory with the final name is always complete; loading checks the size and checksum, so a file damaged
+since is refused, naming it. A completed save removes the temporaries of every step that processes now gone
+(killed mid-save) left behind.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from model.atomic_write import remove_stale_temporaries, write_atomically
+
 _NAME = re.compile(r"^step_(\d{8})$")
-_TMP_NAME = re.compile(r"^\.tmp-step_\d{8}-(\d+)$")
+# The temporaries of model.atomic_write for one step's directory (`.step_00000500.tmp-PID-XXXXXXXX`).
+_TMP_NAME = re.compile(r"^\.(step_\d{8})\.(?:tmp|old)-")
 STATE_FILE = "state.ckpt"
 META_FILE = "trainer_state.json"
 _HASH_CHUNK = 1 << 20
@@ -122,73 +126,38 @@ class CheckpointManager:
         """Write `tensors` (name -> MindSpore Tensor or numpy array) and `meta` for optimizer step `step`."""
         import mindspore as ms
 
-        self.directory.mkdir(parents=True, exist_ok=True)
         final = self.directory / f"step_{step:08d}"
-        tmp = self.directory / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
+
+        def write(tmp: str) -> None:
             items = [{"name": k, "data": v if isinstance(v, ms.Tensor) else ms.Tensor(v)} for k, v in tensors.items()]
-            state = tmp / STATE_FILE
+            state = Path(tmp) / STATE_FILE
             ms.save_checkpoint(items, str(state))
             _fsync(state)
             # Hashed right after writing (from the page cache): damage from here on shows on load.
             files = {STATE_FILE: {"bytes": state.stat().st_size, "sha256": file_sha256(state)}}
-            with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+            with open(Path(tmp) / META_FILE, "w", encoding="utf-8") as f:
                 json.dump({**meta, "step": step, "files": files}, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        write_atomically(final, write, directory=True)
         for old in self.list()[: -self.keep]:
             shutil.rmtree(old.path, ignore_errors=True)
         self.remove_stale_temporaries()
         return final
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Remove `.tmp-step_*-PID` directories whose process is gone; returns them.
+        """Remove the temporaries of any step that processes now gone left (killed mid-save); returns them.
 
-        A live process's are kept (another run may be saving into this directory); this process's own count
-        as stale, since its saves run one at a time and the current one was just renamed (and a restarted
-        container reuses PIDs).
+        A live process's are kept (another run may be saving into this directory); this process's own are stale
+        unless still being written (a restarted container reuses PIDs).
         """
-        removed = []
-        for p in sorted(self.directory.iterdir()) if self.directory.is_dir() else []:
-            m = _TMP_NAME.match(p.name)
-            if not m or not p.is_dir():
-                continue
-            pid = int(m.group(1))
-            if pid != os.getpid() and _process_alive(pid):
-                continue
-            try:
-                shutil.rmtree(p)
-            except OSError as e:  # another process cleaning up at the same time; not worth failing the save
-                log.warning("cannot remove stale checkpoint temporary %s: %s", p, e)
-                continue
-            log.warning("removed stale checkpoint temporary %s (process %d, killed mid-save)", p, pid)
-            removed.append(p)
-        return removed
+        entries = sorted(self.directory.iterdir()) if self.directory.is_dir() else []
+        steps = sorted({m.group(1) for p in entries if (m := _TMP_NAME.match(p.name))})
+        return [Path(p) for name in steps for p in remove_stale_temporaries(self.directory / name)]
 
 
 def _fsync(path: Path) -> None:
     # MindSpore does not sync what it writes; the checksum should describe what is on disk.
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _process_alive(pid: int) -> bool:
-    # The same test as model.checkpoint.process_alive, kept here so this module imports without MindSpore.
-    if os.name != "posix":
-        return True  # os.kill would terminate it on Windows
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True

@@ -9,7 +9,7 @@ import numpy as np
 
 from .config import ConfigError, RunConfig
 from .data import DatasetError, load_samples, split_path
-from .runtime import build_model, check_parallel, setup_device
+from .runtime import build_model, check_parallel
 
 
 @dataclass
@@ -65,9 +65,11 @@ def unigram_perplexity(train: np.ndarray, val: np.ndarray, vocab_size: int) -> f
 
 def evaluate(cfg: RunConfig, *, split: str = "validation", model=None) -> EvalReport:
     """Perplexity of the model (cfg.model.pretrained, or `model`) on one split of cfg.data.dataset_dir."""
+    from model.runtime import set_device
+
     if not cfg.data.dataset_dir:
         raise ConfigError("eval needs data: pass --dataset_dir DIR")
-    setup_device(cfg.device_target)
+    set_device(cfg.device_target)
     check_parallel(cfg)
     if model is None:
         model = build_model(cfg)

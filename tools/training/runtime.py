@@ -1,4 +1,4 @@
-"""Process and model setup shared by training and evaluation: device, data-parallel group, the model.
+"""Process and model setup shared by training and evaluation: data-parallel group, the model.
 
 Refuses the MindFormers parallel settings that are not implemented; builds the model from a preset or a model
 directory; writes the final model directory.
@@ -14,20 +14,6 @@ from typing import Any
 import numpy as np
 
 from .config import ConfigError, RunConfig
-
-_DEVICE_SET: str | None = None
-
-
-def setup_device(target: str) -> None:
-    """Select the device and graph mode once per process (MindSpore refuses a second, different choice)."""
-    global _DEVICE_SET
-    if _DEVICE_SET is None:
-        from model.runtime import set_device
-
-        set_device(target)
-        _DEVICE_SET = target
-    elif _DEVICE_SET != target:
-        raise ConfigError(f"this process already runs on {_DEVICE_SET}; cannot switch to {target}")
 
 
 def check_parallel(cfg: RunConfig) -> None:
@@ -70,6 +56,7 @@ def init_distributed(cfg: RunConfig) -> tuple[int, int]:
 def build_model(cfg: RunConfig):
     """A fresh model from a preset (train) or the weights of a model directory (finetune, eval, or train from one)."""
     from model import GPT2Config, GPT2LMHeadModel
+    from model.checkpoint import load_model_dir
 
     overrides = dict(cfg.model.config)
     fields = [f.name for f in dataclasses.fields(GPT2Config) if f.name != "extra"]
@@ -78,7 +65,7 @@ def build_model(cfg: RunConfig):
         raise ConfigError(f"model.config has unknown GPT2Config fields {unknown}; valid fields: {', '.join(fields)}")
     dtype = cfg.model.precision
     if cfg.model.pretrained:
-        model = GPT2LMHeadModel.from_pretrained(cfg.model.pretrained, compute_dtype=dtype)
+        model = load_model_dir(cfg.model.pretrained, compute_dtype=dtype)
         if overrides:
             # Settings such as dropout change the Cells, not the weights: rebuild and copy the weights over.
             try:

@@ -27,11 +27,11 @@ from .config import ConfigError, RunConfig
 from .data import BatchPlan, load_samples
 from .evaluate import EvalReport, Evaluator, optional_split, evaluate
 from .runlog import RunLogger, plot_loss_curve
-from .runtime import build_model, check_parallel, count_parameters, init_distributed, save_model_dir, setup_device
+from .runtime import build_model, check_parallel, count_parameters, init_distributed, save_model_dir
 from .runtime import weights_digest
 from .schedule import learning_rate
 
-__all__ = ["EvalReport", "RunResult", "evaluate", "run", "setup_device"]
+__all__ = ["EvalReport", "RunResult", "evaluate", "run"]
 
 
 @dataclass
@@ -60,6 +60,7 @@ def run(
     import mindspore as ms
 
     from model.checkpoint import check_destination
+    from model.runtime import set_device
 
     from .step import AdamW, LossScale, TrainStep
 
@@ -68,7 +69,7 @@ def run(
     if not cfg.data.dataset_dir:
         raise ConfigError("training needs data: pass --dataset_dir DIR (made by tools/prepare_data.py)")
     check_parallel(cfg)
-    setup_device(cfg.device_target)
+    set_device(cfg.device_target)
     rank, world = init_distributed(cfg)
     out = Path(cfg.output_dir)
     is_main = rank == 0

@@ -3,17 +3,17 @@
 Small pure functions over a (B, V) logits batch, each row with its own parameters, plus `sample`, which chains
 them for one batch. Every operation is row-wise, so a row's result does not depend on the other rows; random
 draws come from each request's own `numpy.random.Generator`, so a seeded request gives the same tokens whatever
-else is in the batch. Knows nothing of sequences, schedulers or models.
+else is in the batch. Numpy only: knows nothing of sequences, schedulers, MindSpore or the request parameters'
+validation (a row's parameters are anything shaped like `RowParams`, such as serving's `SamplingParams`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
-
-from .sampling_params import SamplingParams
 
 # Candidates examined before falling back to a full sort for nucleus / min-p rows (exact either way).
 _CANDIDATES = 1024
@@ -269,11 +269,40 @@ class SampleResult:
     top_logprobs: list[np.ndarray | None]
 
 
+class RowParams(Protocol):
+    """The parameters `sample` reads of a row (validated by whoever builds them)."""
+
+    @property
+    def temperature(self) -> float: ...  # 0: greedy
+    @property
+    def top_k(self) -> int: ...  # 0 disables
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def typical_p(self) -> float: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def logit_bias(self) -> Sequence[tuple[int, float]]: ...
+    @property
+    def logprobs(self) -> int | None: ...  # alternatives to report; None: none
+    @property
+    def greedy(self) -> bool: ...
+    @property
+    def needs_penalties(self) -> bool: ...
+
+
 @dataclass
 class SamplingRow:
     """One row's inputs: its parameters, the tokens it has seen, its generator, and tokens to suppress."""
 
-    params: SamplingParams
+    params: RowParams
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
     rng: np.random.Generator | None
@@ -315,7 +344,7 @@ def sample(logits: np.ndarray, rows: Sequence[SamplingRow]) -> SampleResult:
     return SampleResult(tokens, chosen, top_ids, top_lps)
 
 
-def _draw_rows(x: np.ndarray, params: Sequence[SamplingParams], u: np.ndarray) -> np.ndarray:
+def _draw_rows(x: np.ndarray, params: Sequence[RowParams], u: np.ndarray) -> np.ndarray:
     """One draw per row of penalised logits x (n, V) from softmax(x / temperature) after the row's filters.
 
     Rows with top-k / top-p / min-p only (the common case) never build a filtered copy of the vocabulary: the
