@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     sess = InferenceSession(ours, num_slots=slots, max_seq_len=args.max_seq_len, packed_weights=True)
     rng = np.random.default_rng(0)
     res: dict = {"layers": args.layers, "threads": threads, "weight_bytes": weight_bytes, "steps": args.steps,
-                 "max_seq_len": args.max_seq_len, "slots": slots, "amx": sess.packed_weights, "decode": [], "prefill": [],
+                 "max_seq_len": args.max_seq_len, "slots": slots, "packed_weights": sess.packed_form, "decode": [], "prefill": [],
                  "score": []}
     print(f"GPT-2 {args.layers} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, fp32, {threads} threads; "
           f"our session: {slots} slots x {args.max_seq_len} positions"
-          f"{', AMX for 8+ rows' if sess.packed_weights else ''}; mindspore vs transformers "
+          f"{', weights packed as ' + sess.packed_form if sess.packed_weights else ''}; mindspore vs transformers "
           f"{transformers.__version__} (torch {torch.__version__})", flush=True)
 
     bw = copy_bandwidth(args.copy_mb)

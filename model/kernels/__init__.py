@@ -39,12 +39,13 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from ..atomic_write import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -91,23 +92,19 @@ def library_path() -> str | None:
     out = _cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
         return str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".cpu_kernels-", suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
+
+    def build(tmp: str) -> None:
         cmd = [compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm", "-lpthread", "-ldl"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            log.warning("building CPU kernels failed (%s): CPU kernels off.\n%s", compiler, proc.stderr[-2000:])
-            return None
+            raise OSError(f"{compiler} exited with {proc.returncode}:\n{proc.stderr[-2000:]}")
         os.chmod(tmp, 0o755)
-        os.replace(tmp, out)
+
+    try:
+        write_atomically(out, build)
     except (OSError, subprocess.SubprocessError) as e:
-        log.warning("building CPU kernels failed: %s: CPU kernels off", e)
+        log.warning("building CPU kernels failed: %s: CPU kernels off, using MindSpore's ops", e)
         return None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return str(out)
 
 

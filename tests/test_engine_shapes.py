@@ -1,0 +1,55 @@
+"""The warmup compiles every shape the engine can run: a real session (tiny model, CPU kernels) driven by the
+real scheduler and runner through random workloads never runs a padded shape the warmup did not compile."""
+
+import random
+
+from model.runtime import set_device
+from model_helpers import hf_model, our_model_from_hf
+from serving.config import EngineConfig
+from serving.engine.core import EngineCore
+from serving.engine.model_runner import ModelRunner, step_shapes, warmup
+from serving.engine.scheduler import SchedulerConfig
+from serving.engine.sequence import Sequence
+from serving.sampling_params import SamplingParams
+
+
+def test_every_shape_a_random_workload_runs_was_compiled_by_the_warmup():
+    from model import InferenceSession
+
+    set_device("CPU")
+    config = EngineConfig(max_batch_size=4, max_total_tokens=128, max_batched_tokens=32, prefill_chunk=16)
+    sess = InferenceSession(our_model_from_hf(hf_model(seed=2)), num_slots=4, max_seq_len=128,
+                            batch_buckets=config.batch_buckets, chunk_buckets=config.chunk_buckets,
+                            packed_weights=True)
+    assert sess.cpu_kernels
+    ran: list[tuple[int, int | None]] = []
+    run = sess._run
+
+    def record(ids, pos, write, base, context, rows):
+        ran.append((ids.shape[1], None if rows is None else int(rows.shape[0])))
+        return run(ids, pos, write, base, context, rows)
+
+    sess._run = record
+    assert warmup(sess) == len(step_shapes(sess))
+    compiled = set(ran)
+    assert compiled == set(step_shapes(sess))
+    ran.clear()
+
+    core = EngineCore(ModelRunner(sess, eos_token_id=0),
+                      SchedulerConfig(num_slots=4, max_waiting=100, max_step_tokens=config.max_step_tokens,
+                                      prefill_chunk=config.prefill_chunk),
+                      lambda i: bytes([i % 256]))
+    rng = random.Random(0)
+    n = 0
+    for _ in range(60):
+        for _ in range(rng.choice((0, 0, 1, 2, 3))):
+            params = SamplingParams(max_new_tokens=rng.choice((0, 1, 3, 8)), temperature=0.0, ignore_eos=True,
+                                    prompt_logprobs=rng.choice((None, None, 1)))
+            prompt = [rng.randrange(1, 1000) for _ in range(rng.randint(1, 60))]
+            core.add([Sequence(f"r{n}", prompt, params)])
+            n += 1
+        core.step()
+    while core.has_work():
+        core.step()
+    assert n > 40 and len(set(ran)) >= 8  # the workload reached many shapes
+    assert set(ran) <= compiled, sorted(set(ran) - compiled)
