@@ -55,11 +55,12 @@ def step_inputs(positions, write_base, write_rows, read_rows, read_base, meta, s
 
 
 def linear(kern, form, x, w, wp, *rest):
-    """The CPU kernels' Linear `form` (0 plain, 1 with GELU, 2 with a residual) on x with weight w, through its
-    session's packed copy wp when there is one; rest: the bias, then the residual."""
+    """The CPU kernels' Linear `form` (0 plain, 1 with GELU, 2 with a residual) on x with weight w, or with its
+    session's packed copy wp alone when there is one (w is then never read: the session may free it); rest: the
+    bias, then the residual."""
     if wp is None:
         return kern[form](x, w, *rest)
-    return kern[form](x, w, wp, *rest)
+    return kern[form](x, wp, *rest)
 
 
 def is_transposed_weight(name: str) -> bool:
@@ -365,7 +366,9 @@ class GPT2LMHeadModel(nn.Cell):
         # lm_logits for the inference step: the CPU Linear kernel (no bias) when kern is given; wp: the session's
         # packing of the tied embedding, or None.
         if kern is not None:
-            return linear(kern, 0, hidden, self.transformer.wte.weight, wp)
+            # The tied embedding with its packing: N (the vocabulary) need not be a multiple of the panel width.
+            w = self.transformer.wte.weight
+            return kern[0](hidden, w) if wp is None else kern[0](hidden, w, wp)
         return self.lm_logits(hidden)
 
     def lm_logits(self, hidden):

@@ -173,9 +173,11 @@ class InferenceSession:
             # compiled dimension, so one graph serves every context length.
             self.context_buckets = (max_seq_len,)
         # The step path has no dropout, so the model's train/eval flag is left as the caller set it.
-        # The AMX tiles take 32 k's at a time; every packed weight's K is n_embd or inner_dim.
-        amx = cfg.n_embd % 32 == 0 and cfg.inner_dim % 32 == 0 and kernels.amx_available()
-        self.packed_form = ("amx" if amx else "panels") if packed_weights and cpu_kernels else None
+        # A packed projection carries its own output width (a multiple of 32: the AMX tiles and the widest panels),
+        # and the AMX tiles take 32 k's at a time: every projection's N and K is a multiple of n_embd or inner_dim.
+        aligned = cfg.n_embd % 32 == 0 and cfg.inner_dim % 32 == 0
+        form = "amx" if kernels.amx_available() else "panels"
+        self.packed_form = form if packed_weights and cpu_kernels and aligned else None
         self._cell = _StepCell(
             model,
             num_slots,
@@ -193,6 +195,15 @@ class InferenceSession:
     def packed_weights(self) -> bool:
         """Whether the step uses a packed copy of the weights (self.packed_form: "panels" or "amx")."""
         return self.packed_form is not None
+
+    def release_model_weights(self) -> None:
+        """Free the model's projection weights, which the step never reads once they are packed: the model is then
+        usable only through this session (the server's case; the packed copy no longer doubles their memory)."""
+        if not self.packed_weights:
+            raise ValueError("the session has no packed copy of the weights")
+        for block in self.model.transformer.h:
+            for proj in block.projections():
+                proj.weight.set_data(Tensor(np.zeros((0,), np.float32)), slice_shape=True)
 
     @property
     def max_batch(self) -> int:

@@ -32,8 +32,7 @@ class Settings:
     max_total_tokens: int | None = None  # prompt + new tokens per request; default and cap: the context window
     # Tokens one step computes, in one pass: every running request's next token plus prompt tokens of waiting ones,
     # oldest first (vLLM's max_num_batched_tokens). It bounds how long a step delays the running requests' next
-    # token. 256: in bench/sim_scheduler.py (16 clients, prompts of 16-512 tokens, 128 new tokens) budgets of
-    # 128 / 256 / 384 gave 233 / 235 / 236 tok/s and steady-state TTFT p99 1.40 / 1.36 / 1.46 s.
+    # token; larger budgets bought no throughput in bench/sim_scheduler.py (docs/PERFORMANCE.md).
     max_batched_tokens: int = 256
     # Most prompt tokens of one request per step: a longer prompt is prefilled in chunks over several steps.
     prefill_chunk: int = 256

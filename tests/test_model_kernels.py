@@ -384,3 +384,20 @@ def test_the_servers_session_packs_its_weights_for_amx(tmp_path):
     plain = our_model_from_hf(hf_model(seed=5))
     want = generate(plain, ids[0].tolist(), 4)  # the model's own session: no AMX copy
     assert sess.generate(ids[0].tolist(), 4) == want
+
+
+def test_a_session_gives_the_same_logits_after_freeing_the_models_packed_weights():
+    from model import InferenceSession
+
+    set_device("CPU")
+    ours = our_model_from_hf(hf_model(seed=6))
+    sess = InferenceSession(ours, **SESSION_KW, cpu_kernels=True, packed_weights=True)
+    assert sess.packed_form in ("panels", "amx")
+    ids = np.array(prompts(seed=11, lengths=(20,)))
+    before = sess.step(ids, np.arange(20)[None], np.array([0]), None)
+    sess.release_model_weights()
+    assert ours.transformer.h[0].mlp.c_fc.weight.shape == (0,)  # freed: the step reads only the packed copy
+    after = sess.step(ids, np.arange(20)[None], np.array([1]), None)
+    assert np.array_equal(before, after)
+    with pytest.raises(ValueError, match="no packed copy"):
+        InferenceSession(our_model_from_hf(hf_model(seed=6)), **SESSION_KW, cpu_kernels=True).release_model_weights()

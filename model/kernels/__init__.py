@@ -206,7 +206,8 @@ class StepKernels(NamedTuple):
 
     linear, linear_gelu, linear_add: x (..., K), w (N, K) [, wp] [, b (N,)] [, r (..., N)] -> (..., N):
     x @ w^T [+ b], gelu(x @ w^T + b) (GPT-2's tanh form), x @ w^T + b + r; wp, if given, is w packed:
-    pack_panels(w) or pack_weight_amx(w) (then every call runs on AMX).
+    pack_panels(w) or pack_weight_amx(w) (then every call runs on AMX); wp may come in w's place when N is a
+    multiple of the packing's column block (the panel width, or 32 for AMX), so that w itself can be freed.
     attention: (qkv (B, T, 3d), k_cache, v_cache, write_base (B*T,), read_base (B,) or (B*T,), positions (B, T),
     meta (2,), scale (1,)) -> (B, T, d); writes this step's keys and values into the caches in place.
     """
@@ -219,7 +220,11 @@ class StepKernels(NamedTuple):
 
 @lru_cache(maxsize=1)
 def step_kernels() -> StepKernels:
-    linear_shape = lambda x, w, *rest: list(x[:-1]) + [w[0]]  # noqa: E731
+    def linear_shape(x, w, *rest):
+        # w (N, K), or the packed copy alone: panels (P, K, NR) or AMX (2, Np / 16, K / 2, 16).
+        n = w[0] if len(w) == 2 else w[0] * w[2] if len(w) == 3 else w[1] * 16
+        return list(x[:-1]) + [n]
+
     return StepKernels(
         _op("Linear", linear_shape),
         _op("LinearGelu", linear_shape),

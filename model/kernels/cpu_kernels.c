@@ -690,24 +690,35 @@ int AmxAvailable(void) {
 }
 
 static int linear(int nparam, void **params, int *ndims, int64_t **shapes, int epi) {
-    /* (x, w[, packed][, b][, r], y): packed is w as panels (3-D float32, pack_panels) or for AMX (4-D int32,
-     * pack_weight_amx); the tied LM head comes without a bias. */
-    int i = 2;
+    /* (x, w[, packed][, b][, r], y) or (x, packed[, b][, r], y): packed is w as panels (3-D float32, pack_panels)
+     * or for AMX (4-D int32, pack_weight_amx); given alone, its shape gives N (then a multiple of the panel
+     * width, or of 32 for AMX). The tied LM head comes without a bias. */
+    int i = 1;
+    const float *w = NULL;
+    int64_t N = 0, K = 0;
+    if (ndims[1] == 2) {
+        w = params[1];
+        N = shapes[1][0];
+        K = shapes[1][1];
+        i = 2;
+    }
     const uint32_t *wp = NULL;
     const float *panels = NULL;
-    const int64_t N = shapes[1][0], K = shapes[1][1];
     if (i < nparam - 1 && ndims[i] == 4) {
         const int64_t *ws = shapes[i];
+        if (!w) N = ws[1] * 16, K = ws[2] * 2;
         if (ws[0] != 2 || ws[1] * 16 != (N + 31) / 32 * 32 || ws[2] * 2 != K || ws[3] != 16) return 1;
         wp = params[i++];
     } else if (i < nparam - 1 && ndims[i] == 3) {
         const int64_t *ws = shapes[i];
+        if (!w) N = ws[0] * NR, K = ws[1];
         if (ws[0] != (N + NR - 1) / NR || ws[1] != K || ws[2] != NR) return 1;
         panels = params[i++];
     }
+    if (!w && !wp && !panels) return 1;
     const float *b = epi == EPI_ADD ? params[i++] : i < nparam - 1 ? params[i++] : NULL;
     const float *r = epi == EPI_ADD ? params[i++] : NULL;
-    linear_args a = {params[0], params[1], b, r, panels, NULL, params[nparam - 1], rows_of(ndims[0], shapes[0]),
+    linear_args a = {params[0], w, b, r, panels, NULL, params[nparam - 1], rows_of(ndims[0], shapes[0]),
                      shapes[0][ndims[0] - 1], N, epi};
     if (a.K % VW || K != a.K) return 1;
     atomic_store(&a.failed, 0);

@@ -169,15 +169,19 @@ def load_session(
 
     set_device(device_target, compile_cache_dir=compile_cache_dir)
     model = load_model_dir(model_dir, compute_dtype=compute_dtype)
-    return InferenceSession(
+    session = InferenceSession(
         model,
         num_slots=num_slots,
         max_seq_len=max_seq_len,
         batch_buckets=batch_buckets,
         chunk_buckets=chunk_buckets,
-        # The server never changes its weights, so the packed copy cannot go stale.
+        # The server never changes its weights, so the packed copy cannot go stale, and it needs the model only
+        # through this session: the unpacked projection weights are freed.
         packed_weights=True,
     )
+    if session.packed_weights:
+        session.release_model_weights()
+    return session
 
 
 def step_shapes(session) -> list[tuple[int, int | None]]:

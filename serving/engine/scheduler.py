@@ -16,8 +16,8 @@ pass and however its prompt was chunked, so this policy is free to pack as much 
 
 Why running sequences decode in every step, rather than vLLM's prefill-first (prefill whenever prompts wait): with
 closed-loop clients prefill-first keeps them in lockstep. A wave of prompts is prefilled before anyone decodes, so
-the wave decodes and finishes together and its clients come back together (bench/sim_scheduler.py: steady-state
-TTFT p99 3.6 s against 1.4 s, 2% less throughput).
+the wave decodes and finishes together and its clients come back together: a much higher steady-state TTFT p99
+for the same throughput in bench/sim_scheduler.py (`--prefill-first`; docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
