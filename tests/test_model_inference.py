@@ -86,7 +86,7 @@ def test_rows_of_different_lengths_and_phases_share_a_step(model_env):
     assert np.abs(out[1, :3] - ref["c"][5:8]).max() < TOL
 
 
-def test_packed_step_runs_several_sequences_in_one_flat_pass(model_env):
+def test_flat_step_runs_several_sequences_in_one_pass(model_env):
     hf, _, sess = model_env
     a, b, c = prompts(seed=9, lengths=(12, 7, 13))
     ref = {n: hf_logits(hf, [s])[0] for n, s in (("a", a), ("b", b), ("c", c))}
