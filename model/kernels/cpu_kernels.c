@@ -5,10 +5,11 @@
  * Every exported function has MindSpore's AOT signature: params holds the inputs, then the outputs; shapes and
  * ndims describe them. Tensors are float32 or int32, contiguous, row-major.
  *
- * A row's results do not depend on the other rows of a call: each output element is computed by the same sequence
- * of operations in every row, so a request's logits are the same alone or in a batch of the same padded shape.
- * (Linear has three forms: up to 96 rows, above, and with AMX from 8 rows when the session packed the weights;
- * they sum in different orders.)
+ * Batch invariance: a row's (a token's) results are computed by the same sequence of operations whatever else is
+ * in the call: how many rows, where the row sits, which thread takes it, and (attention) how its prompt was
+ * chunked. So a request's logits are bitwise the same alone or under any load. Linear has one arithmetic per
+ * session (float32 FMA chains, or AMX bf16x3 for every row count where the session packed for AMX); every thread
+ * runs with the caller's floating-point mode (denormals flushed or not).
  *
  * Threads: a small pool of our own (not OpenMP). Workers spin briefly after a kernel, because the next one
  * usually follows within tens of microseconds, then sleep on a futex, so they do not compete with MindSpore's
@@ -28,6 +29,9 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -181,6 +185,9 @@ static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static _Atomic uint32_t pool_gen = 0;  /* bumped to start a task; workers futex-wait on it */
 static _Atomic int pool_pending = 0;   /* workers still running the current task */
 static task_fn pool_fn;
+#if defined(__x86_64__)
+static unsigned pool_csr; /* the caller's MXCSR: workers compute with its denormal and rounding modes */
+#endif
 static void *pool_arg;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;  /* one task at a time */
 
@@ -205,6 +212,11 @@ static void *worker(void *p) {
         while ((g = atomic_load_explicit(&pool_gen, memory_order_acquire)) == seen)
             syscall(SYS_futex, &pool_gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
         seen = g;
+#if defined(__x86_64__)
+        /* MindSpore's threads flush denormals and Python's main thread does not: a worker takes the caller's mode,
+         * so that an item's bits do not depend on which thread computes it. */
+        _mm_setcsr(pool_csr);
+#endif
         pool_fn(pool_arg, tid, pool_n);
         atomic_fetch_sub_explicit(&pool_pending, 1, memory_order_release);
     }
@@ -238,6 +250,9 @@ static void run_parallel(task_fn fn, void *arg) {
     if (pool_n <= 1) { fn(arg, 0, 1); return; }
     pthread_mutex_lock(&pool_lock);
     pool_fn = fn;
+#if defined(__x86_64__)
+    pool_csr = _mm_getcsr();
+#endif
     pool_arg = arg;
     atomic_store(&pool_pending, pool_n - 1);
     atomic_fetch_add_explicit(&pool_gen, 1, memory_order_release);

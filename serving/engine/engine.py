@@ -257,11 +257,12 @@ class AsyncEngine:
             res = core.execute(sched)
             with self._cv:
                 outs = core.postprocess(sched, res)
-            self._deliver_threadsafe(outs)
             err = res.error or res.sample_error
             if err is not None:
-                # /health and /info report it: a sampler that raises for every row fails every request alone.
+                # /health and /info report it (a sampler that raises for every row fails every request alone);
+                # recorded before the failed requests hear of it, so a client that then asks /health sees it.
                 self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {type(err).__name__}: {err}"
+            self._deliver_threadsafe(outs)
             failures = failures + 1 if res.failed else 0
             if failures >= self.config.max_consecutive_failures:
                 raise RuntimeError(f"{failures} consecutive engine steps failed")
