@@ -192,7 +192,7 @@ def test_panels_hold_the_transposed_weight_in_column_blocks():
 
     nr = kernels.panel_width()
     assert nr in (8, 16, 32)  # two vectors: portable, AVX2, AVX-512
-    w = np.arange(3 * 5, dtype=np.float32).reshape(3, 5) if nr > 3 else None
+    w = np.arange(3 * 5, dtype=np.float32).reshape(3, 5)  # fewer rows than one panel
     p = kernels.pack_panels(w)
     assert p.shape == (1, 5, nr) and np.array_equal(p[0, :, :3], w.T) and not p[0, :, 3:].any()
     w = np.random.default_rng(0).standard_normal((2 * nr + 1, 16)).astype(np.float32)

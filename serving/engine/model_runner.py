@@ -67,29 +67,23 @@ class ModelRunner:
         slots = np.concatenate([np.repeat(np.array([c.seq.slot for c in chunks], np.int32), lens),
                                 np.array([s.slot for s in seqs], np.int32)])
         decode_rows = n + np.arange(len(seqs))
+        results = [ChunkResult() for _ in chunks]
         if any(c.seq.wants_prompt_logprobs for c in chunks):
             out = self.session.step_flat(ids, pos, slots, None)
-            per_chunk = [out[e - m : e] for e, m in zip(ends, lens)]
-            prefilled = self._chunk_results(chunks, out[ends - 1], per_chunk)
-            decoded = out[decode_rows]
+            for r, c, e, m in zip(results, chunks, ends, lens):
+                if c.seq.wants_prompt_logprobs:
+                    r.prompt = self._prompt_logprobs(c, out[e - m : e])
+            last, decoded = out[ends - 1], out[decode_rows]
         else:
             out = self.session.step_flat(ids, pos, slots, np.concatenate([ends - 1, decode_rows]))
-            prefilled = self._chunk_results(chunks, out[: len(chunks)], None)
-            decoded = out[len(chunks) :]
-        return prefilled, self._sample(decoded, seqs) if seqs else []
-
-    def _chunk_results(self, chunks: Seq[PrefillChunk], last_logits: np.ndarray, all_logits) -> list[ChunkResult]:
-        """Prompt logprobs (from each chunk's every-position logits, when given) and first tokens."""
-        results = [ChunkResult() for _ in chunks]
-        for i, c in enumerate(chunks):
-            if c.seq.wants_prompt_logprobs:
-                results[i].prompt = self._prompt_logprobs(c, all_logits[i])
+            last, decoded = out[: len(chunks)], out[len(chunks) :]
+        # One sampling call for the step: the first tokens of the prompts this pass completed, then the decodes.
         gen = [i for i, c in enumerate(chunks) if c.is_last and not c.seq.score_only]
-        if gen:
-            res = self._sample(last_logits[gen], [chunks[i].seq for i in gen])
-            for j, i in enumerate(gen):
-                results[i].token = res[j]
-        return results
+        rows = [chunks[i].seq for i in gen] + list(seqs)
+        tokens = self._sample(np.concatenate([last[gen], decoded]), rows) if rows else []
+        for j, i in enumerate(gen):
+            results[i].token = tokens[j]
+        return results, tokens[len(gen) :]
 
     def _prompt_logprobs(self, chunk: PrefillChunk, logits: np.ndarray) -> list[TokenInfo]:
         seq = chunk.seq
