@@ -20,7 +20,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m serving --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: $(STAMP) browser deploy-tools
+test: $(STAMP) browser deploy-tools cross-tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # tests/test_ui.py drives the web playground in headless Chromium. Missing, it is installed with apt-get when we are
@@ -48,6 +48,22 @@ deploy-tools:
 	        nginx prometheus >/dev/null; } || echo "could not install nginx/prometheus: tests/test_deploy.py will fail"; \
 	  else \
 	    echo "tests/test_deploy.py needs nginx and prometheus: sudo apt-get install nginx prometheus"; \
+	  fi; \
+	fi
+
+# tests/test_kernels_cross.py builds the CPU kernels for ARM (aarch64, NEON) and runs them under qemu-user (Debian's
+# gcc-aarch64-linux-gnu and qemu-user: ~50 MB of downloads). Missing, they are installed when we are root; otherwise
+# this says what to install (the ARM tests fail without them, they are never skipped).
+.PHONY: cross-tools
+cross-tools:
+	@if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing gcc-aarch64-linux-gnu and qemu-user for tests/test_kernels_cross.py"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user >/dev/null; } \
+	      || echo "could not install gcc-aarch64-linux-gnu/qemu-user: tests/test_kernels_cross.py will fail"; \
+	  else \
+	    echo "tests/test_kernels_cross.py needs: sudo apt-get install gcc-aarch64-linux-gnu qemu-user"; \
 	  fi; \
 	fi
 

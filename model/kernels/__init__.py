@@ -24,6 +24,14 @@ the output's scale against 1-2e-6 for float32). Either copy costs as much memory
 updated when they change, so only sessions that ask for it have one; without it `Linear` packs panels per call
 (same arithmetic, slower for few rows). GPT2_AMX=0 turns the AMX form off.
 
+ARM: on aarch64 (Graviton, Kunpeng, Ampere) the kernels use NEON's 4-float vectors: an 8-row GEMM micro-kernel of
+FMAs by lane, the portable path's lane order in every vector sum (so NEON computes the portable build's bits), and
+worker threads take the caller's FPCR (denormal flushing) as they take its MXCSR on x86. With no ARM machine at
+hand, tests/test_kernels_cross.py cross-compiles the kernels with tests/kernel_harness.c (Debian's
+gcc-aarch64-linux-gnu; the harness calls the ops as MindSpore does) and runs them under qemu-user with 1 and 3
+threads: against numpy, for batch invariance, and bit for bit against the portable x86 build. `make test` installs
+the tools.
+
 The source is compiled once per machine with the system C compiler (`cc -O3 -march=native`) into a cache
 directory (GPT2_KERNEL_CACHE, default ~/.cache/gpt2-mindspore/kernels), keyed by the source, the flags and the
 CPU's feature flags, written under a temporary name and renamed. Used only when MindSpore's device target is CPU
@@ -68,7 +76,7 @@ def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):  # x86, ARM
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass

@@ -104,6 +104,42 @@ static inline vec vpow2i(vec n) {
 static inline vec vzero_below(vec r, vec x, float lo) {
     return _mm256_and_ps(_mm256_cmp_ps(x, vset1(lo), _CMP_GE_OQ), r);
 }
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+/* ARM (Graviton, Kunpeng, Ampere): NEON's 4-float vectors. Every operation rounds as the portable path's does (min
+ * and max differ only for NaN), so the two compute the same bits (tests/test_kernels_cross.py checks it, in qemu). */
+#include <arm_neon.h>
+#define VW 4
+typedef float32x4_t vec;
+static inline vec vzero(void) { return vdupq_n_f32(0.f); }
+static inline vec vload(const float *p) { return vld1q_f32(p); }
+static inline void vstore(float *p, vec a) { vst1q_f32(p, a); }
+static inline vec vset1(float v) { return vdupq_n_f32(v); }
+static inline vec vadd(vec a, vec b) { return vaddq_f32(a, b); }
+static inline vec vsub(vec a, vec b) { return vsubq_f32(a, b); }
+static inline vec vmul(vec a, vec b) { return vmulq_f32(a, b); }
+static inline vec vdiv(vec a, vec b) { return vdivq_f32(a, b); }
+static inline vec vmin(vec a, vec b) { return vminq_f32(a, b); }
+static inline vec vmax(vec a, vec b) { return vmaxq_f32(a, b); }
+/* a * b + c with one rounding, as on x86: one FMLA. Written per lane, which GCC turns into FMLA (by element, where
+ * a is a broadcast): with vfmaq_f32 GCC 12 stored every accumulator of the Linear micro-kernel to the stack on
+ * every k step (the x86 intrinsics do not). tests/test_kernels_cross.py checks the kernel's instructions. */
+static inline vec vfma(vec a, vec b, vec c) {
+    vec r;
+    for (int i = 0; i < 4; i++) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
+    return r;
+}
+/* (a_0 + a_1) + (a_2 + a_3), the portable path's order: two pairwise adds (FADDP). */
+static inline float vsum(vec a) {
+    const float32x4_t p = vpaddq_f32(a, a);
+    return vpadds_f32(vget_low_f32(p));
+}
+static inline vec vfloor(vec a) { return vrndmq_f32(a); }
+static inline vec vpow2i(vec n) {
+    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
+}
+static inline vec vzero_below(vec r, vec x, float lo) {
+    return vreinterpretq_f32_u32(vandq_u32(vcgeq_f32(x, vset1(lo)), vreinterpretq_u32_f32(r)));
+}
 #else
 /* Portable 4-float vectors (GCC/Clang vector extensions); the build has no -ffast-math, so every operation below
  * is done as written. */
@@ -180,14 +216,40 @@ static inline void vstore_n(float *p, vec a, int64_t n) {
 #define MAX_THREADS 64
 typedef void (*task_fn)(void *arg, int tid, int nthreads);
 
+/* The thread's floating-point control: flush-to-zero of denormals, rounding (MXCSR on x86, FPCR on ARM). */
+#if defined(__x86_64__)
+typedef unsigned fp_mode;
+static inline fp_mode fp_mode_get(void) { return _mm_getcsr(); }
+static inline void fp_mode_set(fp_mode m) { _mm_setcsr(m); }
+#elif defined(__aarch64__)
+typedef uint64_t fp_mode;
+static inline fp_mode fp_mode_get(void) {
+    uint64_t m;
+    __asm__ volatile("mrs %0, fpcr" : "=r"(m));
+    return m;
+}
+static inline void fp_mode_set(fp_mode m) { __asm__ volatile("msr fpcr, %0" : : "r"(m)); }
+#else
+typedef int fp_mode;
+static inline fp_mode fp_mode_get(void) { return 0; }
+static inline void fp_mode_set(fp_mode m) { (void)m; }
+#endif
+
+/* A spin-wait hint: lets the core's other hardware thread run, and saves power. */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
 static int pool_n = 0;                 /* threads including the caller; 0 = not started */
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static _Atomic uint32_t pool_gen = 0;  /* bumped to start a task; workers futex-wait on it */
 static _Atomic int pool_pending = 0;   /* workers still running the current task */
 static task_fn pool_fn;
-#if defined(__x86_64__)
-static unsigned pool_csr; /* the caller's MXCSR: workers compute with its denormal and rounding modes */
-#endif
+static fp_mode pool_fp; /* the caller's floating-point mode: workers compute with its denormal and rounding modes */
 static void *pool_arg;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;  /* one task at a time */
 
@@ -204,19 +266,13 @@ static void *worker(void *p) {
         /* Spin up to ~100 us for the next task, then sleep until one is posted. */
         double until = now_s() + 100e-6;
         uint32_t g;
-        while ((g = atomic_load_explicit(&pool_gen, memory_order_acquire)) == seen && now_s() < until) {
-#if defined(__x86_64__)
-            __builtin_ia32_pause();
-#endif
-        }
+        while ((g = atomic_load_explicit(&pool_gen, memory_order_acquire)) == seen && now_s() < until) cpu_relax();
         while ((g = atomic_load_explicit(&pool_gen, memory_order_acquire)) == seen)
             syscall(SYS_futex, &pool_gen, FUTEX_WAIT_PRIVATE, seen, NULL, NULL, 0);
         seen = g;
-#if defined(__x86_64__)
         /* MindSpore's threads flush denormals and Python's main thread does not: a worker takes the caller's mode,
          * so that an item's bits do not depend on which thread computes it. */
-        _mm_setcsr(pool_csr);
-#endif
+        fp_mode_set(pool_fp);
         pool_fn(pool_arg, tid, pool_n);
         atomic_fetch_sub_explicit(&pool_pending, 1, memory_order_release);
     }
@@ -250,19 +306,13 @@ static void run_parallel(task_fn fn, void *arg) {
     if (pool_n <= 1) { fn(arg, 0, 1); return; }
     pthread_mutex_lock(&pool_lock);
     pool_fn = fn;
-#if defined(__x86_64__)
-    pool_csr = _mm_getcsr();
-#endif
+    pool_fp = fp_mode_get();
     pool_arg = arg;
     atomic_store(&pool_pending, pool_n - 1);
     atomic_fetch_add_explicit(&pool_gen, 1, memory_order_release);
     syscall(SYS_futex, &pool_gen, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
     fn(arg, 0, pool_n);
-    while (atomic_load_explicit(&pool_pending, memory_order_acquire) > 0) {
-#if defined(__x86_64__)
-        __builtin_ia32_pause();
-#endif
-    }
+    while (atomic_load_explicit(&pool_pending, memory_order_acquire) > 0) cpu_relax();
     pthread_mutex_unlock(&pool_lock);
 }
 
@@ -306,6 +356,8 @@ static int64_t rows_of(int nd, const int64_t *shape) {
 #define MR 14 /* 14 x 2 accumulators + 2 W vectors + 1 broadcast = 31 of AVX-512's 32 registers */
 #elif VW == 8
 #define MR 6  /* AVX2: 12 accumulators of 16 registers */
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define MR 8  /* NEON: 16 accumulators + 2 W vectors + x's 8 floats (2 vectors, by lane) of 32 registers */
 #else
 #define MR 4
 #endif
@@ -398,6 +450,7 @@ static inline __attribute__((always_inline)) void micro_rows(const int ROWS, int
     }
 }
 
+_Static_assert(MR == 4 || MR == 6 || MR == 8 || MR == 14, "micro_kernel has a case for each row count up to MR");
 static void micro_kernel(int rows, int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int load) {
     switch (rows) {
 #define ROWS_CASE(r) case r: micro_rows(r, kc, ap, bp, c, ldc, load); break;
@@ -406,7 +459,10 @@ static void micro_kernel(int rows, int64_t kc, const float *ap, const float *bp,
         ROWS_CASE(5) ROWS_CASE(6)
 #endif
 #if MR > 6
-        ROWS_CASE(7) ROWS_CASE(8) ROWS_CASE(9) ROWS_CASE(10) ROWS_CASE(11) ROWS_CASE(12) ROWS_CASE(13) ROWS_CASE(14)
+        ROWS_CASE(7) ROWS_CASE(8)
+#endif
+#if MR > 8
+        ROWS_CASE(9) ROWS_CASE(10) ROWS_CASE(11) ROWS_CASE(12) ROWS_CASE(13) ROWS_CASE(14)
 #endif
 #undef ROWS_CASE
         default: break;

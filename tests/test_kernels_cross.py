@@ -1,0 +1,386 @@
+"""The CPU kernels built for other CPUs: model/kernels/cpu_kernels.c compiled with tests/kernel_harness.c (which
+calls the ops as MindSpore does, without MindSpore) for ARM (aarch64, NEON; run under qemu-user), for this machine
+with the real build's flags, and portably (x86-64 without AVX: the kernels' portable branch); each run with 1 and
+3 kernel threads.
+
+They must match numpy (float64), keep a row's (a token's) bits independent of the rest of the call, compute with
+the calling thread's denormal mode on every thread, and agree bitwise across builds where the arithmetic is the same
+(Linear everywhere; attention between NEON and portable, whose vector sums add lanes in the same order).
+
+The ARM build needs Debian's gcc-aarch64-linux-gnu and qemu-user (`make test` installs them when run as root, as CI
+does); without them the tests fail saying so, never skip.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model import kernels
+
+REPO = Path(__file__).resolve().parent.parent
+HARNESS = REPO / "tests" / "kernel_harness.c"
+HOST = platform.machine()
+BUILDS = ("aarch64", "native", "portable")
+THREADS = (1, 3)
+# The real build's flags, less those for a shared library.
+FLAGS = [f for f in kernels.CFLAGS if f not in ("-shared", "-fPIC")]
+MISSING_CROSS_TOOLS = (
+    "the ARM kernel tests need gcc-aarch64-linux-gnu and qemu-user: `apt-get install gcc-aarch64-linux-gnu "
+    "qemu-user` (`make test` does it when run as root)"
+)
+
+
+def _march(flags: list[str], arch: str) -> list[str]:
+    return [f"-march={arch}" if f.startswith("-march=") else f for f in flags]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One op call: tensors are its params (inputs, then outputs), flush: the calling thread flushes denormals."""
+
+    op: str
+    tensors: tuple[np.ndarray, ...]
+    flush: bool = False
+
+
+class Harness:
+    """A built tests/kernel_harness.c: runs lists of calls in one process and returns every call's tensors."""
+
+    def __init__(self, name: str, argv: list[str], obj: Path):
+        self.name, self.argv, self.obj = name, argv, obj
+        out = subprocess.run([*argv, "--panel-width"], capture_output=True, text=True, timeout=60, check=True)
+        self.panel_width = int(out.stdout)
+
+    def run(self, calls: list[Call], threads: int, tmp: Path) -> list[list[np.ndarray]]:
+        blob = bytearray()
+        for c in calls:
+            blob += struct.pack("<q", len(c.op)) + c.op.encode() + struct.pack("<qq", c.flush, len(c.tensors))
+            for t in c.tensors:
+                assert t.dtype in (np.float32, np.int32) and t.flags.c_contiguous
+                blob += struct.pack(f"<qq{t.ndim}q", t.dtype == np.int32, t.ndim, *t.shape) + t.tobytes()
+        blob += struct.pack("<q", 0)
+        (tmp / "calls.bin").write_bytes(bytes(blob))
+        env = {**os.environ, "GPT2_KERNEL_THREADS": str(threads)}
+        proc = subprocess.run([*self.argv, str(tmp / "calls.bin"), str(tmp / "results.bin")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        data, at, results = (tmp / "results.bin").read_bytes(), 0, []
+        for c in calls:
+            (status,) = struct.unpack_from("<q", data, at)
+            at += 8
+            assert status == 0, (self.name, c.op, [t.shape for t in c.tensors])
+            outs = []
+            for t in c.tensors:
+                outs.append(np.frombuffer(data, t.dtype, t.size, at).reshape(t.shape))
+                at += t.nbytes
+            results.append(outs)
+        assert at == len(data)
+        return results
+
+
+def _compile(name: str, out: Path) -> Harness:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.fail("the kernel tests need a C compiler (cc)")
+    runner: list[str] = []
+    if name == "native":
+        flags = FLAGS
+    elif name == "portable":
+        if HOST != "x86_64":
+            pytest.skip("the portable build is x86-64 without AVX: an x86-64 machine's")
+        flags = _march(FLAGS, "x86-64")
+    else:
+        flags = _march(FLAGS, "armv8-a")
+        if HOST != "aarch64":
+            cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+            if not (cc and qemu):
+                pytest.fail(MISSING_CROSS_TOOLS)
+            # Static: qemu-user then needs no ARM libraries.
+            flags, runner = [*flags, "-static"], [qemu]
+    exe, obj = out / f"harness-{name}", out / f"cpu_kernels-{name}.o"
+    for cmd in (
+        [cc, *flags, "-c", "-o", str(obj), str(kernels.SOURCE)],
+        [cc, *flags, "-o", str(exe), str(HARNESS), str(obj), "-lm", "-lpthread", "-ldl"],
+    ):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return Harness(name, [*runner, str(exe)], obj)
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """build(name): that build's Harness, compiled on first use."""
+    built: dict[str, Harness] = {}
+
+    def get(name: str) -> Harness:
+        if name not in built:
+            built[name] = _compile(name, tmp_path_factory.mktemp(f"build-{name}"))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(params=BUILDS)
+def harness(request, build) -> Harness:
+    return build(request.param)
+
+
+# ---- Linear ---------------------------------------------------------------------------------------------------
+
+# K = 272: K-blocked (KC = 256) for more than MR rows; N = 100: an edge panel; N = 512: panels alone (a multiple of
+# every panel width) and many of them for the threads to share.
+SHAPES = ((100, 272), (512, 48))
+M = 70  # more than one MC block (8 MR rows) but on AVX-512
+ROW_COUNTS = range(1, 18)  # 1 .. MR + 3 for every build (MR: 4 portable, 6 AVX2, 8 NEON, 14 AVX-512)
+
+
+def _panels(w: np.ndarray, nr: int) -> np.ndarray:
+    # model.kernels.pack_panels for a given panel width (that one asks this machine's library).
+    n, k = w.shape
+    p = -(-n // nr)
+    padded = np.zeros((p * nr, k), np.float32)
+    padded[:n] = w
+    return np.ascontiguousarray(padded.reshape(p, nr, k).transpose(0, 2, 1))
+
+
+def _linear_case(n: int, k: int, nr: int):
+    """Calls of every op and weight form on M rows, the expected values, and the calls for batch invariance."""
+    rng = np.random.default_rng(n * 1000 + k)
+    x = rng.standard_normal((M, k), np.float32) * 2
+    w = rng.standard_normal((n, k), np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    r = rng.standard_normal((M, n)).astype(np.float32)
+    panels = _panels(w, nr)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    with np.errstate(over="ignore"):
+        gelu = ref / (1 + np.exp(-1.5957691216057308 * (ref + 0.044715 * ref**3)))
+    forms = [(w,), (w, panels)] + ([(panels,)] if n % nr == 0 else [])
+
+    def y(m: int) -> np.ndarray:
+        return np.full((m, n), np.nan, np.float32)
+
+    full = []  # (call, want)
+    for form in forms:
+        full += [
+            (Call("Linear", (x, *form, y(M))), ref - b),
+            (Call("Linear", (x, *form, b, y(M))), ref),
+            (Call("LinearGelu", (x, *form, b, y(M))), gelu),
+            (Call("LinearAdd", (x, *form, b, r, y(M))), ref + r),
+        ]
+    # The same rows in calls of other sizes: the first m rows, the last m, and single rows packed per call.
+    parts = [(0, m) for m in ROW_COUNTS] + [(M - m, M) for m in (1, 5, 17)] + [(i, i + 1) for i in (0, 35, M - 1)]
+    sub = [Call("LinearGelu", (x[a:e].copy(), w, *(() if e - a == 1 else (panels,)), b, y(e - a))) for a, e in parts]
+    return full, parts, sub
+
+
+def _check_linear(got_full, full, got_sub, parts):
+    for got, (call, want) in zip(got_full, full):
+        scale = 1 + np.abs(want).max()
+        assert np.abs(got[-1] - want).max() / scale < 1e-5, call.op
+    # Every weight form (w packed per call, w and its panels, panels alone) gives the same bits: full holds the same
+    # four calls for each form.
+    outs = [got[-1] for got in got_full]
+    for i in range(4, len(outs)):
+        assert np.array_equal(outs[i], outs[i % 4]), full[i][0].op
+    whole = outs[4 + 2]  # LinearGelu with w and panels
+    for got, (a, e) in zip(got_sub, parts):
+        assert np.array_equal(got[-1], whole[a:e]), (a, e)
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_linear_matches_numpy_and_a_rows_bits_do_not_depend_on_the_call(harness, threads, tmp_path):
+    calls, cases = [], []
+    for n, k in SHAPES:
+        full, parts, sub = _linear_case(n, k, harness.panel_width)
+        cases.append((full, parts, sub))
+        calls += [c for c, _ in full] + sub
+    results = harness.run(calls, threads, tmp_path)
+    for full, parts, sub in cases:
+        got_full, results = results[: len(full)], results[len(full) :]
+        got_sub, results = results[: len(sub)], results[len(sub) :]
+        _check_linear(got_full, full, got_sub, parts)
+
+
+# ---- CachedAttention --------------------------------------------------------------------------------------------
+
+
+def _attention_call(qkv, kc, vc, write_base, read_base, pos, L: int, nh: int) -> Call:
+    d = qkv.shape[-1] // 3
+    meta, scale = np.array([L, nh], np.int32), np.array([0.125], np.float32)
+    y = np.full((*pos.shape, d), np.nan, np.float32)
+    return Call("CachedAttention", (qkv, kc, vc, write_base, read_base, pos, meta, scale, y))
+
+
+def _attention_case(hs: int, flat: bool):
+    """As tests/test_model_kernels.py: two sequences of 7 tokens, one continuing its slot at 30, one starting one;
+    as rows of one sequence each, or one row of both (read_base per token)."""
+    rng = np.random.default_rng(hs + flat)
+    nh, L, slots, T = 2, 64, 3, 7
+    d = nh * hs
+    kc = rng.standard_normal((slots * nh * L, hs)).astype(np.float32)
+    vc = rng.standard_normal((slots * nh * L, hs)).astype(np.float32)
+    pos = np.array([np.arange(30, 30 + T), np.arange(T)], np.int32)
+    base = np.array([2, 0]) * nh * L
+    if flat:
+        pos = pos.reshape(1, -1)
+        read_base = np.repeat(base, T).astype(np.int32)
+    else:
+        read_base = base.astype(np.int32)
+    token_base = np.repeat(base, T)
+    qkv = rng.standard_normal((*pos.shape, 3 * d)).astype(np.float32)
+    write_base = (token_base + pos.reshape(-1)).astype(np.int32)
+    return _attention_call(qkv, kc, vc, write_base, read_base, pos, L, nh), token_base, nh, L
+
+
+def _check_attention(call: Call, got: list[np.ndarray], token_base, nh: int, L: int):
+    qkv, kc, vc, _, _, pos = call.tensors[:6]
+    hs, d = kc.shape[1], qkv.shape[-1] // 3
+    q_all, p_all = qkv.reshape(-1, 3 * d), pos.reshape(-1)
+    want_k, want_v = kc.copy(), vc.copy()
+    for t in range(len(p_all)):
+        for h in range(nh):
+            row = token_base[t] + h * L + p_all[t]
+            want_k[row] = q_all[t, d + h * hs : d + (h + 1) * hs]
+            want_v[row] = q_all[t, 2 * d + h * hs : 2 * d + (h + 1) * hs]
+    assert np.array_equal(got[1], want_k) and np.array_equal(got[2], want_v)  # this step's keys and values written
+    y_all = got[-1].reshape(-1, d)
+    for t in range(len(p_all)):
+        for h in range(nh):
+            rows = token_base[t] + h * L + np.arange(p_all[t] + 1)  # the token sees itself and what precedes
+            q = q_all[t, h * hs : (h + 1) * hs].astype(np.float64)
+            s = want_k[rows].astype(np.float64) @ q * 0.125
+            p = np.exp(s - s.max())
+            ref = (p / p.sum()) @ want_v[rows].astype(np.float64)
+            assert np.abs(y_all[t, h * hs : (h + 1) * hs] - ref).max() < 1e-5, (t, h)
+
+
+ATTENTION_CASES = [(hs, flat) for hs in (16, 64) for flat in (False, True)]  # 64: GPT-2's head size
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_cached_attention_matches_numpy(harness, threads, tmp_path):
+    cases = [_attention_case(hs, flat) for hs, flat in ATTENTION_CASES]
+    results = harness.run([c[0] for c in cases], threads, tmp_path)
+    for (call, token_base, nh, L), got in zip(cases, results):
+        _check_attention(call, got, token_base, nh, L)
+
+
+def _chunked_prefill_calls(chunks: list[tuple[int, int]]) -> list[Call]:
+    # One sequence of 23 tokens in slot 0, prefilled chunk by chunk: before each chunk the cache holds the keys and
+    # values of the tokens before it (as the previous calls left it).
+    rng = np.random.default_rng(5)
+    nh, hs, L, T = 2, 64, 40, 23
+    d = nh * hs
+    qkv = rng.standard_normal((T, 3 * d)).astype(np.float32)
+    calls = []
+    for a, e in chunks:
+        kc = np.zeros((nh * L, hs), np.float32)
+        vc = np.zeros((nh * L, hs), np.float32)
+        for h in range(nh):
+            kc[h * L : h * L + a] = qkv[:a, d + h * hs : d + (h + 1) * hs]
+            vc[h * L : h * L + a] = qkv[:a, 2 * d + h * hs : 2 * d + (h + 1) * hs]
+        pos = np.arange(a, e, dtype=np.int32)[None]
+        calls.append(_attention_call(qkv[None, a:e].copy(), kc, vc, pos[0].copy(), np.zeros(1, np.int32), pos, L, nh))
+    return calls
+
+
+def _decode_calls() -> list[Call]:
+    # Three sequences' next tokens (slots 2, 0, 1 at positions 9, 30, 4): as three rows, as one row of packed
+    # sequences (read_base per token), and each alone.
+    rng = np.random.default_rng(6)
+    nh, hs, L = 2, 64, 40
+    d = nh * hs
+    kc = rng.standard_normal((3 * nh * L, hs)).astype(np.float32)
+    vc = rng.standard_normal((3 * nh * L, hs)).astype(np.float32)
+    qkv = rng.standard_normal((3, 3 * d)).astype(np.float32)
+    slot_base = np.array([2, 0, 1], np.int32) * nh * L
+    pos = np.array([9, 30, 4], np.int32)
+    write = (slot_base + pos).astype(np.int32)
+    calls = [
+        _attention_call(qkv[:, None].copy(), kc, vc, write, slot_base, pos[:, None].copy(), L, nh),
+        _attention_call(qkv[None].copy(), kc, vc, write, slot_base, pos[None].copy(), L, nh),
+    ]
+    for i in range(3):
+        calls.append(_attention_call(qkv[None, i : i + 1].copy(), kc, vc, write[i : i + 1].copy(),
+                                     slot_base[i : i + 1].copy(), pos[None, i : i + 1].copy(), L, nh))
+    return calls
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_attention_gives_a_token_the_same_bits_in_any_chunking_or_batch(harness, threads, tmp_path):
+    T = 23
+    plans = [[(0, T)], [(a, min(a + 3, T)) for a in range(0, T, 3)], [(a, a + 1) for a in range(T)]]
+    calls = [c for plan in plans for c in _chunked_prefill_calls(plan)]
+    decode = _decode_calls()
+    results = harness.run(calls + decode, threads, tmp_path)
+    outs = [got[-1].reshape(-1, got[-1].shape[-1]) for got in results]
+    whole, at = outs[0], 1
+    for plan in plans[1:]:
+        assert np.array_equal(whole, np.concatenate(outs[at : at + len(plan)])), plan[0]
+        at += len(plan)
+    rows, packed, *alone = outs[at:]
+    assert np.array_equal(rows, packed) and np.array_equal(rows, np.concatenate(alone))
+
+
+# ---- every thread computes in the caller's floating-point mode -----------------------------------------------
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_worker_threads_take_the_callers_denormal_mode(harness, threads, tmp_path):
+    # Products of ~1e-20 and their sums over k = 64 are denormal (below 1.2e-38): zero where the caller flushes
+    # denormals (MindSpore's threads do), on whichever thread computes them; kept where it does not.
+    rng = np.random.default_rng(7)
+    w = (rng.uniform(0.5, 1, (512, 64)) * 1e-20).astype(np.float32)
+    calls = []
+    for m in (1, 20):  # the few-rows path and the blocked one
+        x = (rng.uniform(0.5, 1, (m, 64)) * 1e-20).astype(np.float32)
+        for flush in (False, True):
+            calls.append(Call("Linear", (x, w, np.full((m, 512), np.nan, np.float32)), flush=flush))
+    results = harness.run(calls, threads, tmp_path)
+    for call, got in zip(calls, results):
+        y = got[-1]
+        assert (y == 0).all() if call.flush else (y > 0).all(), (call.tensors[0].shape, call.flush)
+
+
+# ---- across builds ------------------------------------------------------------------------------------------------
+
+
+def test_builds_agree_bitwise_where_their_arithmetic_is_the_same(build, tmp_path):
+    # Linear is one FMA chain per output element in k order with the same epilogue on every path, so every build
+    # gives the same bits; attention's dot products end in a vector sum, whose lane order NEON shares with the
+    # portable path (x86's wider vectors add 8 or 16 lanes).
+    built = {name: build(name) for name in BUILDS}
+    linear = {name: [c for c, _ in _linear_case(100, 272, h.panel_width)[0][:4]] for name, h in built.items()}
+    attention = [_attention_case(hs, flat)[0] for hs, flat in ATTENTION_CASES]
+    attention += _chunked_prefill_calls([(0, 23)]) + _decode_calls()
+    out = {name: h.run(linear[name] + attention, 1, tmp_path) for name, h in built.items()}
+    for name in BUILDS:
+        for a, b in zip(out[name][:4], out["native"][:4]):
+            assert np.array_equal(a[-1], b[-1]), name
+    for a, b in zip(out["aarch64"][4:], out["portable"][4:]):
+        assert np.array_equal(a[-1], b[-1])
+
+
+def test_the_arm_build_multiplies_with_neon_fmas(build):
+    # The Linear micro-kernel's multiply-adds are NEON FMLAs by element (a row's x broadcast from a lane), and
+    # nothing falls back to scalar FMAs.
+    h = build("aarch64")
+    objdump = shutil.which("aarch64-linux-gnu-objdump") or shutil.which("objdump")
+    if objdump is None:
+        pytest.fail(MISSING_CROSS_TOOLS)
+    text = subprocess.run([objdump, "-d", str(h.obj)], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert re.search(r"fmla\s+v\d+\.4s, v\d+\.4s, v\d+\.s\[\d\]", text)
+    scalar = re.findall(r"\bfmadd\s+s\d+", text)
+    # NEON's vfma is written per lane (cpu_kernels.c says why); code that reads a vector's lanes one by one can
+    # lead the compiler to do those FMAs one lane at a time.
+    assert not scalar, f"{len(scalar)} scalar FMAs in the ARM build: a vector loop was not vectorised"
