@@ -25,7 +25,7 @@ import numpy as np
 
 from .atomic_write import write_atomically
 from .config import GPT2Config
-from .gpt2 import GPT2LMHeadModel, is_transposed_weight
+from .gpt2 import GPT2LMHeadModel, is_transposed_weight, weights_loaded_later
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -148,7 +148,8 @@ def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2
         raise FileNotFoundError(f"model directory {path} does not exist")
     cfg = GPT2Config.from_json(os.path.join(path, CONFIG_NAME))
     weights = find_weights(path)
-    model = cls(cfg, compute_dtype=compute_dtype)
+    with weights_loaded_later():
+        model = cls(cfg, compute_dtype=compute_dtype)
     load_state_dict(model, read_weights(weights), source=weights)
     return model
 

@@ -12,8 +12,13 @@ the rows involved; slicing, index assignment or scatter_nd_update of a 4-D cache
 (measured: seconds per token). The extra slot `num_slots` is scratch: padding tokens write there and padding
 rows read from there.
 
-Graphs are compiled per padded shape (batch bucket, chunk bucket, context bucket) and per logits mode (one row
-per sequence, or every position); MindSpore caches each compiled graph, so a shape compiles once per session.
+Graphs: with the CPU kernels and their C++ shape functions (model.kernels.dynamic_shapes) the step is ONE graph
+whose token axis is left unknown (`Cell.set_inputs`): every step size, prefill or decode, with any number of
+logits rows, runs it unpadded, and nothing compiles after the first step (measured: one compile of ~2 s instead
+of 40 graphs and 80-90 s for a server's buckets, GPT-2 124M; a decode step no slower). Without them, graphs are
+compiled per padded shape (batch bucket, chunk bucket, context bucket) and per logits mode (one row per sequence,
+or every position); MindSpore caches each compiled graph, so a shape compiles once per session. Padding never
+changes a real token's result, so both give the same bits.
 """
 
 from __future__ import annotations
@@ -111,17 +116,17 @@ class _StepCell(nn.Cell):
         hidden = self.model.transformer.cached(input_ids, step, self.k_cache, self.v_cache, self.kern, self.packed)
         if logits_rows is None:
             return self.model.step_logits(hidden, self.kern, self.packed_head)  # (B, T, V)
-        b, t, d = hidden.shape
-        last = ops.gather(hidden.reshape(b * t, d), logits_rows, 0)  # (B, d)
+        last = ops.gather(hidden.reshape(-1, hidden.shape[-1]), logits_rows, 0)  # (B, d)
         return self.model.step_logits(last, self.kern, self.packed_head)  # (B, V)
 
 
 class InferenceSession:
     """Owns the compiled step graphs and the KV cache of `num_slots` sequences of up to `max_seq_len` tokens.
 
-    `step` pads (B, T) up to the smallest batch and chunk buckets that fit and the context up to the smallest
-    context bucket covering the furthest position; every padded shape is a separate compiled graph. For a fixed
-    padded shape a row's logits do not depend on the other rows.
+    `dynamic` sessions (see the module docstring) run every step unpadded through one graph; the buckets then only
+    bound a step's size. Otherwise `step` pads (B, T) up to the smallest batch and chunk buckets that fit and the
+    context up to the smallest context bucket covering the furthest position; every padded shape is a separate
+    compiled graph. Either way a row's logits do not depend on the other rows.
     """
 
     def __init__(
@@ -186,6 +191,16 @@ class InferenceSession:
             tuple(kernels.step_kernels()) if cpu_kernels else None,
             self.packed_form,
         )
+        # With the kernels' shape functions one graph takes any token count: no padding, no per-size compiles.
+        self.dynamic = cpu_kernels and kernels.dynamic_shapes()
+        if self.dynamic:
+            i32 = ms.int32
+            tokens = Tensor(shape=[None], dtype=i32)
+            self._cell.set_inputs(
+                Tensor(shape=[1, None], dtype=i32), Tensor(shape=[1, None], dtype=i32), tokens, tokens,
+                Tensor(shape=[2], dtype=i32), Tensor(shape=[cfg.n_layer], dtype=ms.float32),
+                Tensor(shape=[1], dtype=i32), tokens,
+            )
         self._slot_stride = cfg.n_head * max_seq_len  # cache rows per slot
         # The attention kernel's [max_seq_len, n_head] and per-layer scales: made once, passed as step inputs.
         self._meta = Tensor(np.array([max_seq_len, cfg.n_head], np.int32))
@@ -236,7 +251,9 @@ class InferenceSession:
         """
         ids, pos, slots, lidx = self._validate(token_ids, positions, slot_ids, logits_index)
         b, t = ids.shape
-        bb, tb, cb = self.padded_shape(b, t, int(pos.max()))
+        bb, tb, cb = self.padded_shape(b, t, int(pos.max()))  # checks the sizes against the session's limits
+        if self.dynamic:
+            return self._rows_as_flat(ids, pos, slots, lidx)
         L = self.max_seq_len
 
         ids_p = np.zeros((bb, tb), np.int32)
@@ -297,6 +314,9 @@ class InferenceSession:
             raise ValueError(f"positions must be >= 0 in a flat step, got min {pos.min()}")
         if not self.cpu_kernels:
             return self._flat_as_rows(ids, pos, slots, lidx)
+        if self.dynamic:
+            _bucket(self.chunk_buckets, n, "flat token count")  # the session's limit on a step's tokens
+            return self._run_flat(ids, pos, slots, lidx)
         nb = _bucket(self.chunk_buckets, n, "flat token count")
         L = self.max_seq_len
         ids_p = np.zeros((1, nb), np.int32)
@@ -331,6 +351,28 @@ class InferenceSession:
             rows,
         )
         return out.asnumpy()
+
+    def _run_flat(self, ids, pos, slots, lidx) -> np.ndarray:
+        # The one dynamic graph: exactly these tokens, and the rows asked for (every token's: all of them).
+        n = ids.size
+        base = slots.astype(np.int64) * self._slot_stride
+        rows = np.arange(n, dtype=np.int32) if lidx is None else lidx.astype(np.int32)
+        return self._run(ids.astype(np.int32).reshape(1, n), pos.astype(np.int32).reshape(1, n), base + pos, base,
+                         1, Tensor(rows))
+
+    def _rows_as_flat(self, ids, pos, slots, lidx) -> np.ndarray:
+        # A (B, T) step through the one dynamic graph: its real tokens in one flat pass, padding dropped. Logits
+        # at padding positions are meaningless (see step): zeros here.
+        b, t = ids.shape
+        real = (pos >= 0).reshape(-1)
+        flat_index = np.cumsum(real) - 1  # index of each real token in the flat pass
+        wanted = np.arange(b * t) if lidx is None else np.arange(b) * t + lidx  # flat (B*T) positions asked for
+        keep = real[wanted]
+        out = self._run_flat(ids.reshape(-1)[real], pos.reshape(-1)[real], np.repeat(slots, t)[real],
+                             flat_index[wanted[keep]])
+        full = np.zeros((wanted.size, out.shape[-1]), np.float32)
+        full[keep] = out
+        return full if lidx is not None else full.reshape(b, t, -1)
 
     def _flat_as_rows(self, ids, pos, slots, lidx) -> np.ndarray:
         # MindSpore's ops gather one context per row: one row per run of tokens of the same slot.

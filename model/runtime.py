@@ -7,7 +7,10 @@ parameters to the device when they are first used); a process runs on one device
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+from pathlib import Path
 
 import mindspore as ms
 
@@ -55,16 +58,51 @@ def set_device(
     # Graph mode everywhere: PyNative is 7-17x slower for decode on CPU, and the training step is compiled too.
     ms.set_context(mode=ms.GRAPH_MODE)
     _target = target
-    if compile_cache_dir:
-        enable_compile_cache(compile_cache_dir)
+    if compile_cache_dir and not enable_compile_cache(compile_cache_dir):
+        logging.getLogger(__name__).info("compile cache %s is in use by another process: compiling without it",
+                                         compile_cache_dir)
 
 
-def enable_compile_cache(path: str) -> None:
-    """Cache compiled graphs on disk (compiling one shape takes 1-25 s)."""
+def graph_cache_dir(root: str, *key) -> str:
+    """The compile-cache directory under `root` for graphs described by `key` (whatever shapes them: the model's
+    config, the session's layout), this MindSpore and this package's source.
+
+    MindSpore checks only the entry script's imports before reusing a cached graph: a server restarted on a model
+    with more layers, same code, read back the old graph and silently ran the wrong network (measured). Hence one
+    directory per key."""
+    h = hashlib.sha256(repr((ms.__version__, key)).encode())
+    package = Path(__file__).parent
+    for f in sorted(package.rglob("*")):
+        if f.suffix in (".py", ".c", ".cc"):
+            h.update(f.relative_to(package).as_posix().encode() + f.read_bytes())
+    return os.path.join(root, h.hexdigest()[:16])
+
+
+_cache_lock = None  # the open lock file of this process's compile-cache directory, held until exit
+
+
+def enable_compile_cache(path: str) -> bool:
+    """Cache compiled graphs on disk in `path` (see graph_cache_dir: one directory per network), unless another
+    process has it: MindSpore writes its cache files in place, so a directory is used by one process at a time
+    (an exclusive lock on `path`.lock, held until exit); a second server on the same network compiles for
+    itself. Returns whether the cache is on."""
+    import fcntl
+
+    global _cache_lock
+    if _cache_lock is not None:
+        return os.environ.get("MS_COMPILER_CACHE_PATH") == path
     os.makedirs(path, exist_ok=True)
+    lock = open(path + ".lock", "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return False
+    _cache_lock = lock
     # The environment variables are what MindSpore 2.x reads; set them before the first compile.
     os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
     os.environ["MS_COMPILER_CACHE_PATH"] = path
+    return True
 
 
 def resolve_dtype(name: str | ms.Type) -> ms.Type:

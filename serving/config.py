@@ -37,7 +37,10 @@ class Settings:
     # Most prompt tokens of one request per step: a longer prompt is prefilled in chunks over several steps.
     prefill_chunk: int = 256
     warmup: bool = True  # compile the common step shapes before reporting healthy
-    compile_cache: str | None = None  # directory for MindSpore's compiled-graph cache (faster restarts)
+    # Directory for MindSpore's compiled-graph cache (restarts skip compilation), one subdirectory per model
+    # architecture and session layout; "off" (--no-compile-cache) compiles at every start.
+    compile_cache: str = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-mindspore"
+                             / "graphs")
     device_target: str = "CPU"  # MindSpore device: CPU, GPU or Ascend
     compute_dtype: str = "float32"
     max_stop_sequences: int = 4
@@ -91,6 +94,11 @@ class Settings:
             raise ValueError(f"device_target must be one of {DEVICE_TARGETS}, got {self.device_target!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+
+    @property
+    def compile_cache_dir(self) -> str | None:
+        off = self.compile_cache.strip().lower() in ("", "off", "none", "0", "false", "no")
+        return None if off else self.compile_cache
 
     @property
     def model_name(self) -> str:
@@ -150,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="tokens per step, running requests' next tokens and waiting prompts' tokens together (default 256)")
     a("--prefill-chunk", type=int, help="most prompt tokens of one request per step (default 256)")
     a("--warmup", action=argparse.BooleanOptionalAction, default=None, help="compile common shapes at start")
-    a("--compile-cache", help="directory for MindSpore's compiled-graph cache")
+    a("--compile-cache", metavar="DIR",
+      help="directory for MindSpore's compiled-graph cache (default ~/.cache/gpt2-mindspore/graphs)")
+    a("--no-compile-cache", dest="compile_cache", action="store_const", const="off",
+      help="compile the step graph at every start")
     a("--device-target", choices=DEVICE_TARGETS, help="MindSpore device (default CPU)")
     a("--compute-dtype", choices=("float32", "float16", "bfloat16"), help="matmul dtype (float16/bfloat16 for Ascend)")
     a("--max-stop-sequences", type=int)

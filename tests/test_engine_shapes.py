@@ -1,7 +1,10 @@
-"""The warmup compiles every shape the engine can run: a real session (tiny model, CPU kernels) driven by the
-real scheduler and runner through random workloads never runs a padded shape the warmup did not compile."""
+"""The warmup compiles every graph the engine can run: a real session (tiny model, CPU kernels) driven by the
+real scheduler and runner through random workloads never compiles a graph after the warmup, with one graph for
+every step size (the kernels' shape functions) or one per padded size (without them)."""
 
 import random
+
+import pytest
 
 from model.runtime import set_device
 from model_helpers import hf_model, our_model_from_hf
@@ -13,15 +16,20 @@ from serving.engine.sequence import Sequence
 from serving.sampling_params import SamplingParams
 
 
-def test_every_shape_a_random_workload_runs_was_compiled_by_the_warmup():
-    from model import InferenceSession
+@pytest.mark.parametrize("dynamic", [True, False], ids=["one-graph", "per-size-graphs"])
+def test_a_random_workload_compiles_nothing_after_the_warmup(dynamic, monkeypatch):
+    from model import InferenceSession, kernels
 
     set_device("CPU")
+    if dynamic:
+        assert kernels.dynamic_shapes(), "the kernel library has no shape functions (no C++ compiler?)"
+    else:
+        monkeypatch.setattr(kernels, "dynamic_shapes", lambda: False)
     config = EngineConfig(max_batch_size=4, max_total_tokens=128, max_batched_tokens=32, prefill_chunk=16)
     sess = InferenceSession(our_model_from_hf(hf_model(seed=2)), num_slots=4, max_seq_len=128,
                             batch_buckets=config.batch_buckets, chunk_buckets=config.chunk_buckets,
                             packed_weights=True)
-    assert sess.cpu_kernels
+    assert sess.cpu_kernels and sess.dynamic == dynamic
     ran: list[tuple[int, int | None]] = []
     run = sess._run
 
@@ -33,6 +41,8 @@ def test_every_shape_a_random_workload_runs_was_compiled_by_the_warmup():
     assert warmup(sess) == len(step_shapes(sess))
     compiled = set(ran)
     assert compiled == set(step_shapes(sess))
+    graphs = len(sess._cell.compile_cache)  # MindSpore's compiled phases of the step cell
+    assert graphs == (1 if dynamic else len(compiled))
     ran.clear()
 
     core = EngineCore(ModelRunner(sess, eos_token_id=0),
@@ -52,4 +62,6 @@ def test_every_shape_a_random_workload_runs_was_compiled_by_the_warmup():
     while core.has_work():
         core.step()
     assert n > 40 and len(set(ran)) >= 8  # the workload reached many shapes
-    assert set(ran) <= compiled, sorted(set(ran) - compiled)
+    assert len(sess._cell.compile_cache) == graphs
+    if not dynamic:
+        assert set(ran) <= compiled, sorted(set(ran) - compiled)

@@ -32,6 +32,11 @@ gcc-aarch64-linux-gnu; the harness calls the ops as MindSpore does) and runs the
 threads: against numpy, for batch invariance, and bit for bit against the portable x86 build. `make test` installs
 the tools.
 
+Shape functions: `infer_shapes.cc` gives MindSpore each op's output shape in C++ (its Custom ops take Python shape
+functions only for fixed shapes), which lets InferenceSession compile one step graph with an unknown token axis
+(`dynamic_shapes()`). It is C++ because MindSpore's interface returns a std::vector; without a C++ compiler the
+library is built without it and sessions compile one graph per padded step size (slower start, same results).
+
 The source is compiled once per machine with the system C compiler (`cc -O3 -march=native`) into a cache
 directory (GPT2_KERNEL_CACHE, default ~/.cache/gpt2-mindspore/kernels), keyed by the source, the flags and the
 CPU's feature flags, written under a temporary name and renamed. Used only when MindSpore's device target is CPU
@@ -48,6 +53,7 @@ import os
 import shutil
 import subprocess
 from functools import lru_cache
+from itertools import product
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,7 +64,8 @@ from ..atomic_write import write_atomically
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11")
+INFER_SOURCE = Path(__file__).with_name("infer_shapes.cc")
+CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-std=c11")
 ENV_SWITCH = "GPT2_CPU_KERNELS"
 ENV_CACHE = "GPT2_KERNEL_CACHE"
 ENV_AMX = "GPT2_AMX"  # 0: never use AMX, even for sessions with packed weights
@@ -90,22 +97,38 @@ def _cache_dir() -> Path:
 
 @lru_cache(maxsize=1)
 def library_path() -> str | None:
-    """Path of the compiled kernel library, building it if needed; None (with a warning) if it cannot be built."""
+    """Path of the compiled kernel library, building it if needed; None (with a warning) if it cannot be built.
+
+    With a C++ compiler the library also carries the ops' shape functions (infer_shapes.cc), which let a step
+    graph take any number of tokens (`dynamic_shapes`); without one, the kernels alone (graphs per padded size)."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler found: CPU kernels off, using MindSpore's ops (slower decode)")
         return None
-    src = SOURCE.read_bytes()
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    src = SOURCE.read_bytes() + (INFER_SOURCE.read_bytes() if cxx else b"")
     key = hashlib.sha256(src + " ".join(CFLAGS).encode() + _cpu_flags().encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
         return str(out)
 
-    def build(tmp: str) -> None:
-        cmd = [compiler, *CFLAGS, "-o", tmp, str(SOURCE), "-lm", "-lpthread", "-ldl"]
+    def run(cmd: list[str]) -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise OSError(f"{compiler} exited with {proc.returncode}:\n{proc.stderr[-2000:]}")
+            raise OSError(f"{cmd[0]} exited with {proc.returncode}:\n{proc.stderr[-2000:]}")
+
+    def build(tmp: str) -> None:
+        if cxx is None:
+            run([compiler, *CFLAGS, "-shared", "-o", tmp, str(SOURCE), "-lm", "-lpthread", "-ldl"])
+        else:
+            obj = tmp + ".o"
+            try:
+                run([compiler, *CFLAGS, "-c", "-o", obj, str(SOURCE)])
+                run([cxx, "-O2", "-fPIC", "-std=c++17", "-shared", "-o", tmp, obj, str(INFER_SOURCE),
+                     "-lm", "-lpthread", "-ldl"])
+            finally:
+                if os.path.exists(obj):
+                    os.unlink(obj)
         os.chmod(tmp, 0o755)
 
     try:
@@ -114,6 +137,15 @@ def library_path() -> str | None:
         log.warning("building CPU kernels failed: %s: CPU kernels off, using MindSpore's ops", e)
         return None
     return str(out)
+
+
+@lru_cache(maxsize=1)
+def dynamic_shapes() -> bool:
+    """Whether the library has the ops' shape functions, so that one step graph serves every token count."""
+    import ctypes
+
+    path = library_path()
+    return path is not None and hasattr(ctypes.CDLL(path), "LinearInferShape")
 
 
 # Widths must be multiples of the widest vector the kernels use (AVX-512: 16 floats); GPT-2's are multiples of 64.
@@ -203,10 +235,26 @@ def pack_weight_amx(w: np.ndarray) -> np.ndarray:
     return out.view(np.int32)
 
 
-def _op(name: str, out_shape):
+def _op(name: str, out_shape, inputs: str):
+    """A Custom op calling `name` in the library. inputs: one letter per input, f float32, i int32, w a weight
+    (float32, or int32 when packed for AMX). With the library's shape functions (`dynamic_shapes`) the op is
+    registered with its inputs and takes its output shape from C++, so graphs may leave the token axis unknown."""
     from mindspore import ops
 
-    return ops.Custom(f"{library_path()}:{name}", out_shape=out_shape, out_dtype=lambda *a: a[0], func_type="aot")
+    func = f"{library_path()}:{name}"
+    if not dynamic_shapes():
+        return ops.Custom(func, out_shape=out_shape, out_dtype=lambda *a: a[0], func_type="aot")
+    from mindspore.ops import CustomRegOp, DataType
+
+    reg = CustomRegOp(f"{name}_{inputs}")  # registered per signature: Linear takes 2 or 3 inputs
+    for i in range(len(inputs)):
+        reg = reg.input(i, f"x{i}")
+    reg = reg.output(0, "y")
+    f32, i32 = DataType.F32_Default, DataType.I32_Default
+    for types in product(*[{"f": (f32,), "i": (i32,), "w": (f32, i32)}[c] for c in inputs]):
+        reg = reg.dtype_format(*types, f32)
+    return ops.Custom(func, out_shape=None, out_dtype=lambda *a: a[0], func_type="aot",
+                      reg_info=reg.target("CPU").get_op_info())
 
 
 class StepKernels(NamedTuple):
@@ -216,6 +264,7 @@ class StepKernels(NamedTuple):
     x @ w^T [+ b], gelu(x @ w^T + b) (GPT-2's tanh form), x @ w^T + b + r; wp, if given, is w packed:
     pack_panels(w) or pack_weight_amx(w) (then every call runs on AMX); wp may come in w's place when N is a
     multiple of the packing's column block (the panel width, or 32 for AMX), so that w itself can be freed.
+    `linear` takes three inputs (x, w or wp, b; or x, w, wp), `linear_nobias` two (x, w).
     attention: (qkv (B, T, 3d), k_cache, v_cache, write_base (B*T,), read_base (B,) or (B*T,), positions (B, T),
     meta (2,), scale (1,)) -> (B, T, d); writes this step's keys and values into the caches in place.
     """
@@ -224,6 +273,7 @@ class StepKernels(NamedTuple):
     linear_gelu: object
     linear_add: object
     attention: object
+    linear_nobias: object
 
 
 @lru_cache(maxsize=1)
@@ -234,8 +284,9 @@ def step_kernels() -> StepKernels:
         return list(x[:-1]) + [n]
 
     return StepKernels(
-        _op("Linear", linear_shape),
-        _op("LinearGelu", linear_shape),
-        _op("LinearAdd", linear_shape),
-        _op("CachedAttention", lambda qkv, *rest: list(qkv[:-1]) + [qkv[-1] // 3]),
+        _op("Linear", linear_shape, "fww"),
+        _op("LinearGelu", linear_shape, "fwf"),
+        _op("LinearAdd", linear_shape, "fwff"),
+        _op("CachedAttention", lambda qkv, *rest: list(qkv[:-1]) + [qkv[-1] // 3], "fffiiiif"),
+        _op("Linear", linear_shape, "fw"),
     )

@@ -156,11 +156,21 @@ def load_session(
     compute_dtype: str = "float32",
     compile_cache_dir: str | None = None,
 ):
-    """Build the MindSpore model and its compiled KV-cache session from a model directory."""
-    from model import InferenceSession
-    from model.checkpoint import load_model_dir
-    from model.runtime import set_device
+    """Build the MindSpore model and its compiled KV-cache session from a model directory; with
+    `compile_cache_dir`, the step graph is cached there (in a subdirectory for this architecture and layout)."""
+    import os
 
+    from model import InferenceSession, kernels
+    from model.checkpoint import CONFIG_NAME, load_model_dir
+    from model.runtime import graph_cache_dir, set_device
+
+    if compile_cache_dir:
+        with open(os.path.join(model_dir, CONFIG_NAME), "rb") as f:
+            config = f.read()
+        compile_cache_dir = graph_cache_dir(
+            compile_cache_dir, config, num_slots, max_seq_len, batch_buckets, chunk_buckets, device_target,
+            compute_dtype, kernels.library_path() if kernels.enabled_by_env() else None, kernels.amx_available(),
+        )
     set_device(device_target, compile_cache_dir=compile_cache_dir)
     model = load_model_dir(model_dir, compute_dtype=compute_dtype)
     session = InferenceSession(
@@ -181,7 +191,10 @@ def load_session(
 def step_shapes(session) -> list[tuple[int, int | None]]:
     """Every padded (tokens, logits rows) shape `ModelRunner.run` can ask `session.step_flat` for: each token bucket
     with each logits-row bucket that at most that many rows (one per sequence, at most a token each) pad to, or
-    with every position's logits (None: prompt logprobs)."""
+    with every position's logits (None: prompt logprobs). A session with a dynamic token axis has one graph for
+    every size: one shape (any) compiles it."""
+    if getattr(session, "dynamic", False):
+        return [(1, 1)]
     rows = session.logits_row_buckets
     shapes = []
     for t in session.chunk_buckets:

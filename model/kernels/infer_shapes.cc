@@ -1,0 +1,27 @@
+// Output shapes of cpu_kernels.c's ops, for graphs compiled with a dynamic token axis (one graph for every step
+// size instead of one per padded size). MindSpore's Custom "aot" ops take a C++ shape function named
+// <op>InferShape when the op is defined with out_shape=None; it must return a std::vector, so this file is C++.
+#include <cstdint>
+#include <vector>
+
+namespace {
+// x (..., K) with weight w: (N, K), panels (P, K, NR) or AMX (2, Np / 16, K / 2, 16) -> (..., N)
+std::vector<int64_t> linear_shape(const int *ndims, int64_t **shapes) {
+    std::vector<int64_t> out(shapes[0], shapes[0] + ndims[0]);
+    const int64_t *w = shapes[1];
+    out.back() = ndims[1] == 2 ? w[0] : ndims[1] == 3 ? w[0] * w[2] : w[1] * 16;
+    return out;
+}
+}  // namespace
+
+extern "C" {
+std::vector<int64_t> LinearInferShape(int *ndims, int64_t **shapes, void *) { return linear_shape(ndims, shapes); }
+std::vector<int64_t> LinearGeluInferShape(int *ndims, int64_t **shapes, void *) { return linear_shape(ndims, shapes); }
+std::vector<int64_t> LinearAddInferShape(int *ndims, int64_t **shapes, void *) { return linear_shape(ndims, shapes); }
+// qkv (B, T, 3d) -> (B, T, d)
+std::vector<int64_t> CachedAttentionInferShape(int *ndims, int64_t **shapes, void *) {
+    std::vector<int64_t> out(shapes[0], shapes[0] + ndims[0]);
+    if (out.back() > 0) out.back() /= 3;
+    return out;
+}
+}
