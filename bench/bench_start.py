@@ -6,7 +6,7 @@
 Three starts of `python -m serving`, one after the other:
   cold      --compile-cache pointing at a fresh, empty directory (compiles and fills the cache)
   warm      the same --compile-cache directory again (the compiled graphs are read back)
-  no cache  without --compile-cache
+  no cache  --no-compile-cache (compiles at every start)
 The clock starts just before the process is created and /health is polled every 0.1 s.
 """
 
@@ -34,8 +34,7 @@ def start_once(model: Path, cache: str | None, args: argparse.Namespace, log: Pa
     port = procs.free_port()
     cmd = [sys.executable, "-m", "serving", "--model", str(model), "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--log-level", "warning", *shlex.split(args.server_args)]
-    if cache:
-        cmd += ["--compile-cache", cache]
+    cmd += ["--compile-cache", cache] if cache else ["--no-compile-cache"]
     t0 = time.perf_counter()
     proc = procs.spawn(cmd, log=log)
     try:

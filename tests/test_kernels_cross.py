@@ -211,6 +211,23 @@ def test_linear_matches_numpy_and_a_rows_bits_do_not_depend_on_the_call(harness,
         _check_linear(got_full, full, got_sub, parts)
 
 
+@pytest.mark.parametrize("threads", THREADS)
+def test_linear_over_many_rows_runs_in_passes_with_the_same_bits(harness, threads, tmp_path):
+    # More rows than one pass packs (128 MR: at most 1,792), then rows from its second pass in a call of their own.
+    rng = np.random.default_rng(7)
+    m, n, k = 1900, 64, 48
+    x = rng.standard_normal((m, k), np.float32)
+    w = rng.standard_normal((n, k), np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    panels = _panels(w, harness.panel_width)
+    big, part = harness.run([Call("Linear", (x, panels, b, np.full((m, n), np.nan, np.float32))),
+                             Call("Linear", (x[1795:1810].copy(), panels, b, np.full((15, n), np.nan, np.float32)))],
+                            threads, tmp_path)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    assert np.abs(big[-1] - ref).max() < 1e-4
+    assert np.array_equal(part[-1], big[-1][1795:1810])
+
+
 # ---- CachedAttention --------------------------------------------------------------------------------------------
 
 
