@@ -6,16 +6,16 @@ FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    MS_COMPILER_CACHE_ENABLE=1 \
-    MS_COMPILER_CACHE_PATH=/var/cache/gpt2-ms \
+    GPT2_COMPILE_CACHE=/var/cache/gpt2-ms/graphs \
     GPT2_KERNEL_CACHE=/var/cache/gpt2-ms/kernels
 
-# gcc + libc6-dev: some wheels compile at install time, and model/kernels builds its CPU kernels on first use;
+# gcc + libc6-dev: some wheels compile at install time, and model/kernels builds its CPU kernels on first use
+# (g++: with the ops' shape functions, so that one graph serves every step size);
 # libgomp1: MindSpore's CPU kernels use OpenMP.
 # Debian's stable security updates are wanted here, so versions are not pinned.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev libgomp1 \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev libgomp1 \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
