@@ -81,8 +81,11 @@ HF4 := .cache/hf4
 $(HF4):
 	$(PY) -m pip install -q --target $(HF4) 'transformers>=4.44,<5'
 
-# Every benchmark, one table (bench/results/latest.md and .json). `make bench BENCH_ARGS=--quick` is a smoke run;
-# `python bench/run_all.py --help` lists the options.
+# Every benchmark, one table (bench/results/latest.md and .json), with transformers and llama.cpp measured in the
+# same run as references. llama.cpp is built on first use from llama-cpp-python's vendored source, for this CPU
+# (~6-15 min on 2 cores; needs cmake and a C++ compiler, cmake from PyPI if missing), and cached in
+# ~/.cache/gpt2-mindspore/llama.cpp. `make bench BENCH_ARGS=--quick` is a smoke run; BENCH_ARGS=--no-llama-cpp
+# leaves llama.cpp out, BENCH_ARGS="--only llama-cpp" runs llama.cpp alone; `python bench/run_all.py --help`.
 bench: $(STAMP) $(HF4)
 	$(PY) bench/run_all.py --hf-python-site $(HF4) $(BENCH_ARGS)
 

@@ -1,8 +1,10 @@
-"""Serving under load: N concurrent streaming clients against this project's server or the transformers baseline.
+"""Serving under load: N concurrent streaming clients against this project's server, the transformers baseline or
+llama.cpp's llama-server.
 
     python bench/bench_serving.py --server ours                   # python -m serving, 124M random weights
     python bench/bench_serving.py --server hf-static              # bench/hf_baseline_server.py --mode static
     python bench/bench_serving.py --server hf-single --clients 1,4 --time-limit 60
+    python bench/bench_serving.py --server llama-cpp              # llama-server, the same model as f32 GGUF
     python bench/bench_serving.py --server ours --server-args="--prefill-chunk 128"
 
 Closed loop: for each N in --clients, N clients each send --requests-per-client requests one after the other
@@ -18,6 +20,13 @@ costs (our server compiles later prefill chunks on first use) stay out of the nu
 
 Reported per N: aggregate tokens/s (all tokens received / wall time), time to first token and inter-token
 latency p50/p99, and at the end the server's peak RSS (VmHWM from /proc/<pid>/status).
+
+Ours and the transformers baseline are asked through TGI's /generate_stream. llama-server (bench/llama_cpp.py
+builds it and converts the model directory to f32 GGUF) is asked through its OpenAI /v1/completions stream with
+`ignore_eos` (so it too generates exactly --new-tokens), `temperature` 0 (greedy) and `timings_per_token` (its
+running token count, see loadgen), a new connection per request (see loadgen.limits); it runs --max-batch-size
+slots of the model's context length each, with continuous batching, --threads threads and no prompt cache (ours
+has none).
 """
 
 from __future__ import annotations
@@ -31,18 +40,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchlib  # noqa: E402
+import llama_cpp  # noqa: E402
 import procs  # noqa: E402
-from loadgen import closed_loop, stream_one, StreamResult, summarize  # noqa: E402
+from loadgen import closed_loop, limits, stream_one, StreamResult, summarize  # noqa: E402
 
 REPO = procs.REPO
 TEXTS = sorted((REPO / "tests" / "data" / "tokenizer_corpus").glob("shakespeare_*.txt"))
 DEFAULT_MODEL = REPO / ".cache" / "bench" / "gpt2-124m-random"
-SERVERS = ("ours", "hf-single", "hf-static")
+SERVERS = ("ours", "hf-single", "hf-static", "llama-cpp")
+
+
+@dataclass(frozen=True)
+class Client:
+    """How the load generator talks to a server: loadgen's `api`, extra request fields, keep-alive or not."""
+
+    api: str = "tgi"
+    extra: dict | None = None
+    keepalive: bool = True
+
+
+CLIENTS = {"llama-cpp": Client("openai", {"ignore_eos": True, "timings_per_token": True}, keepalive=False)}
 
 
 def ensure_model(path: Path, n_layer: int | None = None) -> Path:
@@ -68,6 +91,15 @@ def prompt_mix(n: int, lo: int, hi: int, seed: int) -> tuple[list[str], list[int
 
 
 def server_command(kind: str, model: Path, port: int, args: argparse.Namespace) -> list[str]:
+    if kind == "llama-cpp":
+        # Built and converted before the start clock runs: server start time is the server's alone.
+        build, _ = llama_cpp.ensure_built(log_dir=args.log_dir)
+        gguf = llama_cpp.convert(model, "f32", build, log_dir=args.log_dir)
+        n_ctx = json.loads((model / "config.json").read_text())["n_positions"]
+        threads = args.threads or len(os.sched_getaffinity(0))
+        return llama_cpp.server_command(build, gguf, port=port, threads=threads,
+                                        slots=max(args.max_batch_size, *args.clients), ctx_per_slot=n_ctx) \
+            + shlex.split(args.baseline_args)
     if kind == "ours":
         return [sys.executable, "-m", "serving", "--model", str(model), "--port", str(port),
                 "--max-batch-size", str(args.max_batch_size), "--max-queue", str(max(64, 2 * max(args.clients))),
@@ -80,14 +112,14 @@ def server_command(kind: str, model: Path, port: int, args: argparse.Namespace) 
     return cmd + shlex.split(args.baseline_args)
 
 
-async def warm(url: str, prompts: list[str]) -> float:
+async def warm(url: str, prompts: list[str], client: Client) -> float:
     """Send every prompt once for one token, one after the other; returns the seconds it took."""
     import httpx
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as http:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits(4, client.keepalive)) as http:
         for i, p in enumerate(prompts):
-            res = await stream_one(http, url, p, 1, StreamResult(prompt_index=i))
+            res = await stream_one(http, url, p, 1, StreamResult(prompt_index=i), api=client.api, extra=client.extra)
             if res.error:
                 raise RuntimeError(f"warm-up request {i} failed: {res.error}")
     return time.perf_counter() - t0
@@ -118,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32, help="server slots (ours) / static batch size")
     p.add_argument("--server-args", default="",
                    help='extra flags for `python -m serving`, one string: --server-args="--prefill-chunk 128"')
-    p.add_argument("--baseline-args", default="", help="extra flags for bench/hf_baseline_server.py")
-    p.add_argument("--threads", type=int, help="torch threads of the baseline server")
+    p.add_argument("--baseline-args", default="", help="extra flags for bench/hf_baseline_server.py or llama-server")
+    p.add_argument("--threads", type=int, help="threads of the baseline server or llama-server")
     p.add_argument("--no-warm", dest="warm", action="store_false", help="skip sending every prompt once first")
     p.add_argument("--start-timeout", type=float, default=1800.0)
     p.add_argument("--log-dir", type=Path, help="server log directory (default: a temp dir)")
@@ -133,12 +165,21 @@ def main(argv: list[str] | None = None) -> int:
     prompts, lengths = prompt_mix(need, args.prompt_min, args.prompt_max, args.seed)
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-serving-"))
     log_dir.mkdir(parents=True, exist_ok=True)
+    args.log_dir = log_dir
     log = log_dir / f"server-{args.server}.log"
     port = procs.free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = server_command(args.server, model, port, args)
+    client = CLIENTS.get(args.server, Client())
+    try:
+        cmd = server_command(args.server, model, port, args)
+    except llama_cpp.Unavailable as e:
+        benchlib.write_json(args.json, {"server": args.server, "unavailable": str(e), "levels": [],
+                                        "errors": [f"llama.cpp: not built ({e})"]})
+        print(f"llama.cpp: not built ({e})", flush=True)
+        return 1
     result: dict = {
-        "server": args.server, "cmd": cmd, "model": str(model), "new_tokens": args.new_tokens,
+        "server": args.server, "cmd": cmd, "api": client.api, "keepalive": client.keepalive, "model": str(model),
+        "new_tokens": args.new_tokens,
         "requests_per_client": args.requests_per_client, "time_limit_s": args.time_limit,
         "prompt_mix": {"distribution": f"log-uniform [{args.prompt_min}, {args.prompt_max}] tokens, seed {args.seed}",
                        "n": len(lengths), "min": min(lengths), "median": benchlib.percentile(lengths, 50),
@@ -159,14 +200,16 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"{e}: {procs.last_line(log)}") from None
         print(f"  ready after {result['startup_s']:.1f} s", flush=True)
         if args.warm:
-            result["warm_s"] = asyncio.run(warm(url, prompts))
+            result["warm_s"] = asyncio.run(warm(url, prompts, client))
             print(f"  warm-up (every prompt once, 1 token): {result['warm_s']:.1f} s", flush=True)
         print(f"  {'N':>3} {'reqs':>5} {'done':>5} {'tokens':>7} {'wall s':>7} {'tok/s':>7} "
               f"{'TTFT p50':>9} {'p99 ms':>8} {'ITL p50':>8} {'p99 ms':>8}", flush=True)
         for n in args.clients:
             try:
                 res, wall = asyncio.run(closed_loop(url, prompts, clients=n, per_client=args.requests_per_client,
-                                                    new_tokens=args.new_tokens, time_limit=args.time_limit))
+                                                    new_tokens=args.new_tokens, time_limit=args.time_limit,
+                                                    api=client.api, extra=client.extra,
+                                                    keepalive=client.keepalive))
             except Exception as e:  # noqa: BLE001 - one level failing is reported, the next still runs
                 result["errors"].append(f"N={n}: {type(e).__name__}: {e}")
                 print(f"  N={n} failed: {e}", flush=True)

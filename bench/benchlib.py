@@ -236,6 +236,72 @@ def write_json(path: str | os.PathLike | None, data: Any) -> None:
         write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
+# ---- the machine -------------------------------------------------------------------------------------------
+
+# The vector extensions that decide CPU matmul speed, as /proc/cpuinfo names them, and how the header names them.
+X86_EXTENSIONS = (("avx2", "AVX2"), ("fma", "FMA"), ("f16c", "F16C"), ("avx512f", "AVX-512F"),
+                  ("avx512_vnni", "AVX-512 VNNI"), ("avx512_bf16", "AVX-512 BF16"), ("amx_tile", "AMX"),
+                  ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"))
+ARM_EXTENSIONS = (("asimd", "NEON"), ("asimddp", "dot product"), ("i8mm", "I8MM"), ("bf16", "BF16"),
+                  ("sve", "SVE"), ("sve2", "SVE2"))
+
+
+def cpuinfo_fields(cpuinfo: str) -> dict[str, str]:
+    """The first processor's `key: value` lines of /proc/cpuinfo text, keys lower-cased."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            if fields:
+                break
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The CPU's feature flags (x86 `flags`, ARM `Features`) from /proc/cpuinfo text."""
+    f = cpuinfo_fields(cpuinfo)
+    return frozenset((f.get("flags") or f.get("features") or "").split())
+
+
+def cpu_summary(cpuinfo: str) -> str:
+    """The CPU model and its vector extensions, for a results header: 'AMD EPYC (family 25, model 1); AVX2, FMA,
+    F16C; no AVX-512, no AMX'."""
+    f = cpuinfo_fields(cpuinfo)
+    flags = cpu_flags(cpuinfo)
+    if "model name" in f:
+        name = f["model name"]
+        if "cpu family" in f and "model" in f:
+            name += f" (family {f['cpu family']}, model {f['model']})"
+    elif "cpu implementer" in f:
+        name = f"ARM CPU (implementer {f['cpu implementer']}, part {f.get('cpu part', '?')})"
+    else:
+        name = f.get("hardware") or "unknown CPU"
+    if "flags" in f:
+        found = [label for flag, label in X86_EXTENSIONS if flag in flags]
+        missing = [label for flag, label in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("amx_tile", "AMX"))
+                   if flag not in flags]
+    elif "features" in f:
+        found = [label for flag, label in ARM_EXTENSIONS if flag in flags]
+        missing = [label for flag, label in (("asimd", "NEON"), ("sve", "SVE")) if flag not in flags]
+    else:
+        return f"{name}; vector extensions unknown (no flags in /proc/cpuinfo)"
+    parts = [name, ", ".join(found) or "no vector extensions"]
+    if missing:
+        parts.append(", ".join(f"no {m}" for m in missing))
+    return "; ".join(parts)
+
+
+def read_cpuinfo() -> str:
+    """/proc/cpuinfo's text, or '' where there is none (not Linux)."""
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 # ---- model sizes -------------------------------------------------------------------------------------------
 
 

@@ -1,12 +1,20 @@
-"""Closed-loop load generator for TGI's `POST /generate_stream` (SSE): N clients, each sending its next request
-when its previous one has finished, a fixed number of requests per client, all bounded by a wall-time limit.
+"""Closed-loop load generator for streaming text generation (SSE): N clients, each sending its next request when its
+previous one has finished, a fixed number of requests per client, all bounded by a wall-time limit.
+
+Two APIs: TGI's `POST /generate_stream` (one event per token) and OpenAI's `POST /v1/completions` with
+`stream: true` (llama-server's). An OpenAI stream's events need not be one per token: a server may hold a token's
+text back until a UTF-8 character is complete and send it with the next one (llama-server does). So the tokens an
+event carries come from the server's running count where it sends one (llama-server's `timings.predicted_n`, with
+`timings_per_token` in the request), else one per event with text; the final `usage.completion_tokens` adds any
+tokens not yet counted.
 
 Per request it records when it was sent, when each token event arrived, and errors; `summarize` turns that into
 aggregate tokens/s, time to first token and inter-token latency percentiles. Time to first token is also given over the
 steady state alone: every request but each client's first. All clients start at once, so their first requests arrive
 together (a burst of N prompts to prefill); later ones arrive as earlier ones finish. Requests still running at the time
 limit are cancelled (the client disconnects, which makes the server abort them) and count with the tokens they had
-received. Knows httpx and the TGI event format; nothing of the servers behind it.
+received. Knows httpx, the two event formats and llama-server's additions to the OpenAI one; nothing else of the
+servers behind them.
 """
 
 from __future__ import annotations
@@ -14,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
 from benchlib import percentile
+
+APIS = ("tgi", "openai")
 
 
 @dataclass
@@ -41,45 +52,86 @@ class StreamResult:
         return [b - a for a, b in zip(t, t[1:])]
 
 
+def request(api: str, prompt: str, new_tokens: int, extra: Mapping[str, Any] | None = None) -> tuple[str, dict]:
+    """The path and JSON body asking for exactly `new_tokens` greedy tokens, streamed; `extra` adds body fields."""
+    if api == "tgi":
+        path, body = "/generate_stream", {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens,
+                                                                         "do_sample": False}}
+    elif api == "openai":
+        path, body = "/v1/completions", {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0.0,
+                                         "stream": True, "stream_options": {"include_usage": True}}
+    else:
+        raise ValueError(f"unknown api {api!r}; use one of {', '.join(APIS)}")
+    return path, {**body, **(extra or {})}
+
+
+def read_event(api: str, event: dict, now: float, res: StreamResult) -> None:
+    """Record the tokens one parsed `data:` event carries (all arrived at `now`) and whether it ends the stream."""
+    if api == "tgi":
+        if "token" in event:
+            res.token_times.append(now)
+        if event.get("generated_text") is not None:
+            res.finished = True
+        return
+    choices = event.get("choices") or []
+    count = (event.get("timings") or {}).get("predicted_n")
+    if count is None and any(c.get("text") for c in choices):
+        count = len(res.token_times) + 1
+    if (event.get("usage") or {}).get("completion_tokens") is not None:
+        count = max(count or 0, event["usage"]["completion_tokens"])
+    if count is not None and count > len(res.token_times):
+        res.token_times.extend([now] * (count - len(res.token_times)))
+    if any(c.get("finish_reason") for c in choices):
+        res.finished = True
+
+
 async def stream_one(
-    client: httpx.AsyncClient, url: str, prompt: str, new_tokens: int, res: StreamResult
+    client: httpx.AsyncClient, url: str, prompt: str, new_tokens: int, res: StreamResult, *, api: str = "tgi",
+    extra: Mapping[str, Any] | None = None,
 ) -> StreamResult:
     """One streaming request; fills `res` as events arrive (so a cancelled request keeps what it received)."""
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens, "do_sample": False}}
+    path, body = request(api, prompt, new_tokens, extra)
     res.sent = time.perf_counter()
-    async with client.stream("POST", url + "/generate_stream", json=body) as r:
+    async with client.stream("POST", url + path, json=body) as r:
         if r.status_code != 200:
             res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
             return res
         async for line in r.aiter_lines():
-            if not line.startswith("data:"):
+            if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                 continue
             now = time.perf_counter()
             event = json.loads(line[5:])
             if "error" in event:
                 res.error = str(event.get("error"))[:200]
                 return res
-            if "token" in event:
-                res.token_times.append(now)
-            if event.get("generated_text") is not None:
-                res.finished = True
+            read_event(api, event, now, res)
     return res
+
+
+def limits(connections: int, keepalive: bool) -> httpx.Limits:
+    """Connection pool limits. Without keep-alive every request opens its own connection: llama-server (its
+    cpp-httplib) closes the connection after a streamed response while announcing keep-alive, so a reused one fails
+    at once about every other request ("Server disconnected without sending a response")."""
+    return httpx.Limits(max_connections=connections, max_keepalive_connections=connections if keepalive else 0)
 
 
 async def closed_loop(
     url: str, prompts: Sequence[str], *, clients: int, per_client: int, new_tokens: int, time_limit: float,
+    api: str = "tgi", extra: Mapping[str, Any] | None = None, keepalive: bool = True,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[list[StreamResult], float]:
     """Client c sends prompts[c * per_client + r] for r = 0.. per_client - 1, one after the other. Returns the
-    results and the wall time from the first request to the last token (or the time limit). `transport`
-    replaces the network (tests)."""
+    results and the wall time from the first request to the last token (or the time limit). `api` and `extra`
+    as for `request`; `keepalive` False: a new connection per request (see `limits`); `transport` replaces the
+    network (tests)."""
+    request(api, "", new_tokens, extra)  # an unknown api fails here, not in every client
     if len(prompts) < clients * per_client:
         raise ValueError(f"{clients} clients x {per_client} requests need {clients * per_client} prompts, "
                          f"got {len(prompts)}")
     results: list[StreamResult] = []
     timeout = httpx.Timeout(connect=30.0, read=time_limit + 120.0, write=30.0, pool=time_limit + 120.0)
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport) as http:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits(clients + 4, keepalive),
+                                 transport=transport) as http:
         t0 = time.perf_counter()
         deadline = t0 + time_limit
 
@@ -90,7 +142,7 @@ async def closed_loop(
                 res = StreamResult(prompt_index=c * per_client + r, first=r == 0)
                 results.append(res)
                 try:
-                    await stream_one(http, url, prompts[res.prompt_index], new_tokens, res)
+                    await stream_one(http, url, prompts[res.prompt_index], new_tokens, res, api=api, extra=extra)
                 except httpx.HTTPError as e:
                     res.error = f"{type(e).__name__}: {e}"[:200]
 

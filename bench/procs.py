@@ -37,18 +37,22 @@ def _die_with_parent() -> None:
 
 
 def spawn(
-    cmd: Sequence[str], *, log: Path | None = None, env: dict[str, str] | None = None, cwd: Path = REPO
+    cmd: Sequence[str], *, log: Path | None = None, env: dict[str, str] | None = None, cwd: Path = REPO,
+    stdout: Path | None = None,
 ) -> subprocess.Popen:
-    """Start cmd in its own process group, output to `log` (or inherited), killed when this process dies."""
-    out = open(log, "wb") if log else None
+    """Start cmd in its own process group, output to `log` (or inherited), killed when this process dies.
+    With `stdout`, standard output goes to that file and only standard error to `log`."""
+    err = open(log, "wb") if log else None
+    out = open(stdout, "wb") if stdout else err
+    stderr = None if err is None else err if stdout else subprocess.STDOUT
     try:
         proc = subprocess.Popen(
-            list(cmd), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+            list(cmd), cwd=cwd, env=env, stdout=out, stderr=stderr,
             start_new_session=True, preexec_fn=_die_with_parent,
         )
     finally:
-        if out:
-            out.close()
+        for f in {err, out} - {None}:
+            f.close()
     _children.append(proc)
     return proc
 
@@ -100,12 +104,13 @@ atexit.register(kill_all)
 
 
 def run(
-    cmd: Sequence[str], *, log: Path, timeout: float, env: dict[str, str] | None = None
+    cmd: Sequence[str], *, log: Path, timeout: float, env: dict[str, str] | None = None, cwd: Path = REPO,
+    stdout: Path | None = None,
 ) -> tuple[int | None, float]:
-    """Run cmd to completion (output to `log`), at most `timeout` seconds; returns (exit code or None on
-    timeout, seconds)."""
+    """Run cmd to completion (output to `log`; standard output to `stdout` if given), at most `timeout` seconds;
+    returns (exit code or None on timeout, seconds)."""
     t0 = time.perf_counter()
-    proc = spawn(cmd, log=log, env=env)
+    proc = spawn(cmd, log=log, env=env, cwd=cwd, stdout=stdout)
     try:
         rc = proc.wait(timeout)
     except subprocess.TimeoutExpired:

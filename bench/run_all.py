@@ -1,19 +1,28 @@
-"""Run every benchmark and print one table: ours, the reference measured in the same run, the ratio, the issue's
+"""Run every benchmark and print one table: ours, the references measured in the same run, the ratio, the issue's
 target and whether it is met (`make bench`).
 
-    python bench/run_all.py                        # the full suite, GPT-2 124M shapes (~40-60 min on 2 cores)
+    python bench/run_all.py                        # the full suite, GPT-2 124M shapes (~45-70 min on 2 cores)
     python bench/run_all.py --quick                # smoke run: 2-layer model, few steps, N = 1, 4 (~6 min)
-    python bench/run_all.py --only model,serving   # a subset (names: tokenizer model train serving start,
-                                                   #   or serving-ours serving-hf-static serving-hf-single)
+    python bench/run_all.py --only model,serving   # a subset (names: tokenizer model llama-cpp-bench train
+                                                   #   serving start, or serving-ours serving-hf-static
+                                                   #   serving-hf-single serving-llama-cpp; llama-cpp = both
+                                                   #   llama.cpp jobs)
+    python bench/run_all.py --no-llama-cpp         # without llama.cpp
+    python bench/run_all.py --clients 1,8          # serving concurrency levels
     python bench/run_all.py --server-args="--max-batched-tokens 256"   # flags for our server
+
+The references: Hugging Face transformers (PyTorch) on every row, and llama.cpp (bench/llama_cpp.py: built here
+from llama-cpp-python 0.3.36's vendored source for this CPU, cached in ~/.cache/gpt2-mindspore/llama.cpp; the first
+run builds it, ~6-15 min on 2 cores) for batch-1 decode and prefill (llama-bench, f32 and q8_0 GGUF), serving
+(llama-server, f32) and server start. If llama.cpp cannot be built its rows say why and show no number.
 
 Each benchmark runs in its own process (MindSpore's device is set once per process) and writes JSON that this
 script turns into rows; a benchmark that fails or times out becomes an error row and the others still run.
 Every child runs in its own process group and is killed when this script ends, however it ends.
 
 Writes the table to bench/results/latest.md and every number to bench/results/latest.json (quick runs:
-quick.md / quick.json), each through a temporary file and a rename; the benchmarks' own printouts go to
-bench/results/logs/<name>.log.
+quick.md / quick.json; --out STEM: STEM.md / STEM.json), each through a temporary file and a rename; the
+benchmarks' own printouts go to logs/<name>.log next to them.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchlib  # noqa: E402
+import llama_cpp  # noqa: E402
 import procs  # noqa: E402
 from benchlib import Row, Target, error_row, fmt  # noqa: E402
 
@@ -44,12 +54,14 @@ REPO = BENCH.parent
 RESULTS = BENCH / "results"
 MODELS = {False: REPO / ".cache" / "bench" / "gpt2-124m-random", True: REPO / ".cache" / "bench" / "gpt2-2l-random"}
 
-# Measured earlier on this machine, printed for scale only (not measured in the run).
-LLAMA_CPP = {"decode_ms": (17.0, 18.0), "prompt_tok_s": 1030, "aggregate_tok_s": {1: 53, 4: 82, 16: 222}}
-HF_STATIC_GENERATE_B16_TOK_S = 228
 DECODE = "model: decode (ms per step; tokens/s = batch / step)"
-SERVING = "serving under load (closed loop, /generate_stream)"
+PREFILL = "model: prefill (tokens/s)"
+SERVING = "serving under load (closed loop, streamed: /generate_stream; llama-server /v1/completions)"
 START = "server start until GET /health is 200 (seconds)"
+
+
+# --only names that stand for several jobs.
+GROUPS = {"llama-cpp": ("llama-cpp-bench", "serving-llama-cpp")}
 
 
 @dataclass
@@ -69,6 +81,9 @@ def plan(args: argparse.Namespace, model: Path, work: Path, logs: Path) -> list[
         out = work / f"{name}.json"
         jobs.append(Job(name, [py, str(BENCH / script), "--json", str(out), *extra], timeout * args.timeout_scale, out))
 
+    clients = [int(c) for c in (args.clients or ("1,4" if q else "1,4,16,32")).split(",") if c]
+    # As many slots as the most clients, in our server and in llama-server alike.
+    slots = max(4 if q else 32, *clients)
     tok = ["--repeat", "1"] if q else []
     if args.hf_python_site:
         tok += ["--hf-python-site", args.hf_python_site]
@@ -77,26 +92,36 @@ def plan(args: argparse.Namespace, model: Path, work: Path, logs: Path) -> list[
         add("model", "bench_model.py", ["--layers", "2", "--batches", "1,4", "--contexts", "128", "--steps", "4",
                                         "--prefill", "1x128,4x128", "--score", "1x128", "--repeat", "1",
                                         "--copy-mb", "64", *threads], 600)
-        add("train", "bench_train.py", ["--shapes", "small", "--steps", "2"], 600)
     else:
         add("model", "bench_model.py", threads, 2400)
-        add("train", "bench_train.py", ["--shapes", "gpt2-124m,small"], 2400)
-    serving = ["--model", str(model), "--log-dir", str(logs), f"--server-args={args.server_args}", *threads]
+    if args.llama_cpp:
+        # The model benchmark's batch-1 shapes; the first run on a machine also builds llama.cpp (~6-15 min).
+        lc = ["--model", str(model), "--log-dir", str(logs), *threads]
+        if q:
+            lc += ["--contexts", "128", "--gen", "32", "--prompts", "128", "--reps", "2"]
+        add("llama-cpp-bench", "llama_cpp.py", lc, 3600)
     if q:
-        serving += ["--clients", "1,4", "--requests-per-client", "2", "--new-tokens", "32", "--max-batch-size", "4",
-                    "--time-limit", "60"]
+        add("train", "bench_train.py", ["--shapes", "small", "--steps", "2"], 600)
     else:
-        serving += ["--clients", "1,4,16,32", "--requests-per-client", "2", "--new-tokens", "128",
-                    "--max-batch-size", "32", "--time-limit", str(args.time_limit)]
-    for server in ("ours", "hf-static", "hf-single"):
-        add(f"serving-{server}", "bench_serving.py", ["--server", server, *serving], 900 if q else 3600)
-    add("start", "bench_start.py", ["--model", str(model), "--max-batch-size", "4" if q else "32",
+        add("train", "bench_train.py", ["--shapes", "gpt2-124m,small"], 2400)
+    serving = ["--model", str(model), "--log-dir", str(logs), f"--server-args={args.server_args}", *threads,
+               "--clients", ",".join(map(str, clients)), "--max-batch-size", str(slots), "--requests-per-client", "2"]
+    if q:
+        serving += ["--new-tokens", "32", "--time-limit", "60"]
+    else:
+        serving += ["--new-tokens", "128", "--time-limit", str(args.time_limit)]
+    servers = ("ours", "hf-static", "hf-single") + (("llama-cpp",) if args.llama_cpp else ())
+    for server in servers:
+        # llama-cpp: also the build, when the llama-cpp-bench job did not run first.
+        add(f"serving-{server}", "bench_serving.py", ["--server", server, *serving],
+            (2400 if server == "llama-cpp" else 900) if q else 3600)
+    add("start", "bench_start.py", ["--model", str(model), "--max-batch-size", str(slots),
                                     f"--server-args={args.server_args}"], 900 if q else 3600)
     return jobs
 
 
 def selected(job: str, only: list[str]) -> bool:
-    return not only or any(job == o or job.startswith(o + "-") for o in only)
+    return not only or any(job == o or job.startswith(o + "-") or job in GROUPS.get(o, ()) for o in only)
 
 
 def run_job(job: Job, logs: Path) -> tuple[dict | None, str | None, float]:
@@ -147,9 +172,13 @@ def rows_tokenizer(d: dict) -> list[Row]:
     return rows
 
 
-def rows_model(d: dict) -> list[Row]:
+def rows_model(d: dict | None, llama: dict | None = None) -> list[Row]:
+    """Decode, prefill and scoring rows against transformers, each batch-1 decode and prefill row followed by
+    the same shape against llama.cpp (llama-bench, every GGUF type measured)."""
+    d = d or {}
     rows = []
-    decode = d["decode"]
+    lc_decode, lc_prefill = _llama_bench_rows(llama, d)
+    decode = d.get("decode", [])
     batches = sorted({r["batch"] for r in decode})
     biggest = batches[-1] if batches and batches[-1] > 1 else None
     for r in decode:
@@ -164,6 +193,9 @@ def rows_model(d: dict) -> list[Row]:
                         ours_text=f"{fmt(r['ours_ms'], 'ms')} ({fmt(1000 * b / r['ours_ms'], 'tok/s', 0)})",
                         ref_text=f"{fmt(r['ref_ms'], 'ms')} ({fmt(1000 * b / r['ref_ms'], 'tok/s', 0)}) transformers",
                         target=target))
+        if b == 1:
+            rows.extend(lc_decode.pop(c, []))
+    rows.extend(r for rs in lc_decode.values() for r in rs)
     b1 = next((r for r in decode if r["batch"] == 1), None)
     if b1 and d.get("decode_floor_ms"):
         floor = d["decode_floor_ms"]
@@ -171,15 +203,44 @@ def rows_model(d: dict) -> list[Row]:
                         ours_text=fmt(b1["ours_ms"], "ms"),
                         ref_text=f"{fmt(floor, 'ms')} floor = {d['weight_bytes'] / 1e6:.0f} MB weights / "
                                  f"{d['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s copy"))
-    for r in d["prefill"]:
-        rows.append(Row("model: prefill (tokens/s)", f"prefill {r['batch']}x{r['tokens']}", r["ours_tok_s"],
+    for r in d.get("prefill", []):
+        rows.append(Row(PREFILL, f"prefill {r['batch']}x{r['tokens']}", r["ours_tok_s"],
                         r["ref_tok_s"], ref_text=f"{fmt(r['ref_tok_s'])} transformers",
                         target=Target(">= 0.60x", ">=", 0.6)))
-    for r in d["score"]:
+        if r["batch"] == 1:
+            rows.extend(lc_prefill.pop(r["tokens"], []))
+    rows.extend(r for rs in lc_prefill.values() for r in rs)
+    for r in d.get("score", []):
         rows.append(Row("model: scoring, log-prob of every token (tokens/s)", f"score {r['batch']}x{r['tokens']}",
                         r["ours_tok_s"], r["ref_tok_s"], ref_text=f"{fmt(r['ref_tok_s'])} transformers",
                         note=f"max |logprob difference| {r['max_abs_diff']:.1e}"))
     return rows
+
+
+def _llama_bench_rows(llama: dict | None, d: dict) -> tuple[dict[int, list[Row]], dict[int, list[Row]]]:
+    """llama.cpp's decode rows by context and prefill rows by prompt length, beside ours where measured."""
+    ours_decode = {r["context"]: r["ours_ms"] for r in d.get("decode", []) if r["batch"] == 1}
+    ours_prefill = {r["tokens"]: r["ours_tok_s"] for r in d.get("prefill", []) if r["batch"] == 1}
+    decode: dict[int, list[Row]] = {}
+    prefill: dict[int, list[Row]] = {}
+    for i, r in enumerate((llama or {}).get("decode", [])):
+        c, ms = r["context"], r["ms_per_token"]
+        ours = ours_decode.get(c)
+        note = ""
+        if i == 0:
+            note = (f"llama-bench -p 0 -n {r['gen']} -d {r['depth']}: mean ms/token over tokens {r['depth']}.."
+                    f"{c - 1}, mean of {llama['reps']} runs, {llama['threads']} threads; ours: median of the "
+                    f"last {d.get('steps', '?')} steps before {c}")
+        decode.setdefault(c, []).append(Row(
+            DECODE, f"decode b=1 ctx={c} vs llama.cpp {r['type']}", ours, ms,
+            ours_text=f"{fmt(ours, 'ms')} ({fmt(1000 / ours, 'tok/s', 0)})" if ours else "-",
+            ref_text=f"{fmt(ms, 'ms')} ({fmt(r['tok_s'], 'tok/s', 0)}) llama.cpp {r['type']}", note=note))
+    for r in (llama or {}).get("prefill", []):
+        t = r["tokens"]
+        prefill.setdefault(t, []).append(Row(
+            PREFILL, f"prefill 1x{t} vs llama.cpp {r['type']}", ours_prefill.get(t), r["tok_s"],
+            ref_text=f"{fmt(r['tok_s'])} llama.cpp {r['type']}"))
+    return decode, prefill
 
 
 def rows_train(d: dict) -> list[Row]:
@@ -197,16 +258,16 @@ def rows_train(d: dict) -> list[Row]:
 
 
 def rows_serving(data: dict[str, dict | None]) -> list[Row]:
-    ours, static, single = (data.get(k) or {} for k in ("ours", "hf-static", "hf-single"))
+    ours, static, single, llama = (data.get(k) or {} for k in ("ours", "hf-static", "hf-single", "llama-cpp"))
     lv = {name: {lvl["clients"]: lvl for lvl in d.get("levels", [])} for name, d in
-          (("ours", ours), ("static", static), ("single", single))}
-    ns = sorted(set(lv["ours"]) | set(lv["static"]) | set(lv["single"]))
+          (("ours", ours), ("static", static), ("single", single), ("llama", llama))}
+    ns = sorted(set(lv["ours"]) | set(lv["static"]) | set(lv["single"]) | set(lv["llama"]))
     target_n = 16 if 16 in ns else (max(ns) if ns else None)
     sec = SERVING
-    mix = (ours or static or single).get("prompt_mix", {})
+    mix = (ours or static or single or llama).get("prompt_mix", {})
     rows = []
     for n in ns:
-        o, st, si = lv["ours"].get(n), lv["static"].get(n), lv["single"].get(n)
+        o, st, si, ll = lv["ours"].get(n), lv["static"].get(n), lv["single"].get(n), lv["llama"].get(n)
         at = n == target_n
         away = "" if n == 16 or not at else f"the issue's target is for N=16, applied to N={n} here"
 
@@ -242,6 +303,12 @@ def rows_serving(data: dict[str, dict | None]) -> list[Row]:
         rows.append(Row(sec, f"N={n} inter-token p50 / p99 (ratio of p50)", o["itl_ms_p50"] if o else None,
                         st["itl_ms_p50"] if st else None, ours_text=pair(o, "itl"),
                         ref_text=pair(st, "itl") + " static" if st else "-"))
+        if "llama-cpp" in data:
+            rows.append(Row(sec, f"N={n} aggregate tok/s vs llama-server", agg(o), agg(ll),
+                            ref_text=f"{fmt(agg(ll))} llama.cpp f32" if ll else "-", note=_cut(None, ll)))
+            rows.append(Row(sec, f"N={n} TTFT p50 / p99 vs llama-server (ratio of p99)",
+                            o["ttft_ms_p99"] if o else None, ll["ttft_ms_p99"] if ll else None,
+                            ours_text=pair(o, "ttft"), ref_text=pair(ll, "ttft") + " llama.cpp" if ll else "-"))
     b = (ours or static or {}).get("budget")
     if b:
         rss = ours.get("peak_rss_bytes")
@@ -254,13 +321,29 @@ def rows_serving(data: dict[str, dict | None]) -> list[Row]:
                         note=f"budget = weights {b['weights_bytes'] / 1e9:.2f} GB + KV 2 x {b['n_layer']} layers x "
                              f"{b['slots']} x {b['positions']} x n_embd x 4 B = {b['kv_bytes'] / 1e9:.2f} GB + 1 GB"))
     if mix:
+        any_ = ours or static or single or llama
         rows.append(Row(sec, "workload", ours_text="-", ref_text="-",
-                        note=f"{(ours or static or single).get('requests_per_client')} requests per client, "
-                             f"{(ours or static or single).get('new_tokens')} new tokens each, prompts "
+                        note=f"{any_.get('requests_per_client')} requests per client, "
+                             f"{any_.get('new_tokens')} new tokens each, prompts "
                              f"{mix.get('distribution')} (median {fmt(mix.get('median'), digits=0)}, "
                              f"mean {fmt(mix.get('mean'), digits=0)}) from Shakespeare; "
-                             f"at most {(ours or static or single).get('time_limit_s'):.0f} s per N"))
+                             f"at most {any_.get('time_limit_s'):.0f} s per N"))
+    if llama.get("cmd"):
+        rows.append(Row(sec, "llama-server", ours_text="-", ref_text="-",
+                        note="f32 GGUF of the same model, greedy, ignore_eos, a new connection per request: "
+                             + _llama_flags(llama["cmd"])))
     return rows
+
+
+def _llama_flags(cmd: list[str]) -> str:
+    """llama-server's flags as the table shows them: no address, file names without their directory."""
+    out, args = [], iter(cmd[1:])
+    for a in args:
+        if a in ("--host", "--port"):
+            next(args, None)
+        else:
+            out.append(Path(a).name if a.startswith("/") else a)
+    return " ".join(out)
 
 
 def _cut(o: dict | None, ref: dict | None) -> str:
@@ -272,36 +355,20 @@ def _cut(o: dict | None, ref: dict | None) -> str:
     return "; ".join(parts)
 
 
-def rows_scale(model: dict | None, serving: dict | None) -> list[Row]:
-    """Ours beside numbers measured earlier on this machine (constants, not this run)."""
-    sec = "for scale: measured earlier on this machine (constants, not this run)"
-    rows = []
-    lo, hi = LLAMA_CPP["decode_ms"]
-    b1 = next((r for r in (model or {}).get("decode", []) if r["batch"] == 1), None)
-    rows.append(Row(sec, "decode b=1 ms/token vs llama.cpp", b1["ours_ms"] if b1 else None, (lo + hi) / 2,
-                    ours_text=fmt(b1["ours_ms"], "ms") if b1 else "-", ref_text=f"{lo:.0f}-{hi:.0f} ms llama.cpp"))
-    # llama.cpp's prompt rate is one prompt's: our longest batch-1 prefill beside it.
-    pf = max((model or {}).get("prefill", []), key=lambda r: (r["batch"] == 1, r["tokens"]), default=None)
-    rows.append(Row(sec, f"prompt tok/s ({pf['batch']}x{pf['tokens']} prefill) vs llama.cpp" if pf else
-                    "prompt tok/s vs llama.cpp", pf["ours_tok_s"] if pf else None, LLAMA_CPP["prompt_tok_s"],
-                    ref_text=f"~{LLAMA_CPP['prompt_tok_s']:,} llama.cpp"))
-    levels = {lvl["clients"]: lvl for lvl in (serving or {}).get("levels", [])}
-    for n, ref in LLAMA_CPP["aggregate_tok_s"].items():
-        o = levels.get(n)
-        rows.append(Row(sec, f"serving N={n} aggregate tok/s vs llama.cpp", o["aggregate_tok_s"] if o else None,
-                        ref, ref_text=f"{ref} llama.cpp"))
-    o = levels.get(16)
-    rows.append(Row(sec, "serving N=16 aggregate tok/s vs HF generate() b=16",
-                    o["aggregate_tok_s"] if o else None, HF_STATIC_GENERATE_B16_TOK_S,
-                    ref_text=f"{HF_STATIC_GENERATE_B16_TOK_S} transformers static generate()"))
-    return rows
-
-
 def rows_start(d: dict) -> list[Row]:
     names = {"cold": "empty --compile-cache dir (cold)", "warm": "same --compile-cache dir again (warm)",
              "no-cache": "no --compile-cache"}
     return [Row(START, f"start, {names[k]}", v, ours_text=fmt(v, "s"),
                 ref_text="-") for k, v in d["seconds"].items()]
+
+
+def rows_start_vs_llama(ours: dict | None, llama: dict) -> list[Row]:
+    """Both servers' start as the serving benchmark started them (same slots; ours without --compile-cache)."""
+    o = (ours or {}).get("startup_s")
+    slots = (llama.get("budget") or {}).get("slots")
+    return [Row(START, f"start in the serving run ({slots} slots) vs llama-server", o, llama["startup_s"],
+                ours_text=fmt(o, "s"), ref_text=f"{fmt(llama['startup_s'], 's')} llama.cpp f32",
+                note="llama-server: loads the GGUF and runs one warm-up decode")]
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -320,6 +387,9 @@ def meta(args: argparse.Namespace, model: Path, started: float, load_start: tupl
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "commit": commit + (" (with uncommitted changes)" if dirty else ""),
         "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} usable CPUs, {platform.platform()}",
+        "cpu": benchlib.cpu_summary(benchlib.read_cpuinfo()),
+        "llama_cpp": (f"llama.cpp from llama-cpp-python {llama_cpp.VERSION}'s vendored source, built on this machine "
+                      "(GGML_NATIVE)" if args.llama_cpp else "llama.cpp skipped (--no-llama-cpp)"),
         "python": platform.python_version(),
         "model": f"{model} ({'2-layer, quick' if args.quick else 'GPT-2 124M shapes'}, random weights, fp32)",
         "threads": args.threads or len(os.sched_getaffinity(0)),
@@ -336,6 +406,7 @@ def header(m: dict) -> str:
         f"benchmarks {m['date']}, commit {m['commit']}"
         + ("  [QUICK smoke run: not the issue's configuration]" if m["quick"] else ""),
         f"{m['machine']}; python {m['python']}; {m['threads']} threads; model {m['model']}",
+        f"CPU: {m['cpu']}; {m['llama_cpp']}",
         f"load average (1/5/15 min) at start {'/'.join(f'{x:.1f}' for x in m['load_average_start'])}, at end "
         f"{'/'.join(f'{x:.1f}' for x in m['load_average_end'])}; total {m['wall_s'] / 60:.1f} min"
         + (f"; server flags: {m['server_args']}" if m["server_args"] else ""),
@@ -353,7 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-args", default="",
                    help='extra flags for our server (`python -m serving`), one string: --server-args="--no-warmup"')
     p.add_argument("--hf-python-site", help="transformers<5 install for the tokenizer reference (the Makefile's)")
-    p.add_argument("--threads", type=int, help="CPU threads for the model benchmark and the baseline server")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads for the model benchmark, the baseline server and llama.cpp (default: all usable)")
+    p.add_argument("--clients", help="serving: concurrency levels, comma-separated (default 1,4,16,32; quick 1,4)")
+    p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
+                   help="skip llama.cpp (its build, llama-bench and llama-server)")
     p.add_argument("--time-limit", type=float, default=150.0, help="serving: seconds per concurrency level")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every benchmark's time limit")
     p.add_argument("--out", type=Path, help="output stem (default bench/results/latest, or .../quick with --quick)")
@@ -362,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     procs.install_signal_handlers()
     started, load_start = time.time(), os.getloadavg()
     out = args.out or RESULTS / ("quick" if args.quick else "latest")
-    logs = RESULTS / "logs"
+    logs = out.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-run-all-"))
     model = MODELS[args.quick]
@@ -380,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     ran: list[str] = []
     for i, job in enumerate(jobs, 1):
         ran.append(job.name)
+        if job.name == "serving-llama-cpp" and llama_unavailable(raw):
+            # Not a second attempt at a build that has just failed.
+            errors[job.name] = llama_unavailable(raw)
+            print(f"[{i}/{len(jobs)}] {job.name}: skipped, {errors[job.name]}", flush=True)
+            continue
         print(f"[{i}/{len(jobs)}] {job.name}: {shlex.join(job.cmd[1:])}\n        log: {logs / job.name}.log",
               flush=True)
         try:
@@ -417,9 +497,17 @@ def main(argv: list[str] | None = None) -> int:
 
 BUILDERS: list[tuple[str, str, Callable[[dict], list[Row]]]] = [
     ("tokenizer", "tokenizer", rows_tokenizer),
-    ("model", "model", rows_model),
     ("train", "training", rows_train),
 ]
+
+
+def llama_unavailable(raw: dict[str, dict | None]) -> str | None:
+    """Why llama.cpp could not be built or converted in this run, if a llama.cpp job said so."""
+    for name in ("llama-cpp-bench", "serving-llama-cpp"):
+        why = (raw.get(name) or {}).get("unavailable")
+        if why:
+            return f"llama.cpp: not built ({why})"
+    return None
 
 
 def build_rows(raw: dict[str, dict | None], errors: dict[str, str], ran: list[str]) -> list[Row]:
@@ -434,6 +522,15 @@ def build_rows(raw: dict[str, dict | None], errors: dict[str, str], ran: list[st
         except Exception as e:  # noqa: BLE001 - a malformed result is an error row, not a crash
             rows.append(error_row(section, f"{name}: results", f"{type(e).__name__}: {e}"))
 
+    unavailable = llama_unavailable(raw)
+    if "model" in ran or "llama-cpp-bench" in ran:
+        if raw.get("model") or raw.get("llama-cpp-bench"):
+            guarded("model", "model", lambda: rows_model(raw.get("model"), raw.get("llama-cpp-bench")))
+        if "model" in errors:
+            rows.append(error_row("model", "model", errors["model"]))
+        if "llama-cpp-bench" in errors:
+            rows.append(error_row("model: llama.cpp (llama-bench)", "llama.cpp (llama-bench)",
+                                  unavailable or errors["llama-cpp-bench"]))
     for name, section, fn in BUILDERS:
         if name in ran:
             if raw.get(name):
@@ -447,14 +544,16 @@ def build_rows(raw: dict[str, dict | None], errors: dict[str, str], ran: list[st
             guarded(sec, "serving", lambda: rows_serving(serving))
         for k in serving:
             if f"serving-{k}" in errors:
-                rows.append(error_row(sec, f"serving {k}", errors[f"serving-{k}"]))
+                why = unavailable if k == "llama-cpp" and unavailable else errors[f"serving-{k}"]
+                rows.append(error_row(sec, f"serving {k}", why))
     if "start" in ran:
         if raw.get("start"):
             guarded(START, "start", lambda: rows_start(raw["start"]))
         if "start" in errors:
             rows.append(error_row(START, "start", errors["start"]))
-    if raw.get("model") or raw.get("serving-ours"):
-        guarded("for scale", "scale", lambda: rows_scale(raw.get("model"), raw.get("serving-ours")))
+    if (raw.get("serving-llama-cpp") or {}).get("startup_s") is not None:
+        guarded(START, "start vs llama-server",
+                lambda: rows_start_vs_llama(raw.get("serving-ours"), raw["serving-llama-cpp"]))
     return rows
 
 

@@ -1,5 +1,5 @@
 """The benchmark suite's pure helpers (bench/benchlib.py, bench/loadgen.py) and run_all's row building: no model,
-no server; a fake SSE transport stands in for the network."""
+no server, no llama.cpp build; a fake SSE transport stands in for the network."""
 
 from __future__ import annotations
 
@@ -123,6 +123,25 @@ def test_write_atomic_leaves_no_temporary_file(tmp_path):
     benchlib.write_json(None, {"ignored": True})
 
 
+ZEN3_FLAGS = "fpu vme sse sse2 ssse3 fma cx16 sse4_1 sse4_2 movbe popcnt aes xsave avx f16c rdrand avx2 bmi2 sha_ni"
+SPR_FLAGS = ZEN3_FLAGS + " avx512f avx512dq avx512bw avx512vl avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8"
+
+
+def test_cpu_summary_names_the_model_and_its_vector_extensions():
+    zen3 = f"processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n" \
+           f"flags\t\t: {ZEN3_FLAGS}\n\nprocessor\t: 1\nmodel name\t: other\nflags\t\t: avx512f\n"
+    assert benchlib.cpu_summary(zen3) == "AMD EPYC (family 25, model 1); AVX2, FMA, F16C; no AVX-512, no AMX"
+    assert "avx512f" not in benchlib.cpu_flags(zen3)  # the first processor's flags only
+    spr = f"model name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: {SPR_FLAGS}\n"
+    assert benchlib.cpu_summary(spr) == ("Intel(R) Xeon(R) Platinum 8480+; AVX2, FMA, F16C, AVX-512F, AVX-512 VNNI, "
+                                         "AVX-512 BF16, AMX, AMX-BF16, AMX-INT8")
+    graviton = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes asimddp i8mm bf16\nCPU implementer\t: 0x41\n" \
+               "CPU part\t: 0xd40\n"
+    assert benchlib.cpu_summary(graviton) == \
+        "ARM CPU (implementer 0x41, part 0xd40); NEON, dot product, I8MM, BF16; no SVE"
+    assert "unknown" in benchlib.cpu_summary("")
+
+
 def test_model_sizes():
     assert benchlib.gpt2_param_count(12, 768, 50257, 1024) == 124_439_808
     # the issue's KV budget: 2 * n_layer * 32 slots * 1024 positions * n_embd * 4 bytes
@@ -199,6 +218,55 @@ def test_stream_result_gaps():
     assert loadgen.StreamResult(0).ttft is None
 
 
+def _openai_transport(tokens: int, *, held_back: set[int], running_count: bool) -> httpx.MockTransport:
+    """An OpenAI completions stream of `tokens` tokens as llama-server sends it: the text of the tokens in
+    `held_back` (an incomplete UTF-8 character) goes out with the next token's event, the last event carries
+    finish_reason and usage; with `running_count`, every event has `timings.predicted_n`."""
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/completions"
+        body = json.loads(request.content)
+        assert body["max_tokens"] == tokens and body["stream"] and body["temperature"] == 0.0
+        # as bench_serving asks llama-server: the same number of tokens as ours, counted by the server
+        assert body["ignore_eos"] is True and body["timings_per_token"] is True
+
+        async def events():
+            for i in range(1, tokens + 1):
+                if i in held_back:
+                    continue
+                ev = {"choices": [{"text": "x", "index": 0, "finish_reason": None}]}
+                if running_count:
+                    ev["timings"] = {"predicted_n": i}
+                yield f"data: {json.dumps(ev)}\n\n".encode()
+            final = {"choices": [{"text": "", "index": 0, "finish_reason": "length"}],
+                     "usage": {"completion_tokens": tokens, "prompt_tokens": 3}}
+            yield f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode()
+
+        return httpx.Response(200, content=events(), headers={"content-type": "text/event-stream"})
+
+    return httpx.MockTransport(handler)
+
+
+@pytest.mark.parametrize("running_count", [True, False])
+def test_openai_stream_counts_tokens_not_events(running_count):
+    # Token 3's text comes with token 4's event; token 8, the last, is never sent as text (only counted in usage).
+    import bench_serving
+
+    client = bench_serving.CLIENTS["llama-cpp"]
+    transport = _openai_transport(8, held_back={3, 8}, running_count=running_count)
+    results, wall = asyncio.run(loadgen.closed_loop("http://fake", ["p"], clients=1, per_client=1, new_tokens=8,
+                                                    time_limit=30, api=client.api, extra=client.extra,
+                                                    keepalive=client.keepalive, transport=transport))
+    (r,) = results
+    assert r.finished and r.error is None and len(r.token_times) == 8
+    s = loadgen.summarize(results, wall)
+    assert s["tokens"] == 8 and s["finished"] == 1
+    if running_count:  # tokens 3 and 4 arrived together
+        assert r.token_times[2] == r.token_times[3]
+    with pytest.raises(ValueError):
+        loadgen.request("grpc", "p", 1)
+
+
 # ---- run_all: rows from the benchmarks' JSON ------------------------------------------------------------------
 
 
@@ -233,7 +301,59 @@ def test_serving_rows_apply_the_targets_at_n16():
     assert by["N=1 aggregate tok/s vs static batching"].target is None
     rss = next(r for r in rows if r.what.startswith("server peak RSS"))
     assert rss.verdict == "yes" and "3.91" in rss.target.text
-    assert any(r.what == "serving N=16 aggregate tok/s vs llama.cpp" and r.ours == 100.0 for r in rows)
+    # Every reference is measured in this run: no llama.cpp rows without llama.cpp's results.
+    assert not any("llama" in r.what or "llama" in r.ref_text for r in rows)
+
+
+def test_llama_cpp_rows_sit_beside_ours():
+    model = {"steps": 16, "decode": [{"batch": 1, "context": 128, "ours_ms": 20.0, "ref_ms": 25.0},
+                                     {"batch": 8, "context": 128, "ours_ms": 40.0, "ref_ms": 50.0}],
+             "prefill": [{"batch": 1, "tokens": 128, "ours_tok_s": 900.0, "ref_tok_s": 800.0},
+                         {"batch": 8, "tokens": 128, "ours_tok_s": 2000.0, "ref_tok_s": 1500.0}], "score": []}
+    llama = {"reps": 5, "threads": 2, "types": {"f32": {}, "q8_0": {}},
+             "decode": [{"type": "f32", "context": 128, "depth": 0, "gen": 128, "ms_per_token": 16.0, "tok_s": 62.5},
+                        {"type": "q8_0", "context": 128, "depth": 0, "gen": 128, "ms_per_token": 10.0, "tok_s": 100.0},
+                        {"type": "f32", "context": 512, "depth": 384, "gen": 128, "ms_per_token": 18.0,
+                         "tok_s": 55.6}],
+             "prefill": [{"type": "f32", "batch": 1, "tokens": 128, "tok_s": 1200.0},
+                         {"type": "q8_0", "batch": 1, "tokens": 128, "tok_s": 1500.0}]}
+    serving = {"ours": _serving([_level(1, 20.0), _level(16, 100.0)]), "llama": _serving([_level(1, 40.0)])}
+    serving["llama"].update(cmd=["/x/llama-server", "--parallel", "32"], startup_s=2.0)
+    serving["ours"]["startup_s"] = 60.0
+    raw = {"model": model, "llama-cpp-bench": llama, "serving-ours": serving["ours"],
+           "serving-llama-cpp": serving["llama"]}
+    rows = run_all.build_rows(raw, {}, list(raw))
+    whats = [r.what for r in rows]
+    # each beside the matching transformers row, in the order measured
+    i = whats.index("decode b=1 ctx=128")
+    assert whats[i + 1:i + 4] == ["decode b=1 ctx=128 vs llama.cpp f32", "decode b=1 ctx=128 vs llama.cpp q8_0",
+                                  "decode b=8 ctx=128"]
+    assert "decode b=1 ctx=512 vs llama.cpp f32" in whats  # no row of ours at 512: shown all the same
+    i = whats.index("prefill 1x128")
+    assert whats[i + 1:i + 4] == ["prefill 1x128 vs llama.cpp f32", "prefill 1x128 vs llama.cpp q8_0", "prefill 8x128"]
+    by = {r.what: r for r in rows}
+    assert by["decode b=1 ctx=128 vs llama.cpp q8_0"].ratio == pytest.approx(2.0)
+    alone = by["decode b=1 ctx=512 vs llama.cpp f32"]
+    assert alone.ours is None and alone.ratio is None and alone.ref == 18.0
+    assert by["prefill 1x128 vs llama.cpp f32"].ratio == pytest.approx(0.75)
+    assert by["N=1 aggregate tok/s vs llama-server"].ratio == pytest.approx(0.5)
+    assert by["N=16 aggregate tok/s vs llama-server"].ref is None  # llama-server not measured at 16
+    assert by["start in the serving run (32 slots) vs llama-server"].ratio == pytest.approx(30.0)
+    assert by["llama-server"].note.endswith("per request: --parallel 32")
+
+
+def test_llama_cpp_not_built_is_said_and_shows_no_number():
+    why = "cmake is missing and `pip install cmake` failed, exit code 1: no network"
+    raw = {"model": {"decode": [{"batch": 1, "context": 128, "ours_ms": 20.0, "ref_ms": 25.0}], "prefill": [],
+                     "score": []},
+           "llama-cpp-bench": {"unavailable": why, "decode": [], "prefill": [], "errors": []}}
+    errors = {"llama-cpp-bench": "exit code 1: ...", "serving-llama-cpp": "skipped"}
+    rows = run_all.build_rows(raw, errors, ["model", "llama-cpp-bench", "serving-llama-cpp"])
+    llama = [r for r in rows if "llama" in r.what]
+    assert [r.what for r in llama] == ["llama.cpp (llama-bench)", "serving llama-cpp"]
+    assert all(r.error == f"llama.cpp: not built ({why})" and r.ref is None and r.ratio is None for r in llama)
+    assert run_all.selected("serving-llama-cpp", ["llama-cpp"]) and run_all.selected("llama-cpp-bench", ["llama-cpp"])
+    assert run_all.selected("serving-llama-cpp", ["serving"]) and not run_all.selected("model", ["llama-cpp"])
 
 
 def test_failed_benchmarks_become_error_rows_and_the_rest_still_render():
