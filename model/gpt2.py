@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import lru_cache
 from contextvars import ContextVar
 
 import mindspore as ms
@@ -75,6 +76,13 @@ def step_inputs(positions, write_base, write_rows, read_rows, read_base, meta, s
     return (positions, write_base, write_rows, read_rows, read_base, meta, scales, context_pos)
 
 
+def ln_linear(kern, form, x, ln, w, wp, *rest):
+    """`linear` of ln(x) (a LayerNorm cell) as one kernel call: form 5 plain, 6 with GELU, 7 without a bias."""
+    if wp is None:
+        return kern[form](x, ln.weight, ln.bias, ln.eps, w, *rest)
+    return kern[form](x, ln.weight, ln.bias, ln.eps, wp, *rest)
+
+
 def linear(kern, form, x, w, wp, *rest):
     """The CPU kernels' Linear `form` (0 plain, 1 with GELU, 2 with a residual) on x with weight w, or with its
     session's packed copy wp alone when there is one (w is then never read: the session may free it); rest: the
@@ -104,7 +112,8 @@ class Conv1D(nn.Cell):
         self.matmul = ops.MatMul()
         self.matmul_nt = ops.MatMul(transpose_b=True)
     # The inference step's forms. `kern` is the session's model.kernels.StepKernels as a plain tuple (graph mode
-    # indexes tuples but has no named fields: 0 linear, 1 linear_gelu, 2 linear_add, 3 attention) or None
+    # indexes tuples but has no named fields: 0 linear, 1 linear_gelu, 2 linear_add, 3 attention, 4 linear_nobias,
+    # 5-7 the same three with a layer norm first: ln_linear, ln_linear_gelu, ln_linear_nobias) or None
     # (decided when the graph compiles): the CPU kernels when given, whatever the row count, MindSpore's ops
     # otherwise. The kernels measured as fast or faster than MindSpore's MatMul at 1 to 512 rows, and they keep no
     # per-graph copy of the weights: MindSpore's CPU MatMul packs each constant weight once per compiled graph and
@@ -120,6 +129,18 @@ class Conv1D(nn.Cell):
         if kern is not None:
             return linear(kern, 1, x, self.weight, wp, self.bias)
         return gelu_tanh(self.construct(x))
+
+    def infer_ln(self, x, ln, kern, wp=None):
+        # ln(x) @ W + b: with the kernels, the layer norm is done inside the projection's call
+        if kern is not None:
+            return ln_linear(kern, 5, x, ln, self.weight, wp, self.bias)
+        return self.construct(ln(x))
+
+    def infer_ln_gelu(self, x, ln, kern, wp=None):
+        # gelu(ln(x) @ W + b)
+        if kern is not None:
+            return ln_linear(kern, 6, x, ln, self.weight, wp, self.bias)
+        return gelu_tanh(self.construct(ln(x)))
 
     def infer_add(self, x, residual, kern, wp=None):
         # x @ W + b + residual
@@ -141,6 +162,13 @@ class Conv1D(nn.Cell):
         return y.reshape(shape[:-1] + (w.shape[0],))
 
 
+@lru_cache(maxsize=None)
+def _eps_tensor(eps: float) -> ms.Tensor:
+    # One constant per value, shared by every layer norm and model: a step graph's constants are part of what
+    # MindSpore matches a compiled graph by (per-cell tensors made a second session recompile).
+    return ms.Tensor([eps], ms.float32)
+
+
 class LayerNorm(nn.Cell):
     """Layer norm over the last axis with HF names (`weight`, `bias`), computed in float32."""
 
@@ -149,6 +177,7 @@ class LayerNorm(nn.Cell):
         self.weight = Parameter(initializer(One(), (n,), ms.float32), name="weight")
         self.bias = Parameter(initializer(Zero(), (n,), ms.float32), name="bias")
         self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+        self.eps = _eps_tensor(eps)  # for the CPU kernels' fused layer norm
         self.compute_dtype = compute_dtype
 
     def construct(self, x):
@@ -223,8 +252,9 @@ class GPT2Attention(nn.Cell):
         y = self._attend(self._heads(q), self._heads(k), self._heads(v), bias)
         return self.resid_dropout(self.c_proj(y))
 
-    def cached(self, x, k_cache, v_cache, step, bias, scale, kern, wp=None):
-        """Attention over the KV cache, before the output projection: write this step's K/V, attend over the cache.
+    def cached(self, x, ln, k_cache, v_cache, step, bias, scale, kern, wp=None):
+        """Attention of ln(x) over the KV cache, before the output projection: write this step's K/V, attend over
+        the cache (ln: the block's ln_1, fused into c_attn's kernel call).
 
         The caches are 2-D (rows, hs) Parameters with one row per (slot, head, position). x (B, T, d); step the
         step_inputs tuple; bias the additive mask (MindSpore's ops only); scale (1,) this layer's score scale; kern the
@@ -235,7 +265,7 @@ class GPT2Attention(nn.Cell):
         positions, write_base, write_rows, read_rows, read_base, meta, _, _ = step
         b, t, d = x.shape
         nh, hs = self.n_head, self.head_dim
-        qkv = self.c_attn.infer(x, kern, wp)
+        qkv = self.c_attn.infer_ln(x, ln, kern, wp)
         if kern is not None:
             return kern[3](qkv, k_cache, v_cache, write_base, read_base, positions, meta, scale)
         q, k, v = ops.split(qkv, d, axis=2)
@@ -263,12 +293,13 @@ class GPT2MLP(nn.Cell):
     def construct(self, x):
         return self.dropout(self.c_proj(self._gelu(self.c_fc(x))))
 
-    def inference_add(self, x, residual, kern, wps=(None, None)):
-        # The MLP without dropout plus the residual, for the KV-cache step; wps: c_fc's and c_proj's AMX packings.
+    def inference_add(self, x, ln, kern, wps=(None, None)):
+        # x + the MLP of ln(x) without dropout, for the KV-cache step (ln, the block's ln_2, fused into c_fc's
+        # kernel call); wps: c_fc's and c_proj's packings.
         if self.approximate == "none":
-            h = ops.gelu(self.c_fc.infer(x, kern, wps[0]), approximate="none")
-            return self.c_proj.infer_add(h, residual, kern, wps[1])
-        return self.c_proj.infer_add(self.c_fc.infer_gelu(x, kern, wps[0]), residual, kern, wps[1])
+            h = ops.gelu(self.c_fc.infer_ln(x, ln, kern, wps[0]), approximate="none")
+            return self.c_proj.infer_add(h, x, kern, wps[1])
+        return self.c_proj.infer_add(self.c_fc.infer_ln_gelu(x, ln, kern, wps[0]), x, kern, wps[1])
 
     def _gelu(self, x):
         if self.approximate == "none":
@@ -299,9 +330,9 @@ class GPT2Block(nn.Cell):
         return (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
 
     def cached(self, x, k_cache, v_cache, step, bias, scale, kern, wps=(None, None, None, None)):
-        a = self.attn.cached(self.ln_1(x), k_cache, v_cache, step, bias, scale, kern, wps[0])
+        a = self.attn.cached(x, self.ln_1, k_cache, v_cache, step, bias, scale, kern, wps[0])
         x = self.attn.c_proj.infer_add(a, x, kern, wps[1])
-        return self.mlp.inference_add(self.ln_2(x), x, kern, (wps[2], wps[3]))
+        return self.mlp.inference_add(x, self.ln_2, kern, (wps[2], wps[3]))
 
 
 class GPT2Model(nn.Cell):
@@ -340,7 +371,7 @@ class GPT2Model(nn.Cell):
 
         input_ids (B, T) int32; step the step_inputs tuple; kern the session's model.kernels.StepKernels, or None for
         MindSpore's ops; packed: the session's packings of every block's projections (4 per block, in
-        GPT2Block.projections order) or None -> hidden (B, T, d) after ln_f.
+        GPT2Block.projections order) or None -> hidden (B, T, d) before ln_f (step_logits applies it).
         """
         positions, _, _, _, _, _, scales, context_pos = step
         b, t = input_ids.shape
@@ -357,7 +388,7 @@ class GPT2Model(nn.Cell):
             if packed is not None:
                 wps = (packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3])
             x = block.cached(x, k_caches[i], v_caches[i], step, bias, scales[i : i + 1], kern, wps)
-        return self.ln_f(x)
+        return x
 
 
 class GPT2LMHeadModel(nn.Cell):
@@ -384,13 +415,16 @@ class GPT2LMHeadModel(nn.Cell):
         return [block.attn.scale for block in self.transformer.h]
 
     def step_logits(self, hidden, kern, wp=None):
-        # lm_logits for the inference step: the CPU Linear kernel (no bias) when kern is given; wp: the session's
-        # packing of the tied embedding, or None.
+        # lm_logits of ln_f(hidden) for the inference step: with kern, one CPU kernel call (ln_f fused, no bias);
+        # wp: the session's packing of the tied embedding, or None.
+        ln = self.transformer.ln_f
         if kern is not None:
             # The tied embedding with its packing: N (the vocabulary) need not be a multiple of the panel width.
             w = self.transformer.wte.weight
-            return kern[4](hidden, w) if wp is None else kern[0](hidden, w, wp)
-        return self.lm_logits(hidden)
+            if wp is None:
+                return kern[7](hidden, ln.weight, ln.bias, ln.eps, w)
+            return kern[5](hidden, ln.weight, ln.bias, ln.eps, w, wp)
+        return self.lm_logits(ln(hidden))
 
     def lm_logits(self, hidden):
         # hidden (..., d) -> float32 logits (..., V) through the tied embedding.

@@ -25,13 +25,15 @@ int Linear(int, void **, int *, int64_t **, const char **, void *, void *);
 int LinearGelu(int, void **, int *, int64_t **, const char **, void *, void *);
 int LinearAdd(int, void **, int *, int64_t **, const char **, void *, void *);
 int CachedAttention(int, void **, int *, int64_t **, const char **, void *, void *);
+int LnLinear(int, void **, int *, int64_t **, const char **, void *, void *);
+int LnLinearGelu(int, void **, int *, int64_t **, const char **, void *, void *);
 int PanelWidth(void);
 
 static const struct {
     const char *name;
     aot_op fn;
 } OPS[] = {{"Linear", Linear}, {"LinearGelu", LinearGelu}, {"LinearAdd", LinearAdd},
-           {"CachedAttention", CachedAttention}};
+           {"CachedAttention", CachedAttention}, {"LnLinear", LnLinear}, {"LnLinearGelu", LnLinearGelu}};
 
 #define MAX_PARAMS 16
 #define MAX_DIMS 8

@@ -228,6 +228,38 @@ def test_linear_over_many_rows_runs_in_passes_with_the_same_bits(harness, thread
     assert np.array_equal(part[-1], big[-1][1795:1810])
 
 
+@pytest.mark.parametrize("threads", THREADS)
+def test_layer_norm_fused_into_linear_matches_numpy_and_keeps_a_rows_bits(harness, threads, tmp_path):
+    rng = np.random.default_rng(11)
+    m, n, k = 70, 64, 48
+    x = (rng.standard_normal((m, k)) * 3 + 1).astype(np.float32)
+    g, beta = rng.standard_normal(k).astype(np.float32), rng.standard_normal(k).astype(np.float32)
+    eps = np.array([1e-5], np.float32)
+    w = rng.standard_normal((n, k), np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    panels = _panels(w, harness.panel_width)
+
+    def call(op, rows, *weights):
+        return Call(op, (x[rows].copy(), g, beta, eps, *weights, np.full((len(x[rows]), n), np.nan, np.float32)))
+
+    every = slice(0, m)
+    got = harness.run([call("LnLinear", every, w, b), call("LnLinear", every, panels, b),
+                       call("LnLinearGelu", every, w, panels, b), call("LnLinear", every, w),
+                       call("LnLinearGelu", slice(3, 4), w, panels, b), call("LnLinearGelu", slice(60, 70), w, panels, b)],
+                      threads, tmp_path)
+    x64 = x.astype(np.float64)
+    ln = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5) * g + beta
+    ref = ln @ w.T.astype(np.float64) + b
+    with np.errstate(over="ignore"):
+        gelu = ref / (1 + np.exp(-1.5957691216057308 * (ref + 0.044715 * ref**3)))
+    scale = 1 + np.abs(ref).max()
+    assert np.abs(got[0][-1] - ref).max() / scale < 1e-5
+    assert np.array_equal(got[1][-1], got[0][-1])  # panels alone: the same bits
+    assert np.abs(got[2][-1] - gelu).max() / scale < 1e-5
+    assert np.abs(got[3][-1] - (ref - b)).max() / scale < 1e-5  # no bias (the LM head)
+    assert np.array_equal(got[4][-1], got[2][-1][3:4]) and np.array_equal(got[5][-1], got[2][-1][60:70])
+
+
 # ---- CachedAttention --------------------------------------------------------------------------------------------
 
 

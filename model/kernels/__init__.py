@@ -265,6 +265,8 @@ class StepKernels(NamedTuple):
     pack_panels(w) or pack_weight_amx(w) (then every call runs on AMX); wp may come in w's place when N is a
     multiple of the packing's column block (the panel width, or 32 for AMX), so that w itself can be freed.
     `linear` takes three inputs (x, w or wp, b; or x, w, wp), `linear_nobias` two (x, w).
+    ln_linear, ln_linear_gelu, ln_linear_nobias: the same of layer_norm(x), the norm's weight, bias and eps (1,)
+    after x: (x, g, b, eps, w or wp, bias), (x, g, b, eps, w, wp) or (x, g, b, eps, w).
     attention: (qkv (B, T, 3d), k_cache, v_cache, write_base (B*T,), read_base (B,) or (B*T,), positions (B, T),
     meta (2,), scale (1,)) -> (B, T, d); writes this step's keys and values into the caches in place.
     """
@@ -274,6 +276,9 @@ class StepKernels(NamedTuple):
     linear_add: object
     attention: object
     linear_nobias: object
+    ln_linear: object
+    ln_linear_gelu: object
+    ln_linear_nobias: object
 
 
 @lru_cache(maxsize=1)
@@ -283,10 +288,16 @@ def step_kernels() -> StepKernels:
         n = w[0] if len(w) == 2 else w[0] * w[2] if len(w) == 3 else w[1] * 16
         return list(x[:-1]) + [n]
 
+    def ln_linear_shape(x, g, b, eps, w, *rest):
+        return linear_shape(x, w)
+
     return StepKernels(
         _op("Linear", linear_shape, "fww"),
         _op("LinearGelu", linear_shape, "fwf"),
         _op("LinearAdd", linear_shape, "fwff"),
         _op("CachedAttention", lambda qkv, *rest: list(qkv[:-1]) + [qkv[-1] // 3], "fffiiiif"),
         _op("Linear", linear_shape, "fw"),
+        _op("LnLinear", ln_linear_shape, "ffffww"),
+        _op("LnLinearGelu", ln_linear_shape, "ffffwf"),
+        _op("LnLinear", ln_linear_shape, "ffffw"),
     )

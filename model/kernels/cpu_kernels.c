@@ -858,6 +858,78 @@ int LinearAdd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
     return linear(nparam, params, ndims, shapes, EPI_ADD);
 }
 
+/* ---- layer norm fused into the projection that follows it --------------------------------------------------- */
+
+/* y = (x - mean) / sqrt(var + eps) * g + b over one row of K (a multiple of VW): each sum one vector chain in k
+ * order then vsum, so a row's result does not depend on the call it is in. */
+static void layer_norm_row(const float *x, const float *g, const float *b, float eps, int64_t K, float *y) {
+    vec s = vzero();
+    for (int64_t k = 0; k < K; k += VW) s = vadd(s, vload(x + k));
+    const vec mean = vset1(vsum(s) / (float)K);
+    vec q = vzero();
+    for (int64_t k = 0; k < K; k += VW) {
+        const vec d = vsub(vload(x + k), mean);
+        q = vfma(d, d, q);
+    }
+    const vec rstd = vset1(1.f / sqrtf(vsum(q) / (float)K + eps));
+    for (int64_t k = 0; k < K; k += VW)
+        vstore(y + k, vfma(vmul(vsub(vload(x + k), mean), rstd), vload(g + k), vload(b + k)));
+}
+
+typedef struct {
+    const float *x, *g, *b;
+    float *y;
+    float eps;
+    int64_t M, K;
+} ln_args;
+
+static void ln_task(void *p, int tid, int nt) {
+    const ln_args *a = p;
+    int64_t lo, hi;
+    split(a->M, tid, nt, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++) layer_norm_row(a->x + i * a->K, a->g, a->b, a->eps, a->K, a->y + i * a->K);
+}
+
+/* (x, g, b, eps (1,), <Linear's weight and bias inputs>, y): Linear of layer_norm(x); one op instead of two. */
+static int ln_linear(int nparam, void **params, int *ndims, int64_t **shapes, int epi) {
+    if (nparam < 6) return 1;
+    ln_args a = {params[0], params[1], params[2], NULL, ((const float *)params[3])[0], rows_of(ndims[0], shapes[0]),
+                 shapes[0][ndims[0] - 1]};
+    if (a.K % VW || ndims[1] != 1 || shapes[1][0] != a.K || ndims[2] != 1 || shapes[2][0] != a.K) return 1;
+    static __thread float *nbuf;
+    static __thread size_t ncap;
+    const size_t need = (size_t)(a.M * a.K);
+    if (need > ncap) {
+        free(nbuf);
+        nbuf = aligned_alloc(64, (need * sizeof(float) + 63) & ~(size_t)63);
+        ncap = nbuf ? need : 0;
+        if (!nbuf) return 1;
+    }
+    a.y = nbuf;
+    if (a.M <= MR) ln_task(&a, 0, 1); /* decode: not worth waking the workers */
+    else run_parallel(ln_task, &a);
+    void *p2[16];
+    int nd2[16];
+    int64_t *sh2[16];
+    if (nparam - 3 > 16) return 1;
+    p2[0] = nbuf, nd2[0] = ndims[0], sh2[0] = shapes[0];
+    for (int i = 4; i < nparam; i++) p2[i - 3] = params[i], nd2[i - 3] = ndims[i], sh2[i - 3] = shapes[i];
+    return linear(nparam - 3, p2, nd2, sh2, epi);
+}
+
+/* LnLinear: (x, g, b, eps, w ...) -> layer_norm(x) @ w^T [+ bias]; LnLinearGelu: gelu of it (with the bias). */
+int LnLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+             void *extra) {
+    (void)dtypes; (void)stream; (void)extra;
+    return ln_linear(nparam, params, ndims, shapes, EPI_NONE);
+}
+
+int LnLinearGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                 void *extra) {
+    (void)dtypes; (void)stream; (void)extra;
+    return ln_linear(nparam, params, ndims, shapes, EPI_GELU);
+}
+
 /* ---- attention over the KV cache -------------------------------------------------------------------------- */
 
 typedef struct {

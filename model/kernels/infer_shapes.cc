@@ -18,6 +18,15 @@ extern "C" {
 std::vector<int64_t> LinearInferShape(int *ndims, int64_t **shapes, void *) { return linear_shape(ndims, shapes); }
 std::vector<int64_t> LinearGeluInferShape(int *ndims, int64_t **shapes, void *) { return linear_shape(ndims, shapes); }
 std::vector<int64_t> LinearAddInferShape(int *ndims, int64_t **shapes, void *) { return linear_shape(ndims, shapes); }
+// (x, g, b, eps, w ...): layer norm, then Linear
+std::vector<int64_t> LnLinearInferShape(int *ndims, int64_t **shapes, void *) {
+    const int nd[2] = {ndims[0], ndims[4]};
+    int64_t *sh[2] = {shapes[0], shapes[4]};
+    return linear_shape(nd, sh);
+}
+std::vector<int64_t> LnLinearGeluInferShape(int *ndims, int64_t **shapes, void *) {
+    return LnLinearInferShape(ndims, shapes, nullptr);
+}
 // qkv (B, T, 3d) -> (B, T, d)
 std::vector<int64_t> CachedAttentionInferShape(int *ndims, int64_t **shapes, void *) {
     std::vector<int64_t> out(shapes[0], shapes[0] + ndims[0]);
