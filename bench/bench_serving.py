@@ -21,10 +21,10 @@ costs (our server compiles later prefill chunks on first use) stay out of the nu
 Reported per N: aggregate tokens/s (all tokens received / wall time), time to first token and inter-token
 latency p50/p99, and at the end the server's peak RSS (VmHWM from /proc/<pid>/status).
 
-Ours and the transformers baseline are asked through TGI's /generate_stream. llama-server (bench/llama_cpp.py
-builds it and converts the model directory to f32 GGUF) is asked through its OpenAI /v1/completions stream with
-`ignore_eos` (so it too generates exactly --new-tokens), `temperature` 0 (greedy) and `timings_per_token` (its
-running token count, see loadgen), a new connection per request (see loadgen.limits); it runs --max-batch-size
+Ours and llama-server (bench/llama_cpp.py builds it and converts the model directory to f32 GGUF) are asked through
+the same OpenAI /v1/completions stream with `ignore_eos` (so both generate exactly --new-tokens) and `temperature`
+0 (greedy); the transformers baseline speaks only TGI's /generate_stream. llama-server also gets `timings_per_token`
+(its running token count, see loadgen) and a new connection per request (see loadgen.limits); it runs --max-batch-size
 slots of the model's context length each, with continuous batching, --threads threads and no prompt cache (ours
 has none).
 """
@@ -65,7 +65,11 @@ class Client:
     keepalive: bool = True
 
 
-CLIENTS = {"llama-cpp": Client("openai", {"ignore_eos": True, "timings_per_token": True}, keepalive=False)}
+CLIENTS = {
+    # Ours and llama-server through the same OpenAI /v1/completions stream (the issue's comparison).
+    "ours": Client("openai", {"ignore_eos": True}),
+    "llama-cpp": Client("openai", {"ignore_eos": True, "timings_per_token": True}, keepalive=False),
+}
 
 
 def ensure_model(path: Path, n_layer: int | None = None) -> Path:
