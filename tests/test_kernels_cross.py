@@ -180,7 +180,10 @@ def _linear_case(n: int, k: int, nr: int):
     # The same rows in calls of other sizes: the first m rows, the last m, and single rows packed per call.
     parts = [(0, m) for m in ROW_COUNTS] + [(M - m, M) for m in (1, 5, 17)] + [(i, i + 1) for i in (0, 35, M - 1)]
     sub = [Call("LinearGelu", (x[a:e].copy(), w, *(() if e - a == 1 else (panels,)), b, y(e - a))) for a, e in parts]
-    return full, parts, sub
+    # Single rows with the panels too (decode's path: four panels at a time where they are whole).
+    singles = [(i, i + 1) for i in (0, 35, M - 1)]
+    sub += [Call("LinearGelu", (x[a:e].copy(), w, panels, b, y(1))) for a, e in singles]
+    return full, parts + singles, sub
 
 
 def _check_linear(got_full, full, got_sub, parts):

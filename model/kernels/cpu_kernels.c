@@ -538,13 +538,38 @@ static void tile_op(const linear_args *a, int64_t mm, int64_t kc, const float *a
 
 /* Up to MR rows (decode): x packed once per thread, then each panel over all of K at once, so that packed panels
  * stream from memory once, contiguously. */
+/* One row times four packed panels at once (decode): eight independent FMA chains in flight instead of two, so the
+ * weights stream at memory speed; each column is still one chain over k in order from zero, exactly what
+ * micro_rows(1, ...) computes for it. */
+static void row_x4(int64_t K, const float *restrict ap, const float *restrict bp, float *c) {
+    const int64_t ps = K * NR; /* one panel */
+    vec acc[8];
+    for (int j = 0; j < 8; j++) acc[j] = vzero();
+    for (int64_t k = 0; k < K; k++) {
+        const vec a = vset1(ap[k * MR]);
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; q++) {
+            const float *b = bp + q * ps + k * NR;
+            acc[2 * q] = vfma(a, vload(b), acc[2 * q]);
+            acc[2 * q + 1] = vfma(a, vload(b + VW), acc[2 * q + 1]);
+        }
+    }
+    for (int j = 0; j < 8; j++) vstore(c + j * VW, acc[j]);
+}
+
 static void few_rows_task(linear_args *a, int nt, float *buf) {
     const int64_t M = a->M, K = a->K, N = a->N, P = (N + NR - 1) / NR;
     float *ap = buf, *bp = buf + MR * K, *tile = bp + (a->panels ? 0 : K * NR);
     pack_x(a->x, K, M, 0, 0, K, ap);
     int64_t lo, hi;
-    while (claim(&a->next, P, nt, 2, &lo, &hi))
+    while (claim(&a->next, P, nt, 4, &lo, &hi))
         for (int64_t p = lo; p < hi; p++) {
+            if (M == 1 && a->panels && p + 4 <= hi && (p + 4) * NR <= N) {
+                row_x4(K, ap, a->panels + p * K * NR, a->y + p * NR);
+                epilogue(a, 0, 1, p * NR, 4 * NR);
+                p += 3;
+                continue;
+            }
             tile_op(a, M, K, ap, panel_block(a, p, 0, K, bp), 0, p, 0, tile);
             const int64_t n0 = p * NR;
             epilogue(a, 0, M, n0, N - n0 < NR ? N - n0 : NR);

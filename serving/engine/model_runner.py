@@ -192,9 +192,9 @@ def step_shapes(session) -> list[tuple[int, int | None]]:
     """Every padded (tokens, logits rows) shape `ModelRunner.run` can ask `session.step_flat` for: each token bucket
     with each logits-row bucket that at most that many rows (one per sequence, at most a token each) pad to, or
     with every position's logits (None: prompt logprobs). A session with a dynamic token axis has one graph for
-    every size: one shape (any) compiles it."""
+    every size but a single token, which has a fixed-shape graph of its own: two shapes compile both."""
     if getattr(session, "dynamic", False):
-        return [(1, 1)]
+        return [(1, 1), (2, 1)]
     rows = session.logits_row_buckets
     shapes = []
     for t in session.chunk_buckets:
