@@ -56,7 +56,7 @@ MODELS = {False: REPO / ".cache" / "bench" / "gpt2-124m-random", True: REPO / ".
 
 DECODE = "model: decode (ms per step; tokens/s = batch / step)"
 PREFILL = "model: prefill (tokens/s)"
-SERVING = "serving under load (closed loop, streamed: /generate_stream; llama-server /v1/completions)"
+SERVING = "serving under load (closed loop, streamed: ours and llama-server /v1/completions; transformers /generate_stream)"
 START = "server start until GET /health is 200 (seconds)"
 
 
