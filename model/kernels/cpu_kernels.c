@@ -419,15 +419,19 @@ static void epilogue(const linear_args *a, int64_t m0, int64_t mm, int64_t n0, i
 static __thread float *tls_buf;
 static __thread size_t tls_cap;
 
-static float *scratch(size_t n) {
-    if (n > tls_cap) {
-        free(tls_buf);
-        tls_cap = n + (n >> 2);
-        tls_buf = aligned_alloc(64, (tls_cap * sizeof(float) + 63) & ~(size_t)63);
-        if (!tls_buf) tls_cap = 0;
+/* *buf grown to hold at least n floats (64-byte aligned, a quarter of slack); NULL if out of memory. */
+static float *grow(float **buf, size_t *cap, size_t n) {
+    if (n > *cap) {
+        free(*buf);
+        *cap = n + (n >> 2);
+        *buf = aligned_alloc(64, (*cap * sizeof(float) + 63) & ~(size_t)63);
+        if (!*buf) *cap = 0;
     }
-    return tls_buf;
+    return *buf;
 }
+
+/* The calling thread's packing buffer. */
+static float *scratch(size_t n) { return grow(&tls_buf, &tls_cap, n); }
 
 /* c[ROWS][NR] (row stride ldc) [+]= ap (kc x MR, the first ROWS used) . bp (kc x NR); load: continue the sums in
  * c. Specialised per ROWS (always_inline with a constant) so that a decode step of one row does one row's work. */
@@ -844,14 +848,8 @@ static int linear(int nparam, void **params, int *ndims, int64_t **shapes, int e
         static __thread float *xbuf;
         static __thread size_t xcap;
         const int64_t rows = a.M < ROWS_PER_PASS ? (a.M + MR - 1) / MR * MR : ROWS_PER_PASS;
-        const size_t need = (size_t)rows * (size_t)a.K;
-        if (need > xcap) {
-            free(xbuf);
-            xbuf = aligned_alloc(64, (need * sizeof(float) + 63) & ~(size_t)63);
-            xcap = xbuf ? need : 0;
-            if (!xbuf) return 1;
-        }
-        a.ap = xbuf;
+        a.ap = grow(&xbuf, &xcap, (size_t)rows * (size_t)a.K);
+        if (!a.ap) return 1;
         for (int64_t m0 = 0; m0 < a.M && !atomic_load(&a.failed); m0 += ROWS_PER_PASS) {
             a.m_lo = m0;
             a.m_hi = a.M - m0 < ROWS_PER_PASS ? a.M : m0 + ROWS_PER_PASS;
@@ -923,14 +921,8 @@ static int ln_linear(int nparam, void **params, int *ndims, int64_t **shapes, in
     if (a.K % VW || ndims[1] != 1 || shapes[1][0] != a.K || ndims[2] != 1 || shapes[2][0] != a.K) return 1;
     static __thread float *nbuf;
     static __thread size_t ncap;
-    const size_t need = (size_t)(a.M * a.K);
-    if (need > ncap) {
-        free(nbuf);
-        nbuf = aligned_alloc(64, (need * sizeof(float) + 63) & ~(size_t)63);
-        ncap = nbuf ? need : 0;
-        if (!nbuf) return 1;
-    }
-    a.y = nbuf;
+    a.y = grow(&nbuf, &ncap, (size_t)(a.M * a.K));
+    if (!a.y) return 1;
     if (a.M <= MR) ln_task(&a, 0, 1); /* decode: not worth waking the workers */
     else run_parallel(ln_task, &a);
     void *p2[16];
