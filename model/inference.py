@@ -134,6 +134,24 @@ class _FixedShapeStep(nn.Cell):
         return self.step(input_ids, positions, write_base, read_base, meta, scales, context_pos, logits_rows)
 
 
+class _CopyCell(nn.Cell):
+    """Copies a slot's first positions into another slot, in every layer's K and V cache (prefix caching): one
+    fixed-shape graph over the step cell's own cache Parameters, the rows copied in place by the kernels'
+    CopySlotRows."""
+
+    def __init__(self, step: _StepCell, copy_op) -> None:
+        super().__init__(auto_prefix=False)
+        self.caches = ms.ParameterTuple(tuple(step.k_cache) + tuple(step.v_cache))
+        self.copy = copy_op
+
+    @ms.jit
+    def construct(self, meta):
+        done = ()
+        for c in self.caches:
+            done = done + (self.copy(c, meta),)
+        return ops.concat(done)
+
+
 class InferenceSession:
     """Owns the compiled step graphs and the KV cache of `num_slots` sequences of up to `max_seq_len` tokens.
 
@@ -218,6 +236,7 @@ class InferenceSession:
                 Tensor(shape=[1], dtype=i32), tokens,
             )
         self._slot_stride = cfg.n_head * max_seq_len  # cache rows per slot
+        self._copy = _CopyCell(self._cell, kernels.copy_slot_rows()) if cpu_kernels else None
         # The attention kernel's [max_seq_len, n_head] and per-layer scales: made once, passed as step inputs.
         self._meta = Tensor(np.array([max_seq_len, cfg.n_head], np.int32))
         self._scales = Tensor(np.array(model.attention_scales(), np.float32))
@@ -235,6 +254,30 @@ class InferenceSession:
         for block in self.model.transformer.h:
             for proj in block.projections():
                 proj.weight.set_data(Tensor(np.zeros((0,), np.float32)), slice_shape=True)
+
+    @property
+    def can_copy_prefix(self) -> bool:
+        """Whether `copy_prefix` is available (it needs the CPU kernels)."""
+        return self._copy is not None
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, n: int) -> None:
+        """Copy positions [0, n) of `src_slot`'s keys and values, in every layer, to `dst_slot`: a prompt that
+        starts with the n tokens whose K/V `src_slot` holds then computes from position n, with the same bits as
+        if it had computed them (a position's K/V depend only on the tokens up to it)."""
+        if self._copy is None:
+            raise ValueError("copy_prefix needs the CPU kernels")
+        for name, v in (("src_slot", src_slot), ("dst_slot", dst_slot)):
+            if not 0 <= v < self.num_slots:
+                raise ValueError(f"{name} must be in [0, {self.num_slots}), got {v}")
+        if not 0 <= n <= self.max_seq_len:
+            raise ValueError(f"n must be in [0, max_seq_len={self.max_seq_len}], got {n}")
+        if n and src_slot != dst_slot:
+            self._run_copy(src_slot, dst_slot, n)
+
+    def _run_copy(self, src_slot: int, dst_slot: int, n: int) -> None:
+        s = self._slot_stride
+        meta = np.array([src_slot * s, dst_slot * s, n, s // self.max_seq_len, self.max_seq_len], np.int32)
+        self._copy(Tensor(meta)).asnumpy()
 
     @property
     def max_batch(self) -> int:
@@ -458,6 +501,11 @@ class InferenceSession:
             pos = np.full((bb, tb), -1, np.int32)
             pos[0, 0] = cb - 1
             self.step(ids, pos, np.arange(bb), None if all_logits else np.zeros(bb, np.int32))
+
+    def warmup_copy(self) -> None:
+        """Compile `copy_prefix`'s graph now (it copies nothing)."""
+        if self._copy is not None:
+            self._run_copy(0, 0, 0)
 
     def warmup_flat(self, shapes: Sequence[tuple[int, int | None]]) -> None:
         """Compile `step_flat` for the given padded (tokens, logits rows) shapes (rows None: every position's

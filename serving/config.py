@@ -37,6 +37,9 @@ class Settings:
     # Most prompt tokens of one request per step: a longer prompt is prefilled in chunks over several steps.
     prefill_chunk: int = 256
     warmup: bool = True  # compile the common step shapes before reporting healthy
+    # Automatic prefix caching: a prompt that begins with tokens whose K/V some slot still holds starts after them
+    # (serving/engine/prefix_cache.py); --no-prefix-caching computes every prompt in full.
+    prefix_caching: bool = True
     # Directory for MindSpore's compiled-graph cache (restarts skip compilation), one subdirectory per model
     # architecture and session layout; "off" (--no-compile-cache) compiles at every start.
     compile_cache: str = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-mindspore"
@@ -158,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="tokens per step, running requests' next tokens and waiting prompts' tokens together (default 256)")
     a("--prefill-chunk", type=int, help="most prompt tokens of one request per step (default 256)")
     a("--warmup", action=argparse.BooleanOptionalAction, default=None, help="compile common shapes at start")
+    a("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+      help="reuse the K/V of prompt prefixes still in the cache (default on; --no-prefix-caching turns it off)")
     a("--compile-cache", metavar="DIR",
       help="directory for MindSpore's compiled-graph cache (default ~/.cache/gpt2-mindspore/graphs)")
     a("--no-compile-cache", dest="compile_cache", action="store_const", const="off",
@@ -216,6 +221,8 @@ class EngineConfig:
     max_total_tokens: int = 1024
     max_batched_tokens: int = 256
     prefill_chunk: int = 256
+    prefix_caching: bool = True
+    prefix_block: int = 16  # tokens per prefix-cache block (vLLM's default block size)
     # Consecutive failed steps after which the engine declares itself dead (each failure fails its requests).
     max_consecutive_failures: int = 3
 
@@ -265,4 +272,5 @@ class EngineConfig:
             max_total_tokens=total,
             max_batched_tokens=batched,
             prefill_chunk=min(s.prefill_chunk, batched),
+            prefix_caching=s.prefix_caching,
         )

@@ -104,7 +104,17 @@ class FakeSession:
         self.fail = fail
         self.cache = np.full((num_slots, max_seq_len), -1, np.int64)
         self.calls: list[tuple[int, int, bool]] = []  # step_flat: (tokens, sequences, all_logits)
+        self.copies: list[tuple[int, int, int]] = []  # copy_prefix: (src, dst, tokens)
         self.lock = threading.Lock()
+
+    can_copy_prefix = True
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, n: int) -> None:
+        """`InferenceSession.copy_prefix`: the first n positions' tokens stand for their K/V."""
+        assert 0 <= n <= self.max_seq_len and (self.cache[src_slot, :n] >= 0).all(), "copying unwritten rows"
+        with self.lock:
+            self.copies.append((src_slot, dst_slot, n))
+        self.cache[dst_slot, :n] = self.cache[src_slot, :n]
 
     def step_flat(self, token_ids, positions, slot_ids, logits_index):
         """`InferenceSession.step_flat`: several sequences' tokens in one flat pass (a sequence's adjacent)."""

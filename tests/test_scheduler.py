@@ -182,7 +182,8 @@ def test_waiting_sequences_start_only_into_free_slots_and_take_the_lowest():
     assert ids(out.decode) == ["b"]
 
 
-def test_freed_slots_are_reused_lowest_first():
+def test_freed_slots_are_reused_least_recently_freed_first():
+    # The slot freed longest ago goes first: the K/V of recent requests stay available to the prefix cache.
     s = sched(num_slots=3, budget=64)
     first = [seq(f"s{i}", 2, max_new=100) for i in range(3)]
     s.add(first)
@@ -194,10 +195,10 @@ def test_freed_slots_are_reused_lowest_first():
     x, y = seq("x", 2), seq("y", 2)
     s.add([x])
     run_step(s)
-    assert x.slot == 0
+    assert x.slot == 2
     s.add([y])
     run_step(s)
-    assert y.slot == 2
+    assert y.slot == 0
 
 
 def test_finished_sequence_frees_its_slot_for_a_waiting_one():
@@ -388,7 +389,8 @@ def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, ti
         waiting = list(s.waiting)
         cached = {q.request_id: q.num_cached for q in seqs}
         held = {q.slot for q in running + prefilling}
-        free = sorted(set(range(num_slots)) - held)
+        free = list(s.free_slots)  # in the order they are handed out: least recently freed first
+        assert sorted(free) == sorted(set(range(num_slots)) - held)
         expired = [q for q in waiting if timeout is not None and now - q.arrival_time > timeout]
         still_waiting = [q for q in waiting if q not in expired]
 
@@ -418,7 +420,7 @@ def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, ti
         # A prompt in progress always advances (the budget exceeds the slots).
         if prefilling:
             assert served[:1] == prefilling[:1]
-        # Newly started sequences are the oldest waiting ones and take the lowest free slots.
+        # Newly started sequences are the oldest waiting ones and take the least recently freed slots.
         started = [q for q in served if q in still_waiting]
         assert started == still_waiting[: len(started)]
         assert [q.slot for q in started] == free[: len(started)]

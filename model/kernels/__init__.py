@@ -301,3 +301,14 @@ def step_kernels() -> StepKernels:
         _op("LnLinearGelu", ln_linear_shape, "ffffwf"),
         _op("LnLinear", ln_linear_shape, "ffffw"),
     )
+
+
+@lru_cache(maxsize=1)
+def copy_slot_rows():
+    """The Custom op copying a slot's first positions to another slot in one cache (prefix caching):
+    (cache (rows, head_dim), meta (5,) int32 [src_base, dst_base, n, n_head, max_seq_len]) -> (1,) zero; fixed
+    shapes, so no shape function."""
+    from mindspore import ops
+
+    return ops.Custom(f"{library_path()}:CopySlotRows", out_shape=lambda *a: [1], out_dtype=lambda *a: a[0],
+                      func_type="aot")

@@ -1149,3 +1149,38 @@ int CachedAttention(int nparam, void **params, int *ndims, int64_t **shapes, con
     run_parallel(attend_task, &a);
     return atomic_load(&a.failed);
 }
+
+/* ---- prefix caching: a slot's first rows copied into another slot ------------------------------------------
+ * CopySlotRows: (cache (rows, hs), meta (5,) int32 [src_base, dst_base, n, n_head, max_seq_len]) -> y (1,) = 0;
+ * copies positions [0, n) of every head from the slot whose row of (head 0, position 0) is src_base to the one at
+ * dst_base, in place (as CachedAttention writes). K and V of a position depend only on the tokens up to it, so a
+ * prompt that starts with another sequence's first n tokens can take their rows instead of computing them. */
+typedef struct {
+    float *c;
+    const int32_t *meta;
+    int64_t hs;
+} copy_args;
+
+static void copy_task(void *p, int tid, int nt) {
+    const copy_args *a = p;
+    const int64_t src = a->meta[0], dst = a->meta[1], n = a->meta[2], L = a->meta[4];
+    int64_t lo, hi;
+    split(a->meta[3], tid, nt, &lo, &hi);
+    for (int64_t h = lo; h < hi; h++)
+        memcpy(a->c + (dst + h * L) * a->hs, a->c + (src + h * L) * a->hs, sizeof(float) * (size_t)(n * a->hs));
+}
+
+int CopySlotRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                 void *extra) {
+    (void)dtypes; (void)stream; (void)extra;
+    if (nparam != 3 || ndims[0] != 2 || ndims[1] != 1 || shapes[1][0] != 5) return 1;
+    const int32_t *m = params[1];
+    const int64_t rows = shapes[0][0];
+    if (m[2] < 0 || m[2] > m[4] || m[0] < 0 || m[1] < 0 || m[0] + (int64_t)m[3] * m[4] > rows ||
+        m[1] + (int64_t)m[3] * m[4] > rows)
+        return 1;
+    copy_args a = {params[0], m, shapes[0][1]};
+    if (m[0] != m[1] && m[2] > 0) run_parallel(copy_task, &a);
+    ((float *)params[2])[0] = 0.f;
+    return 0;
+}

@@ -135,6 +135,7 @@ class _Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     generated: int = 0
     finish_reason: str | None = None
+    cached: int = 0  # prompt tokens from the prefix cache
 
 
 def _logprob(engine: AsyncEngine, token_id: int, logprob: float | None) -> dict[str, Any]:
@@ -153,6 +154,7 @@ def _fold(engine: AsyncEngine, c: _Choice, out: RequestOutput, want_logprobs: bo
     c.generated += len(out.tokens)
     if out.final is not None:
         c.finish_reason = finish_reason(out)
+        c.cached = out.final.cached_tokens
         note_final(out.final)
     if not want_logprobs:
         return None
@@ -198,7 +200,7 @@ async def _complete(req: ChatCompletionRequest, request: Request, engine: AsyncE
             "logprobs": {"content": c.logprobs} if want else None,
             "finish_reason": c.finish_reason,
         } for c in choices],
-        "usage": usage(len(ids), sum(c.generated for c in choices)),
+        "usage": usage(len(ids), sum(c.generated for c in choices), choices[0].cached),
     })
 
 
@@ -228,7 +230,7 @@ async def _stream(engine: AsyncEngine, s: Settings, choices: list[_Choice], stre
             if out.final is not None:
                 yield chunk([item(c, {}, finish=c.finish_reason)])
         if include_usage:
-            yield chunk([], usage=usage(prompt_tokens, sum(c.generated for c in choices)))
+            yield chunk([], usage=usage(prompt_tokens, sum(c.generated for c in choices), choices[0].cached))
     except ServingError as e:
         yield sse_event(openai_body(e), space=True)
     yield sse_event("[DONE]", space=True)

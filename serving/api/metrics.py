@@ -31,6 +31,11 @@ class Metrics(EngineStats):
         self.kv_usage = Gauge("gpt2_kv_cache_usage_ratio", "Fraction of KV-cache slots in use (0-1).", registry=r)
         self.prompt_tokens = Counter("gpt2_prompt_tokens", "Prompt tokens prefilled.", registry=r)
         self.generation_tokens = Counter("gpt2_generation_tokens", "Tokens generated.", registry=r)
+        # vLLM's prefix_cache_queries / prefix_cache_hits: prompt tokens looked up, and found (not computed).
+        self.prefix_queries = Counter("gpt2_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      registry=r)
+        self.prefix_hits = Counter("gpt2_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed).",
+                                   registry=r)
         self.success = Counter(
             "gpt2_request_success", "Requests finished normally, by finish reason.", ["finish_reason"], registry=r
         )
@@ -89,6 +94,10 @@ class Metrics(EngineStats):
 
     def on_prompt_tokens(self, n: int) -> None:
         self.prompt_tokens.inc(n)
+
+    def on_prefix_cache(self, queries: int, hits: int) -> None:
+        self.prefix_queries.inc(queries)
+        self.prefix_hits.inc(hits)
 
     def on_token(self, seq: Sequence, now: float) -> None:
         self.generation_tokens.inc()

@@ -134,9 +134,11 @@ def choice_seed(seed: int | None, j: int) -> int | None:
     return seed if seed is None or j == 0 else (seed + j) % (MAX_SEED + 1)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's usage; cached_tokens: prompt tokens the prefix cache supplied (vLLM reports them the same way)."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def finish_reason(out: RequestOutput) -> str | None:
@@ -249,6 +251,12 @@ class _Choice:
     offset: int = 0
     generated: int = 0
     finish_reason: str | None = None
+    cached: int = 0  # prompt tokens from the prefix cache
+
+
+def _cached(choices: list[_Choice], n: int) -> int:
+    # usage counts each prompt once, as prompt_tokens does: its first choice's hits.
+    return sum(c.cached for c in choices if c.index % n == 0)
 
 
 def _add_tokens(engine: AsyncEngine, c: _Choice, toks: list[TokenInfo]) -> dict[str, Any]:
@@ -290,6 +298,7 @@ def _apply(
     c.generated += len(out.tokens)
     if out.final is not None:
         c.finish_reason = finish_reason(out)
+        c.cached = out.final.cached_tokens
         note_final(out.final)
     return delta, lp_delta
 
@@ -358,7 +367,7 @@ async def completions(
         "created": created,
         "model": s.model_name,
         "choices": body_choices,
-        "usage": usage(usage_prompt, completion),
+        "usage": usage(usage_prompt, completion, _cached(choices, req.n)),
     })
 
 
@@ -386,7 +395,7 @@ async def _stream(engine: AsyncEngine, req: CompletionRequest, s: Settings, choi
             yield chunk([item])
         if req.stream_options is not None and req.stream_options.include_usage:
             completion = sum(c.generated for c in choices)
-            yield chunk([], usage=usage(usage_prompt, completion))
+            yield chunk([], usage=usage(usage_prompt, completion, _cached(choices, req.n)))
     except ServingError as e:
         yield sse_event(openai_body(e), space=True)
     yield sse_event("[DONE]", space=True)

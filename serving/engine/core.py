@@ -101,11 +101,15 @@ class EngineCore:
         res = StepResult()
         sched.prefill = [c for c in sched.prefill if not c.seq.is_finished]
         sched.decode = [s for s in sched.decode if not s.is_finished]
-        if sched.is_empty:
+        if sched.is_empty and not sched.copies:
             return res
         t0 = self.clock()
         try:
-            res.prefill, res.decode = self.runner.run(sched.prefill, sched.decode)
+            # Prefix-cache copies first, in order (one may read rows an earlier one wrote), even for requests
+            # aborted since scheduling: the cache already counts their rows as present.
+            self.runner.copy_prefixes(sched.copies)
+            if not sched.is_empty:
+                res.prefill, res.decode = self.runner.run(sched.prefill, sched.decode)
         except Exception as e:  # noqa: BLE001 - reported to the affected requests
             log.exception("step failed")
             res.error = e
@@ -123,6 +127,8 @@ class EngineCore:
             outs.append(RequestOutput(seq.request_id, error=QueueTimeoutError(
                 f"Request timed out after waiting {waited:.1f} s in the queue")))
         if res.error is not None:
+            for _, dst, _ in sched.copies:
+                self.scheduler.forget(dst)
             outs += self._fail([c.seq for c in sched.prefill] + sched.decode, res.error, now)
         elif res.prefill is not None:
             for chunk, r in zip(sched.prefill, res.prefill):
@@ -137,6 +143,8 @@ class EngineCore:
                     continue
                 self.scheduler.decoded(seq)
                 outs.append(self._on_token(seq, tok, now))
+        if sched.cache_queries:
+            self.stats.on_prefix_cache(sched.cache_queries, sched.cache_hits)
         if not sched.is_empty:
             self.stats.on_step(
                 prefill_rows=len(sched.prefill),
@@ -225,6 +233,7 @@ class EngineCore:
             text=req.text.text,
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.num_prompt,
+            cached_tokens=seq.num_cached_prompt,
             generated_tokens=seq.num_output,
             seed=seq.seed,
             queue_time=scheduled - seq.arrival_time,

@@ -226,6 +226,8 @@ class AsyncEngine:
                 max_step_tokens=c.max_step_tokens,
                 prefill_chunk=c.prefill_chunk,
                 queue_timeout=c.queue_timeout,
+                prefix_block=c.prefix_block if c.prefix_caching else 0,
+                prefix_copy=parts.runner.can_copy_prefix,
             )
             self._core = EngineCore(parts.runner, sched, parts.tokenizer.token_bytes, self.stats)
         except BaseException as e:  # noqa: BLE001 - reported by /health

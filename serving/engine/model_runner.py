@@ -51,6 +51,17 @@ class ModelRunner:
         self.eos_token_id = eos_token_id
         self.special_ids = special_ids | {eos_token_id}
 
+    @property
+    def can_copy_prefix(self) -> bool:
+        """Whether the session copies K/V rows between slots (prefix caching can then share a running
+        sequence's prefix, not only take a free slot's)."""
+        return bool(getattr(self.session, "can_copy_prefix", False))
+
+    def copy_prefixes(self, copies: Seq[tuple[int, int, int]]) -> None:
+        """(src slot, dst slot, tokens): copy each prefix's K/V rows, in order."""
+        for src, dst, n in copies:
+            self.session.copy_prefix(src, dst, n)
+
     def run(
         self, chunks: Seq[PrefillChunk], seqs: Seq[Sequence]
     ) -> tuple[list[ChunkResult], list[TokenInfo | SampleFailure]]:
@@ -210,4 +221,6 @@ def warmup(session) -> int:
     """Compile every step shape before the server reports healthy, so that no request stalls on compilation."""
     shapes = step_shapes(session)
     session.warmup_flat(shapes)
+    if getattr(session, "can_copy_prefix", False):
+        session.warmup_copy()  # prefix caching's copy graph
     return len(shapes)

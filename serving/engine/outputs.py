@@ -31,6 +31,7 @@ class FinalInfo:
     prefill_time: float
     inference_time: float
     total_time: float
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache (OpenAI's usage.prompt_tokens_details)
 
 
 @dataclass

@@ -9,7 +9,11 @@ Policy, per step (the runner computes the whole step as one flat pass):
   chunks of at most `prefill_chunk` tokens each: the oldest prompt first, so it gets its first token first, and a
   long prompt goes in over several steps, each delaying the running sequences' next token by one pass at most;
 - waiting sequences get a KV slot in arrival order when they are given their first chunk; a finished or aborted
-  sequence frees its slot at once.
+  sequence frees its slot at once;
+- automatic prefix caching (`prefix_block` > 0, see prefix_cache.py): a sequence starts past the longest run of
+  whole blocks of its prompt that some slot holds. It takes that slot if it is free; otherwise it gets a free slot
+  and the step copies the rows first (`SchedulerOutput.copies`, run before the pass, in order). Free slots are
+  handed out least recently freed first, so the prefixes of recent requests stay cached longest.
 
 Nothing here depends on how a row is computed: the kernels give a sequence the same logits whatever else is in its
 pass and however its prompt was chunked, so this policy is free to pack as much work as the budget allows.
@@ -22,11 +26,11 @@ for the same throughput in bench/sim_scheduler.py (`--prefill-first`; docs/PERFO
 
 from __future__ import annotations
 
-import heapq
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from ..errors import OverloadedError
+from .prefix_cache import PrefixCache
 from .sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -37,10 +41,13 @@ class SchedulerConfig:
     max_step_tokens: int  # tokens per step, decode and prompt tokens together (the largest pass the model runs)
     prefill_chunk: int  # most prompt tokens of one sequence per step
     queue_timeout: float | None = None  # seconds a request may wait for a slot; None waits forever
+    prefix_block: int = 0  # prefix caching's block of tokens; 0: off
+    prefix_copy: bool = False  # the session can copy rows between slots (else a hit must take the slot itself)
 
     def __post_init__(self) -> None:
         # The budget must leave room for a prompt token after every running sequence's decode token.
-        if self.num_slots < 1 or self.max_waiting < 0 or self.prefill_chunk < 1 or self.max_step_tokens <= self.num_slots:
+        if (self.num_slots < 1 or self.max_waiting < 0 or self.prefill_chunk < 1
+                or self.max_step_tokens <= self.num_slots or self.prefix_block < 0):
             raise ValueError(f"invalid scheduler config {self}")
 
 
@@ -60,6 +67,9 @@ class SchedulerOutput:
     prefill: list[PrefillChunk] = field(default_factory=list)
     decode: list[Sequence] = field(default_factory=list)
     timed_out: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (src slot, dst slot, tokens): before the pass
+    cache_queries: int = 0  # prompt tokens looked up in the prefix cache this step
+    cache_hits: int = 0  # of which found (not computed)
 
     @property
     def is_empty(self) -> bool:
@@ -72,7 +82,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
-        self._free_slots = list(range(config.num_slots))  # a heap: the lowest free slot is reused first
+        # Free slots, least recently freed first (a free slot's K/V stay valid until it is reused).
+        self._free_slots: OrderedDict[int, None] = OrderedDict.fromkeys(range(config.num_slots))
+        self.prefix_cache = PrefixCache(config.num_slots, config.prefix_block) if config.prefix_block else None
         self._by_id: dict[str, Sequence] = {}
 
     # ---- queries -------------------------------------------------------------------------------------------
@@ -89,6 +101,11 @@ class Scheduler:
     @property
     def num_free_slots(self) -> int:
         return len(self._free_slots)
+
+    @property
+    def free_slots(self) -> tuple[int, ...]:
+        """Free slots in the order they are handed out (least recently freed first)."""
+        return tuple(self._free_slots)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
@@ -120,11 +137,18 @@ class Scheduler:
         else:
             self.running.remove(seq)
         if seq.slot is not None:
-            heapq.heappush(self._free_slots, seq.slot)
+            self._free_slots[seq.slot] = None
+            if reason is FinishReason.ERROR and self.prefix_cache is not None:
+                self.prefix_cache.truncate(seq.slot, 0)  # a failed pass may have left its rows half-written
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.finish_time = now
         del self._by_id[seq.request_id]
+
+    def forget(self, slot: int) -> None:
+        """The slot's rows are not what the prefix cache thinks (a copy into it failed)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.truncate(slot, 0)
 
     def abort(self, request_id: str, now: float) -> Sequence | None:
         seq = self._by_id.get(request_id)
@@ -149,18 +173,41 @@ class Scheduler:
         for s in self.prefilling + list(self.waiting)[: len(self._free_slots)]:
             if budget <= 0:
                 break
-            n = min(s.prefill_remaining, self.config.prefill_chunk, budget)
             if s.status is SequenceStatus.WAITING:
-                self._start(s, now)
+                self._start(s, now, out)
+            n = min(s.prefill_remaining, self.config.prefill_chunk, budget)
             out.prefill.append(PrefillChunk(s, s.num_cached, s.num_cached + n))
             budget -= n
         return out
 
-    def _start(self, s: Sequence, now: float) -> None:
-        """Give the oldest waiting sequence a slot: it starts prefilling."""
+    def _start(self, s: Sequence, now: float, out: SchedulerOutput) -> None:
+        """Give the oldest waiting sequence a slot: it starts prefilling (past its prompt's cached prefix)."""
         assert self.waiting[0] is s
         self.waiting.popleft()
-        s.slot = heapq.heappop(self._free_slots)
+        cache = self.prefix_cache
+        hit, holders = 0, frozenset()
+        if cache is not None and not (s.wants_prompt_logprobs or s.score_only):
+            # At least the prompt's last token is computed: its logits give the first output token.
+            hit, holders = cache.lookup(s.prompt_ids, s.num_prompt - 1)
+            out.cache_queries += s.num_prompt
+        free = [x for x in holders if x in self._free_slots]
+        if free:
+            s.slot = free[0]
+            del self._free_slots[s.slot]
+        else:
+            s.slot = next(iter(self._free_slots))
+            del self._free_slots[s.slot]
+            if holders and self.config.prefix_copy:
+                out.copies.append((min(holders), s.slot, hit))
+            else:
+                hit = 0
+        if cache is not None:
+            # What the slot held past the hit (all of it, unless the hit is its own) is about to be overwritten;
+            # a copy's rows count as present at once (the copy runs before anything reads them).
+            cache.truncate(s.slot, hit if s.slot in holders else 0)
+            cache.extend(s.slot, s.prompt_ids, hit)
+        out.cache_hits += hit
+        s.num_cached = s.num_cached_prompt = hit
         s.status = SequenceStatus.PREFILLING
         s.scheduled_time = now
         self.prefilling.append(s)
@@ -172,6 +219,8 @@ class Scheduler:
             return
         assert seq.status is SequenceStatus.PREFILLING and chunk.start == seq.num_cached
         seq.num_cached = chunk.end
+        if self.prefix_cache is not None:
+            self.prefix_cache.extend(seq.slot, seq.prompt_ids, seq.num_cached)
         if chunk.is_last and not seq.score_only:
             self.prefilling.remove(seq)
             seq.status = SequenceStatus.RUNNING
@@ -181,3 +230,6 @@ class Scheduler:
         """Record that a running sequence's last token is now in the cache."""
         if not seq.is_finished:
             seq.num_cached += 1
+            cache = self.prefix_cache
+            if cache is not None and seq.num_cached % cache.block_size == 0:  # a generated block is complete
+                cache.extend(seq.slot, seq.prompt_ids + seq.output_ids, seq.num_cached)

@@ -42,6 +42,8 @@ class Sequence:
     slot: int | None = None
     # Tokens whose K/V are in the slot: positions [0, num_cached). A running sequence feeds its last token next.
     num_cached: int = 0
+    # Prompt tokens found in the prefix cache (their K/V copied or reused, not computed).
+    num_cached_prompt: int = 0
     finish_reason: FinishReason | None = None
     # Sampling state: the seed actually used (reported to clients) and this request's own generator.
     seed: int | None = None

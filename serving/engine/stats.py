@@ -23,6 +23,9 @@ class EngineStats:
     def on_prompt_tokens(self, n: int) -> None:
         """n prompt tokens were computed (prefilled)."""
 
+    def on_prefix_cache(self, queries: int, hits: int) -> None:
+        """Prompts looked up in the prefix cache: `queries` prompt tokens, of which `hits` were found."""
+
     def on_token(self, seq: "Sequence", now: float) -> None:
         """seq generated a token at `now`; seq.last_token_time is still the previous token's time (or None)."""
 
