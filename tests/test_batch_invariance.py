@@ -1,7 +1,8 @@
 """Batch invariance end to end: a real server process with a GPT-2 124M-shaped model (random weights) and the
 default settings gives each greedy and each seeded request byte for byte the same completion, logprobs included,
 whether it runs alone or among 15 others (different prompt lengths, prompts long enough to be chunked, requests
-joining while others decode).
+joining while others decode), and with its prompt's K/V taken from the prefix cache (the concurrent run repeats
+the solo run's prompts, which the cache still holds) or computed.
 
 Random 124M weights give nearly uniform logits, so a greedy or sampled token flips on a change in the last bit of
 a logit: the logprobs are compared exactly too. Slow (a 500 MB model, graphs compiled on first use), so one test.
@@ -40,6 +41,14 @@ def _result(resp: httpx.Response) -> dict:
     return {"text": choice["text"], "logprobs": choice["logprobs"], "finish_reason": choice["finish_reason"]}
 
 
+def _metric(url: str, name: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in family.samples:
+            if s.name == name:
+                return s.value
+    raise KeyError(name)
+
+
 def _batch_sizes(url: str) -> tuple[float, float]:
     """(steps, steps that decoded more than 8 sequences) from the server's metrics."""
     samples = {}
@@ -72,8 +81,10 @@ def test_16_concurrent_greedy_and_seeded_requests_equal_their_solo_runs(tmp_path
                 return await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
 
         before = _batch_sizes(server.url)
+        hits = _metric(server.url, "gpt2_prefix_cache_hits_total")
         concurrent = asyncio.run(together())
         assert _batch_sizes(server.url)[1] > before[1]  # some pass decoded more than 8 sequences at once
+        assert _metric(server.url, "gpt2_prefix_cache_hits_total") - hits > 1000  # most prompts were cached
         for i, (a, b) in enumerate(zip(alone, concurrent)):
             assert a == b, f"request {i} differs under load"
         assert len({a["text"] for a in alone}) == N  # distinct requests, not one answer repeated
