@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-seq-len", type=int, default=1024, help="our session's positions per slot (the server's)")
     ap.add_argument("--copy-mb", type=int, default=256, help="array size of the bandwidth measurement")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both frameworks (default: all usable)")
+    ap.add_argument("--quantize", choices=("int8",),
+                    help="our session with int8 weights (the server's --quantize int8); transformers stays float32")
     ap.add_argument("--json", help="write the results here (rewritten after every measurement)")
     args = ap.parse_args(argv)
 
@@ -87,16 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_dict())).eval()
     names = parameter_shapes(cfg)
     weights = {k: v.numpy() for k, v in hf.state_dict().items() if k in names}
-    weight_bytes = sum(a.nbytes for a in weights.values())
+    from model.gpt2 import is_transposed_weight
+    from model.quantize import is_quantized_name
+
+    # The bytes a decode step reads: int8 tensors at a byte per weight plus a float32 scale per output row (HF
+    # layout: a Conv1D weight is [in, out]).
+    weight_bytes = sum(a.size + 4 * a.shape[is_transposed_weight(k)] if args.quantize and is_quantized_name(k)
+                       else a.nbytes for k, a in weights.items())
     ours = GPT2LMHeadModel(cfg)
     load_state_dict(ours, weights)
     del weights
     slots = max(batches + [b for b, _ in prefills + scores])
     # As the server runs it: with the AMX copy of the weights where the CPU has AMX.
-    sess = InferenceSession(ours, num_slots=slots, max_seq_len=args.max_seq_len, packed_weights=True)
+    sess = InferenceSession(ours, num_slots=slots, max_seq_len=args.max_seq_len, packed_weights=True,
+                            quantize=args.quantize)
     rng = np.random.default_rng(0)
     res: dict = {"layers": args.layers, "threads": threads, "weight_bytes": weight_bytes, "steps": args.steps,
-                 "max_seq_len": args.max_seq_len, "slots": slots, "packed_weights": sess.packed_form, "decode": [], "prefill": [],
+                 "max_seq_len": args.max_seq_len, "slots": slots, "packed_weights": sess.packed_form,
+                 "quantize": args.quantize, "decode": [], "prefill": [],
                  "score": []}
     print(f"GPT-2 {args.layers} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, fp32, {threads} threads; "
           f"our session: {slots} slots x {args.max_seq_len} positions"

@@ -26,6 +26,7 @@ import numpy as np
 from .atomic_write import write_atomically
 from .config import GPT2Config
 from .gpt2 import GPT2LMHeadModel, is_transposed_weight, weights_loaded_later
+from .quantize import dequantize_state, is_quantized
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -150,8 +151,22 @@ def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2
     weights = find_weights(path)
     with weights_loaded_later():
         model = cls(cfg, compute_dtype=compute_dtype)
-    load_state_dict(model, read_weights(weights), source=weights)
+    state, int8 = _float_state(read_weights(weights), cfg, weights)
+    load_state_dict(model, state, source=weights)
+    # A quantized directory (model.quantize): the model holds the dequantized weights, and an int8 session
+    # (InferenceSession(quantize="int8")) runs the stored int8 weights and scales as they are.
+    model.int8_weights = int8
     return model
+
+
+def _float_state(state: Mapping[str, np.ndarray], cfg: GPT2Config, source: str) -> tuple[Mapping, dict | None]:
+    # A quantized directory's state as the float32 state dict it stands for, and its int8 weights.
+    if not is_quantized(cfg):
+        return state, None
+    try:
+        return dequantize_state(state)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def save_model_dir(model, path: str | os.PathLike, *, weights_format: str = "safetensors",
@@ -171,7 +186,7 @@ def write_model_dir(path: str | os.PathLike, cfg: GPT2Config, state: Mapping[str
     """
     if weights_format not in WEIGHTS_FORMATS:
         raise ValueError(f"unknown weights format {weights_format!r}; use one of {', '.join(WEIGHTS_FORMATS)}")
-    check_state_dict(state, cfg, source="weights to save")
+    check_state_dict(_float_state(state, cfg, "weights to save")[0], cfg, source="weights to save")
 
     def write(tmp: str) -> None:
         cfg.to_json(os.path.join(tmp, CONFIG_NAME))

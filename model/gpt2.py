@@ -80,16 +80,21 @@ def ln_linear(kern, form, x, ln, w, wp, *rest):
     """`linear` of ln(x) (a LayerNorm cell) as one kernel call: form 5 plain, 6 with GELU, 7 without a bias."""
     if wp is None:
         return kern[form](x, ln.weight, ln.bias, ln.eps, w, *rest)
-    return kern[form](x, ln.weight, ln.bias, ln.eps, wp, *rest)
+    if len(wp) == 2:
+        return kern[form](x, ln.weight, ln.bias, ln.eps, wp[0], wp[1], *rest)
+    return kern[form](x, ln.weight, ln.bias, ln.eps, wp[0], *rest)
 
 
 def linear(kern, form, x, w, wp, *rest):
     """The CPU kernels' Linear `form` (0 plain, 1 with GELU, 2 with a residual) on x with weight w, or with its
-    session's packed copy wp alone when there is one (w is then never read: the session may free it); rest: the
-    bias, then the residual."""
+    session's packing wp alone when there is one (w is then never read: the session may free it); rest: the bias,
+    then the residual. wp is a tuple: (packed,) for the float kernels, or (int8 panels, scales) for the Q8 kernels
+    (then kern is model.kernels.step_kernels_q8's ops in StepKernels' order)."""
     if wp is None:
         return kern[form](x, w, *rest)
-    return kern[form](x, wp, *rest)
+    if len(wp) == 2:
+        return kern[form](x, wp[0], wp[1], *rest)
+    return kern[form](x, wp[0], *rest)
 
 
 def is_transposed_weight(name: str) -> bool:
@@ -118,7 +123,7 @@ class Conv1D(nn.Cell):
     # otherwise. The kernels measured as fast or faster than MindSpore's MatMul at 1 to 512 rows, and they keep no
     # per-graph copy of the weights: MindSpore's CPU MatMul packs each constant weight once per compiled graph and
     # keeps the copy (+360 MB RSS per 256-token prefill graph of GPT-2 124M).
-    # `wp` is the session's AMX packing of this weight (model.kernels.pack_weight_amx) or None.
+    # `wp` is the session's packing of this weight (see `linear`) or None.
     def infer(self, x, kern, wp=None):
         if kern is not None:
             return linear(kern, 0, x, self.weight, wp, self.bias)
@@ -366,16 +371,23 @@ class GPT2Model(nn.Cell):
             x = block(x, bias)
         return self.ln_f(x)
 
-    def cached(self, input_ids, step, k_caches, v_caches, kern, packed=None):
+    def cached(self, input_ids, step, k_caches, v_caches, kern, packed=None, per=1, wte_q=None):
         """The step over the KV cache (see GPT2Attention.cached for the row layout).
 
         input_ids (B, T) int32; step the step_inputs tuple; kern the session's model.kernels.StepKernels, or None for
         MindSpore's ops; packed: the session's packings of every block's projections (4 per block, in
-        GPT2Block.projections order) or None -> hidden (B, T, d) before ln_f (step_logits applies it).
+        GPT2Block.projections order, `per` Parameters each: 1 packed float copy, or 2 for int8 panels and scales)
+        or None; wte_q: (int8 rows (V, d), scales (V,)) when the token embedding is read quantized (the int8
+        session frees the float table) -> hidden (B, T, d) before ln_f (step_logits applies it).
         """
         positions, _, _, _, _, _, scales, context_pos = step
         b, t = input_ids.shape
-        x = self.embed(input_ids, ops.maximum(positions, 0))
+        pos = ops.maximum(positions, 0)
+        if wte_q is None:
+            x = self.embed(input_ids, pos)
+        else:
+            rows = ops.cast(ops.gather(wte_q[0], input_ids, 0), ms.float32)
+            x = rows * ops.gather(wte_q[1], input_ids, 0).reshape(b, t, 1) + self.wpe(pos)
         bias = None
         if kern is None:
             # Context row j of a slot holds position j: a query at position p sees j <= p (its own slot's past and
@@ -385,8 +397,12 @@ class GPT2Model(nn.Cell):
             bias = ops.select(allowed, ops.zeros((), ms.float32), ops.full((), MASK_VALUE, dtype=ms.float32))
         for i, block in enumerate(self.h):
             wps = (None, None, None, None)
-            if packed is not None:
-                wps = (packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3])
+            if packed is not None and per == 1:
+                wps = ((packed[4 * i],), (packed[4 * i + 1],), (packed[4 * i + 2],), (packed[4 * i + 3],))
+            elif packed is not None:
+                j = 8 * i
+                wps = ((packed[j], packed[j + 1]), (packed[j + 2], packed[j + 3]), (packed[j + 4], packed[j + 5]),
+                       (packed[j + 6], packed[j + 7]))
             x = block.cached(x, k_caches[i], v_caches[i], step, bias, scales[i : i + 1], kern, wps)
         return x
 
@@ -416,14 +432,17 @@ class GPT2LMHeadModel(nn.Cell):
 
     def step_logits(self, hidden, kern, wp=None):
         # lm_logits of ln_f(hidden) for the inference step: with kern, one CPU kernel call (ln_f fused, no bias);
-        # wp: the session's packing of the tied embedding, or None.
+        # wp: the session's packing of the tied embedding (a tuple, see `linear`), or None.
         ln = self.transformer.ln_f
         if kern is not None:
-            # The tied embedding with its packing: N (the vocabulary) need not be a multiple of the panel width.
             w = self.transformer.wte.weight
             if wp is None:
                 return kern[7](hidden, ln.weight, ln.bias, ln.eps, w)
-            return kern[5](hidden, ln.weight, ln.bias, ln.eps, w, wp)
+            if len(wp) == 2:  # int8 panels and scales: the scales give N
+                return kern[7](hidden, ln.weight, ln.bias, ln.eps, wp[0], wp[1])
+            # The float packing comes with the table itself: N (the vocabulary) need not be a multiple of the
+            # panel width.
+            return kern[5](hidden, ln.weight, ln.bias, ln.eps, w, wp[0])
         return self.lm_logits(ln(hidden))
 
     def lm_logits(self, hidden):

@@ -57,11 +57,16 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out) + (hi,)
 
 
-def _packed(weight: Parameter, form: str) -> Parameter:
-    # A copy of `weight` packed for the kernels' Linear ("panels" or "amx"), named after it
-    # (e.g. transformer.h.0.mlp.c_fc.weight.panels).
-    pack = kernels.pack_weight_amx if form == "amx" else kernels.pack_panels
-    return Parameter(Tensor(pack(weight.asnumpy())), name=f"{weight.name}.{form}", requires_grad=False)
+def _packed(weight: Parameter, form: str, int8: dict | None = None) -> tuple[Parameter, ...]:
+    # `weight` packed for the kernels' Linear, as Parameters named after it (e.g.
+    # transformer.h.0.mlp.c_fc.weight.panels): ("panels" or "amx") one packed copy; ("int8") the int8 panels and
+    # the per-row scales, from `int8` (name -> (q, scale), a quantized model directory's) or quantized now.
+    if form != "int8":
+        pack = kernels.pack_weight_amx if form == "amx" else kernels.pack_panels
+        return (Parameter(Tensor(pack(weight.asnumpy())), name=f"{weight.name}.{form}", requires_grad=False),)
+    q, scale = (int8 or {}).get(weight.name) or kernels.quantize_int8(weight.asnumpy())
+    return (Parameter(Tensor(kernels.pack_panels_int8(q)), name=f"{weight.name}.int8", requires_grad=False),
+            Parameter(Tensor(scale), name=f"{weight.name}.scale", requires_grad=False))
 
 
 class _StepCell(nn.Cell):
@@ -94,13 +99,23 @@ class _StepCell(nn.Cell):
         self.head_offset = Tensor(np.arange(cfg.n_head, dtype=np.int32) * max_seq_len)
         self.kern = kern  # the CPU kernels' ops, or None: MindSpore's ops
         # Every block's projections and the LM head (the tied embedding) packed for the kernels' Linear: a copy, not
-        # updated if the weights change.
-        self.packed = self.packed_head = None
+        # updated if the weights change. int8 also reads the token embedding quantized (wte_q; the LM head's scales).
+        self.packed = self.packed_head = self.wte_q = None
+        self.per = 2 if packed_form == "int8" else 1
         if packed_form is not None:
-            self.packed_head = _packed(model.transformer.wte.weight, packed_form)
+            int8 = getattr(model, "int8_weights", None) or {}
+            wte = model.transformer.wte.weight
             self.packed = ms.ParameterTuple(
-                _packed(proj.weight, packed_form) for block in model.transformer.h for proj in block.projections()
+                p for block in model.transformer.h for proj in block.projections()
+                for p in _packed(proj.weight, packed_form, int8)
             )
+            if packed_form == "int8":
+                q, scale = int8.get(wte.name) or kernels.quantize_int8(wte.asnumpy())
+                int8 = {wte.name: (q, scale)}
+                self.wte_q = ms.ParameterTuple((
+                    Parameter(Tensor(q), name=f"{wte.name}.int8_rows", requires_grad=False),
+                    Parameter(Tensor(scale.copy()), name=f"{wte.name}.int8_rows_scale", requires_grad=False)))
+            self.packed_head = ms.ParameterTuple(_packed(wte, packed_form, int8))
 
     @ms.jit
     def construct(self, input_ids, positions, write_base, read_base, meta, scales, context_pos, logits_rows):
@@ -113,7 +128,8 @@ class _StepCell(nn.Cell):
             read_base.reshape(-1, 1, 1) + self.head_offset.reshape(1, nh, 1) + context_pos.reshape(1, 1, -1)
         ).reshape(-1)  # (B*nh*C,)
         step = step_inputs(positions, write_base, write_rows, read_rows, read_base, meta, scales, context_pos)
-        hidden = self.model.transformer.cached(input_ids, step, self.k_cache, self.v_cache, self.kern, self.packed)
+        hidden = self.model.transformer.cached(input_ids, step, self.k_cache, self.v_cache, self.kern, self.packed,
+                                               self.per, self.wte_q)
         if logits_rows is None:
             return self.model.step_logits(hidden, self.kern, self.packed_head)  # (B, T, V)
         last = ops.gather(hidden.reshape(-1, hidden.shape[-1]), logits_rows, 0)  # (B, d)
@@ -172,12 +188,18 @@ class InferenceSession:
         context_buckets: Sequence[int] | None = None,
         cpu_kernels: bool | None = None,
         packed_weights: bool = False,
+        quantize: str | None = None,
     ) -> None:
         """cpu_kernels: use model.kernels' CPU kernels for the step (None: whenever they are available).
         packed_weights: with the CPU kernels, keep a copy of the projections' and the LM head's weights packed for
         `Linear` (model.kernels: panels, or for AMX where the CPU has it; as much memory again as the weights;
         decode several times faster than packing per call). The copy is made here: a session must not outlive a
-        change of the model's weights."""
+        change of the model's weights.
+        quantize: "int8" keeps the projections, the LM head and the token embedding as int8 with a float32 scale
+        per output row (a quantized model directory's own, `model.int8_weights`, or quantized here) and runs the
+        kernels' Q8 ops (activations stay float32); needs the CPU kernels; implies packed weights."""
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         cfg = model.config
         max_seq_len = cfg.n_positions if max_seq_len is None else max_seq_len
         if not 1 <= max_seq_len <= cfg.n_positions:
@@ -215,14 +237,18 @@ class InferenceSession:
         aligned = cfg.n_embd % 32 == 0 and cfg.inner_dim % 32 == 0
         form = "amx" if kernels.amx_available() else "panels"
         self.packed_form = form if packed_weights and cpu_kernels and aligned else None
-        self._cell = _StepCell(
-            model,
-            num_slots,
-            max_seq_len,
-            model.compute_dtype,
-            tuple(kernels.step_kernels()) if cpu_kernels else None,
-            self.packed_form,
-        )
+        kern = tuple(kernels.step_kernels()) if cpu_kernels else None
+        if quantize == "int8":
+            if not cpu_kernels:
+                raise ValueError("quantize='int8' needs the CPU kernels (CPU target, float32, a C compiler, "
+                                 f"{kernels.ENV_SWITCH} not 0)")
+            q8 = kernels.step_kernels_q8()
+            # StepKernels' order, so that the model's forms index both alike
+            kern = (q8.linear, q8.linear_gelu, q8.linear_add, kern[3], q8.linear_nobias, q8.ln_linear,
+                    q8.ln_linear_gelu, q8.ln_linear_nobias)
+            self.packed_form = "int8"
+        self.quantize = quantize
+        self._cell = _StepCell(model, num_slots, max_seq_len, model.compute_dtype, kern, self.packed_form)
         # With the kernels' shape functions one graph takes any token count: no padding, no per-size compiles;
         # a single token (batch-1 decode) runs a fixed-shape graph of the same cell (same bits, less overhead).
         self.dynamic = cpu_kernels and kernels.dynamic_shapes()
@@ -243,17 +269,21 @@ class InferenceSession:
 
     @property
     def packed_weights(self) -> bool:
-        """Whether the step uses a packed copy of the weights (self.packed_form: "panels" or "amx")."""
+        """Whether the step uses a packed copy of the weights (self.packed_form: "panels", "amx" or "int8")."""
         return self.packed_form is not None
 
     def release_model_weights(self) -> None:
-        """Free the model's projection weights, which the step never reads once they are packed: the model is then
-        usable only through this session (the server's case; the packed copy no longer doubles their memory)."""
+        """Free the model's projection weights (int8: and the token embedding), which the step never reads once
+        they are packed: the model is then usable only through this session (the server's case; the packed copy
+        no longer doubles their memory)."""
         if not self.packed_weights:
             raise ValueError("the session has no packed copy of the weights")
-        for block in self.model.transformer.h:
-            for proj in block.projections():
-                proj.weight.set_data(Tensor(np.zeros((0,), np.float32)), slice_shape=True)
+        weights = [proj.weight for block in self.model.transformer.h for proj in block.projections()]
+        if self.packed_form == "int8":
+            weights.append(self.model.transformer.wte.weight)
+            self.model.int8_weights = None
+        for w in weights:
+            w.set_data(Tensor(np.zeros((0,), np.float32)), slice_shape=True)
 
     @property
     def can_copy_prefix(self) -> bool:
@@ -610,6 +640,7 @@ def _default_session(model: GPT2LMHeadModel, prompt_ids) -> InferenceSession:
     n = 1 if single else len(prompt_ids)
     sess = model.__dict__.get("_generate_session")
     if sess is None or sess.num_slots < n:
-        sess = InferenceSession(model, num_slots=max(n, 1))
+        # quantize: what textgen's from_pretrained(quantize=...) asked for (the int8 copy is made here, once)
+        sess = InferenceSession(model, num_slots=max(n, 1), quantize=model.__dict__.get("quantize"))
         model.__dict__["_generate_session"] = sess
     return sess

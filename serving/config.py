@@ -18,6 +18,7 @@ from typing import Any
 ENV_PREFIX = "GPT2_"
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
 ACCESS_LOG = ("json", "off")
+QUANTIZE = ("int8",)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,9 @@ class Settings:
     compile_cache: str = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-mindspore"
                              / "graphs")
     device_target: str = "CPU"  # MindSpore device: CPU, GPU or Ascend
+    # "int8": projections, LM head and embedding as int8 with per-row scales (model/quantize.py); a quantized model
+    # directory is served int8 without it.
+    quantize: str | None = None
     compute_dtype: str = "float32"
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
@@ -93,6 +97,8 @@ class Settings:
             )
         if self.access_log not in ACCESS_LOG:
             raise ValueError(f"access_log must be one of {ACCESS_LOG}, got {self.access_log!r}")
+        if self.quantize not in (None, *QUANTIZE):
+            raise ValueError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.device_target not in DEVICE_TARGETS:
             raise ValueError(f"device_target must be one of {DEVICE_TARGETS}, got {self.device_target!r}")
         if not 0 <= self.port <= 65535:
@@ -169,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="compile the step graph at every start")
     a("--device-target", choices=DEVICE_TARGETS, help="MindSpore device (default CPU)")
     a("--compute-dtype", choices=("float32", "float16", "bfloat16"), help="matmul dtype (float16/bfloat16 for Ascend)")
+    a("--quantize", choices=QUANTIZE,
+      help="int8: weights as int8 with a float32 scale per output row, quantized at load (a directory written by "
+      "tools/convert_weight.py --quantize int8 is served int8 as it is); needs the CPU kernels")
     a("--max-stop-sequences", type=int)
     a("--max-top-n-tokens", type=int)
     a("--max-n", type=int)
@@ -199,6 +208,7 @@ class ModelInfo:
     n_positions: int
     vocab_size: int
     eos_token_id: int
+    quantized: bool = False  # config.json records int8 weights (model/quantize.py)
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelInfo":
@@ -210,6 +220,8 @@ class ModelInfo:
             n_positions=int(cfg.get("n_positions", cfg.get("n_ctx", 1024))),
             vocab_size=int(cfg.get("vocab_size", 50257)),
             eos_token_id=int(cfg.get("eos_token_id", 50256)),
+            # model.quantize.QUANT_METHOD (not imported: this module stays free of MindSpore)
+            quantized=(cfg.get("quantization_config") or {}).get("quant_method") == "gpt2_int8_weight_only",
         )
 
 
@@ -222,6 +234,7 @@ class EngineConfig:
     max_batched_tokens: int = 256
     prefill_chunk: int = 256
     prefix_caching: bool = True
+    quantize: str | None = None  # the weights' form: Settings.quantize, or "int8" for a quantized directory
     prefix_block: int = 16  # tokens per prefix-cache block (vLLM's default block size)
     # Consecutive failed steps after which the engine declares itself dead (each failure fails its requests).
     max_consecutive_failures: int = 3
@@ -273,4 +286,5 @@ class EngineConfig:
             max_batched_tokens=batched,
             prefill_chunk=min(s.prefill_chunk, batched),
             prefix_caching=s.prefix_caching,
+            quantize=s.quantize or ("int8" if info.quantized else None),
         )

@@ -8,7 +8,8 @@
  * Each op is called as MindSpore calls an AOT Custom op: (nparam, params, ndims, shapes, dtypes, NULL, NULL), the
  * outputs last among params. All integers in the files are little-endian int64. CALLS holds, per call: the op's
  * name (length, bytes), flush (1: the caller's thread flushes denormals), the tensor count, then per tensor its
- * dtype (0 float32, 1 int32), ndim, shape and data (4 bytes an element). A name of length 0 ends the list.
+ * dtype (0 float32, 1 int32, 2 int8; passed to the op by MindSpore's names), ndim, shape and data (4 bytes an
+ * element, 1 for int8). A name of length 0 ends the list.
  * RESULTS holds, per call: the status, then every tensor's data after the call (outputs, caches written in place).
  */
 #include <stdint.h>
@@ -27,13 +28,24 @@ int LinearAdd(int, void **, int *, int64_t **, const char **, void *, void *);
 int CachedAttention(int, void **, int *, int64_t **, const char **, void *, void *);
 int LnLinear(int, void **, int *, int64_t **, const char **, void *, void *);
 int LnLinearGelu(int, void **, int *, int64_t **, const char **, void *, void *);
+int LinearQ8(int, void **, int *, int64_t **, const char **, void *, void *);
+int LinearQ8Gelu(int, void **, int *, int64_t **, const char **, void *, void *);
+int LinearQ8Add(int, void **, int *, int64_t **, const char **, void *, void *);
+int LnLinearQ8(int, void **, int *, int64_t **, const char **, void *, void *);
+int LnLinearQ8Gelu(int, void **, int *, int64_t **, const char **, void *, void *);
 int PanelWidth(void);
 
 static const struct {
     const char *name;
     aot_op fn;
 } OPS[] = {{"Linear", Linear}, {"LinearGelu", LinearGelu}, {"LinearAdd", LinearAdd},
-           {"CachedAttention", CachedAttention}, {"LnLinear", LnLinear}, {"LnLinearGelu", LnLinearGelu}};
+           {"CachedAttention", CachedAttention}, {"LnLinear", LnLinear}, {"LnLinearGelu", LnLinearGelu},
+           {"LinearQ8", LinearQ8}, {"LinearQ8Gelu", LinearQ8Gelu}, {"LinearQ8Add", LinearQ8Add},
+           {"LnLinearQ8", LnLinearQ8}, {"LnLinearQ8Gelu", LnLinearQ8Gelu}};
+
+/* MindSpore's dtype names (an AOT op gets them as strings) and element sizes, by the files' dtype code. */
+static const char *const DTYPE_NAMES[] = {"float32", "int32", "int8"};
+static const size_t DTYPE_SIZES[] = {4, 4, 1};
 
 #define MAX_PARAMS 16
 #define MAX_DIMS 8
@@ -99,8 +111,8 @@ int main(int argc, char **argv) {
         size_t bytes[MAX_PARAMS];
         for (int64_t p = 0; p < n; p++) {
             const int64_t dtype = read_i64(), nd = read_i64();
-            if ((dtype != 0 && dtype != 1) || nd < 1 || nd > MAX_DIMS) die("bad tensor header");
-            dtypes[p] = dtype ? "int32" : "float32";
+            if (dtype < 0 || dtype > 2 || nd < 1 || nd > MAX_DIMS) die("bad tensor header");
+            dtypes[p] = DTYPE_NAMES[dtype];
             ndims[p] = (int)nd;
             size_t count = 1;
             for (int64_t d = 0; d < nd; d++) {
@@ -108,7 +120,7 @@ int main(int argc, char **argv) {
                 count *= (size_t)dims[p][d];
             }
             shapes[p] = dims[p];
-            bytes[p] = count * 4;
+            bytes[p] = count * DTYPE_SIZES[dtype];
             params[p] = aligned_alloc(64, (bytes[p] + 63) & ~(size_t)63);
             if (!params[p] || fread(params[p], 1, bytes[p], in) != bytes[p]) die("truncated tensor");
         }

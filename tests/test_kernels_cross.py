@@ -5,7 +5,8 @@ with the real build's flags, and portably (x86-64 without AVX: the kernels' port
 
 They must match numpy (float64), keep a row's (a token's) bits independent of the rest of the call, compute with
 the calling thread's denormal mode on every thread, and agree bitwise across builds where the arithmetic is the same
-(Linear everywhere; attention between NEON and portable, whose vector sums add lanes in the same order).
+(Linear and its int8-weight form LinearQ8 everywhere; attention between NEON and portable, whose vector sums add
+lanes in the same order).
 
 The ARM build needs Debian's gcc-aarch64-linux-gnu and qemu-user (`make test` installs them when run as root, as CI
 does); without them the tests fail saying so, never skip.
@@ -34,6 +35,7 @@ BUILDS = ("aarch64", "native", "portable")
 THREADS = (1, 3)
 # The real build's flags, less those for a shared library.
 FLAGS = [f for f in kernels.CFLAGS if f not in ("-shared", "-fPIC")]
+DTYPE_CODES = {np.dtype(np.float32): 0, np.dtype(np.int32): 1, np.dtype(np.int8): 2}  # kernel_harness.c's
 MISSING_CROSS_TOOLS = (
     "the ARM kernel tests need gcc-aarch64-linux-gnu and qemu-user: `apt-get install gcc-aarch64-linux-gnu "
     "qemu-user` (`make test` does it when run as root)"
@@ -66,8 +68,8 @@ class Harness:
         for c in calls:
             blob += struct.pack("<q", len(c.op)) + c.op.encode() + struct.pack("<qq", c.flush, len(c.tensors))
             for t in c.tensors:
-                assert t.dtype in (np.float32, np.int32) and t.flags.c_contiguous
-                blob += struct.pack(f"<qq{t.ndim}q", t.dtype == np.int32, t.ndim, *t.shape) + t.tobytes()
+                assert t.dtype in DTYPE_CODES and t.flags.c_contiguous
+                blob += struct.pack(f"<qq{t.ndim}q", DTYPE_CODES[t.dtype], t.ndim, *t.shape) + t.tobytes()
         blob += struct.pack("<q", 0)
         (tmp / "calls.bin").write_bytes(bytes(blob))
         env = {**os.environ, "GPT2_KERNEL_THREADS": str(threads)}
@@ -145,10 +147,11 @@ ROW_COUNTS = range(1, 18)  # 1 .. MR + 3 for every build (MR: 4 portable, 6 AVX2
 
 
 def _panels(w: np.ndarray, nr: int) -> np.ndarray:
-    # model.kernels.pack_panels for a given panel width (that one asks this machine's library).
+    # model.kernels.pack_panels (float32) or pack_panels_int8 (int8) for a given panel width (those ask this
+    # machine's library).
     n, k = w.shape
     p = -(-n // nr)
-    padded = np.zeros((p * nr, k), np.float32)
+    padded = np.zeros((p * nr, k), w.dtype)
     padded[:n] = w
     return np.ascontiguousarray(padded.reshape(p, nr, k).transpose(0, 2, 1))
 
@@ -261,6 +264,110 @@ def test_layer_norm_fused_into_linear_matches_numpy_and_keeps_a_rows_bits(harnes
     assert np.abs(got[2][-1] - gelu).max() / scale < 1e-5
     assert np.abs(got[3][-1] - (ref - b)).max() / scale < 1e-5  # no bias (the LM head)
     assert np.array_equal(got[4][-1], got[2][-1][3:4]) and np.array_equal(got[5][-1], got[2][-1][60:70])
+
+
+# ---- LinearQ8: int8 weights ----------------------------------------------------------------------------------
+
+
+def _gelu(v: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return v / (1 + np.exp(-1.5957691216057308 * (v + 0.044715 * v**3)))
+
+
+def _q8_case(n: int, k: int, nr: int):
+    """As _linear_case for the Q8 ops (int8 panels and per-column scales), plus Linear on the same weights as
+    float32 (q converted) against LinearQ8 with scales of 1: one FMA chain, so the same bits."""
+    rng = np.random.default_rng(n * 1000 + k + 1)
+    x = rng.standard_normal((M, k), np.float32) * 2
+    q, s = kernels.quantize_int8(rng.standard_normal((n, k), np.float32))
+    wq = _panels(q, nr)
+    b = rng.standard_normal(n).astype(np.float32)
+    r = rng.standard_normal((M, n)).astype(np.float32)
+    ref = x.astype(np.float64) @ (q.astype(np.float64) * s[:, None]).T + b
+
+    def y(m: int) -> np.ndarray:
+        return np.full((m, n), np.nan, np.float32)
+
+    full = [
+        (Call("LinearQ8", (x, wq, s, y(M))), ref - b),
+        (Call("LinearQ8", (x, wq, s, b, y(M))), ref),
+        (Call("LinearQ8Gelu", (x, wq, s, b, y(M))), _gelu(ref)),
+        (Call("LinearQ8Add", (x, wq, s, b, r, y(M))), ref + r),
+    ]
+    parts = [(0, m) for m in ROW_COUNTS] + [(M - m, M) for m in (1, 5, 17)] + [(i, i + 1) for i in (0, 35, M - 1)]
+    sub = [Call("LinearQ8Gelu", (x[a:e].copy(), wq, s, b, y(e - a))) for a, e in parts]
+    ones, qf = np.ones(n, np.float32), q.astype(np.float32)
+    same = [(Call("LinearQ8", (x[a:e].copy(), wq, ones, b, y(e - a))), Call("Linear", (x[a:e].copy(), qf, b, y(e - a))))
+            for a, e in ((0, M), (35, 36))]
+    return full, parts, sub, same
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_linear_q8_matches_numpy_keeps_a_rows_bits_and_computes_linears_chains(harness, threads, tmp_path):
+    calls, cases = [], []
+    for n, k in SHAPES:
+        case = _q8_case(n, k, harness.panel_width)
+        cases.append(case)
+        full, _, sub, same = case
+        calls += [c for c, _ in full] + sub + [c for pair in same for c in pair]
+    results = iter(harness.run(calls, threads, tmp_path))
+    for full, parts, _, same in cases:
+        outs = [next(results)[-1] for _ in full]
+        for got, (call, want) in zip(outs, full):
+            assert np.abs(got - want).max() / (1 + np.abs(want).max()) < 1e-5, call.op
+        for a, e in parts:
+            assert np.array_equal(next(results)[-1], outs[2][a:e]), (a, e)
+        for _ in same:
+            assert np.array_equal(next(results)[-1], next(results)[-1])
+    assert next(results, None) is None
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_linear_q8_over_many_rows_runs_in_passes_with_the_same_bits(harness, threads, tmp_path):
+    # As test_linear_over_many_rows_runs_in_passes_with_the_same_bits: the int8 blocks converted per pass.
+    rng = np.random.default_rng(8)
+    m, n, k = 1900, 72, 48
+    x = rng.standard_normal((m, k), np.float32)
+    q, s = kernels.quantize_int8(rng.standard_normal((n, k), np.float32))
+    wq = _panels(q, harness.panel_width)
+    b = rng.standard_normal(n).astype(np.float32)
+
+    def call(rows: slice) -> Call:
+        xr = x[rows].copy()
+        return Call("LinearQ8", (xr, wq, s, b, np.full((len(xr), n), np.nan, np.float32)))
+
+    big, part, one = harness.run([call(slice(0, m)), call(slice(1795, 1810)), call(slice(1899, m))], threads, tmp_path)
+    ref = x.astype(np.float64) @ (q.astype(np.float64) * s[:, None]).T + b
+    assert np.abs(big[-1] - ref).max() < 1e-4
+    assert np.array_equal(part[-1], big[-1][1795:1810]) and np.array_equal(one[-1], big[-1][1899:])
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_layer_norm_fused_into_linear_q8_matches_numpy_and_keeps_a_rows_bits(harness, threads, tmp_path):
+    rng = np.random.default_rng(12)
+    m, n, k = 70, 100, 48
+    x = (rng.standard_normal((m, k)) * 3 + 1).astype(np.float32)
+    g, beta = rng.standard_normal(k).astype(np.float32), rng.standard_normal(k).astype(np.float32)
+    eps = np.array([1e-5], np.float32)
+    q, s = kernels.quantize_int8(rng.standard_normal((n, k), np.float32))
+    wq = _panels(q, harness.panel_width)
+    b = rng.standard_normal(n).astype(np.float32)
+
+    def call(op, rows, *rest):
+        return Call(op, (x[rows].copy(), g, beta, eps, wq, s, *rest, np.full((len(x[rows]), n), np.nan, np.float32)))
+
+    every = slice(0, m)
+    got = harness.run([call("LnLinearQ8", every, b), call("LnLinearQ8Gelu", every, b), call("LnLinearQ8", every),
+                       call("LnLinearQ8Gelu", slice(3, 4), b), call("LnLinearQ8Gelu", slice(60, 70), b)],
+                      threads, tmp_path)
+    x64 = x.astype(np.float64)
+    ln = (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + 1e-5) * g + beta
+    ref = ln @ (q.astype(np.float64) * s[:, None]).T + b
+    scale = 1 + np.abs(ref).max()
+    assert np.abs(got[0][-1] - ref).max() / scale < 1e-5
+    assert np.abs(got[1][-1] - _gelu(ref)).max() / scale < 1e-5
+    assert np.abs(got[2][-1] - (ref - b)).max() / scale < 1e-5
+    assert np.array_equal(got[3][-1], got[1][-1][3:4]) and np.array_equal(got[4][-1], got[1][-1][60:70])
 
 
 # ---- CachedAttention --------------------------------------------------------------------------------------------
@@ -393,45 +500,58 @@ def test_worker_threads_take_the_callers_denormal_mode(harness, threads, tmp_pat
     # denormals (MindSpore's threads do), on whichever thread computes them; kept where it does not.
     rng = np.random.default_rng(7)
     w = (rng.uniform(0.5, 1, (512, 64)) * 1e-20).astype(np.float32)
+    # int8 weights (1 .. 127, scales of 1) times denormal x: sums below 64 * 127 * 1e-42, denormal too.
+    wq = _panels(rng.integers(1, 128, (512, 64)).astype(np.int8), harness.panel_width)
+    ones = np.ones(512, np.float32)
     calls = []
     for m in (1, 20):  # the few-rows path and the blocked one
         x = (rng.uniform(0.5, 1, (m, 64)) * 1e-20).astype(np.float32)
+        xq = (rng.uniform(0.5, 1, (m, 64)) * 1e-42).astype(np.float32)
         for flush in (False, True):
             calls.append(Call("Linear", (x, w, np.full((m, 512), np.nan, np.float32)), flush=flush))
+            calls.append(Call("LinearQ8", (xq, wq, ones, np.full((m, 512), np.nan, np.float32)), flush=flush))
     results = harness.run(calls, threads, tmp_path)
     for call, got in zip(calls, results):
         y = got[-1]
-        assert (y == 0).all() if call.flush else (y > 0).all(), (call.tensors[0].shape, call.flush)
+        assert (y == 0).all() if call.flush else (y > 0).all(), (call.op, call.tensors[0].shape, call.flush)
 
 
 # ---- across builds ------------------------------------------------------------------------------------------------
 
 
 def test_builds_agree_bitwise_where_their_arithmetic_is_the_same(build, tmp_path):
-    # Linear is one FMA chain per output element in k order with the same epilogue on every path, so every build
-    # gives the same bits; attention's dot products end in a vector sum, whose lane order NEON shares with the
-    # portable path (x86's wider vectors add 8 or 16 lanes).
+    # Linear and LinearQ8 are one FMA chain per output element in k order with the same epilogue on every path, so
+    # every build gives the same bits; attention's dot products end in a vector sum, whose lane order NEON shares
+    # with the portable path (x86's wider vectors add 8 or 16 lanes).
     built = {name: build(name) for name in BUILDS}
-    linear = {name: [c for c, _ in _linear_case(100, 272, h.panel_width)[0][:4]] for name, h in built.items()}
+
+    def linear_calls(nr: int) -> list[Call]:
+        q8_full, _, q8_rows, _ = _q8_case(100, 272, nr)
+        # q8_rows[:8]: the first 1 .. 8 rows, decode's paths
+        return [c for c, _ in _linear_case(100, 272, nr)[0][:4] + q8_full] + q8_rows[:8]
+
+    linear = {name: linear_calls(h.panel_width) for name, h in built.items()}
+    n_linear = len(linear["native"])
     attention = [_attention_case(hs, flat)[0] for hs, flat in ATTENTION_CASES]
     attention += _chunked_prefill_calls([(0, 23)]) + _decode_calls()
     out = {name: h.run(linear[name] + attention, 1, tmp_path) for name, h in built.items()}
     for name in BUILDS:
-        for a, b in zip(out[name][:4], out["native"][:4]):
-            assert np.array_equal(a[-1], b[-1]), name
-    for a, b in zip(out["aarch64"][4:], out["portable"][4:]):
+        for i, (a, b) in enumerate(zip(out[name][:n_linear], out["native"][:n_linear])):
+            assert np.array_equal(a[-1], b[-1]), (name, linear[name][i].op)
+    for a, b in zip(out["aarch64"][n_linear:], out["portable"][n_linear:]):
         assert np.array_equal(a[-1], b[-1])
 
 
 def test_the_arm_build_multiplies_with_neon_fmas(build):
-    # The Linear micro-kernel's multiply-adds are NEON FMLAs by element (a row's x broadcast from a lane), and
-    # nothing falls back to scalar FMAs.
+    # The Linear micro-kernel's multiply-adds are NEON FMLAs by element (a row's x broadcast from a lane), int8
+    # weights are widened and converted four at a time, and nothing falls back to scalar FMAs.
     h = build("aarch64")
     objdump = shutil.which("aarch64-linux-gnu-objdump") or shutil.which("objdump")
     if objdump is None:
         pytest.fail(MISSING_CROSS_TOOLS)
     text = subprocess.run([objdump, "-d", str(h.obj)], capture_output=True, text=True, timeout=60, check=True).stdout
     assert re.search(r"fmla\s+v\d+\.4s, v\d+\.4s, v\d+\.s\[\d\]", text)
+    assert re.search(r"sxtl\s+v\d+\.8h, v\d+\.8b", text) and re.search(r"scvtf\s+v\d+\.4s, v\d+\.4s", text)
     scalar = re.findall(r"\bfmadd\s+s\d+", text)
     # NEON's vfma is written per lane (cpu_kernels.c says why); code that reads a vector's lanes one by one can
     # lead the compiler to do those FMAs one lane at a time.

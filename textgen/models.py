@@ -51,9 +51,17 @@ class GPT2LMHeadModel(_GPT2LMHeadModel):
     name, "gpt2"), save_pretrained and greedy generate."""
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, compute_dtype="float32") -> "GPT2LMHeadModel":
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, compute_dtype="float32",
+                        quantize: str | None = None) -> "GPT2LMHeadModel":
+        """quantize="int8": generate (and pipelines over this model) run int8 weights with per-row scales
+        (model.quantize), quantized when the first generation builds its session; a quantized directory is run
+        int8 whatever this says (its stored weights as they are)."""
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         ensure_device()
-        return load_model_dir(resolve_model_dir(name_or_path), compute_dtype=compute_dtype, cls=cls)
+        model = load_model_dir(resolve_model_dir(name_or_path), compute_dtype=compute_dtype, cls=cls)
+        model.quantize = "int8" if quantize or model.int8_weights is not None else None
+        return model
 
     def save_pretrained(self, path: str | os.PathLike, *, weights_format: str = "safetensors",
                         tokenizer_dir: str | None = None) -> None:

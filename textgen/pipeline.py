@@ -31,12 +31,14 @@ def pipeline(
     *,
     tokenizer: Any = None,
     max_length: int = 50,
+    quantize: str | None = None,
     **defaults: Any,
 ) -> "TextGenerationPipeline":
     """A text-generation pipeline over a model directory, an embedded model name, or a loaded model.
 
-    `max_length` counts prompt plus generated tokens (as in MindFormers and Hugging Face); `defaults` are
-    generation settings used when a call does not give them (top_k, top_p, temperature, do_sample, seed, ...).
+    `max_length` counts prompt plus generated tokens (as in MindFormers and Hugging Face); `quantize="int8"` runs
+    int8 weights (see GPT2LMHeadModel.from_pretrained); `defaults` are generation settings used when a call does
+    not give them (top_k, top_p, temperature, do_sample, seed, ...).
     """
     if task not in TASKS:
         raise ValueError(f"unsupported task {task!r}; this package provides {', '.join(map(repr, TASKS))}")
@@ -45,11 +47,15 @@ def pipeline(
 
     if isinstance(model, (str, os.PathLike)):
         model_dir = resolve_model_dir(model)
-        model = GPT2LMHeadModel.from_pretrained(model_dir)
+        model = GPT2LMHeadModel.from_pretrained(model_dir, quantize=quantize)
         if tokenizer is None:
             tokenizer = _tokenizer_for(model_dir)
     if tokenizer is None:
         tokenizer = GPT2Tokenizer.from_pretrained("gpt2")
+    elif quantize is not None:
+        if quantize != "int8":
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        model.quantize = quantize
     return TextGenerationPipeline(model, tokenizer, max_length=max_length, **defaults)
 
 
@@ -166,7 +172,8 @@ class TextGenerationPipeline:
             n = self.model.config.n_positions
             # Few buckets: each compiles once (seconds); a short prompt padded to 64 costs little.
             chunks = sorted({1, min(64, n), min(512, n)})
-            self._session = InferenceSession(self.model, num_slots=1, max_seq_len=n, batch_buckets=(1,), chunk_buckets=chunks)
+            self._session = InferenceSession(self.model, num_slots=1, max_seq_len=n, batch_buckets=(1,),
+                                             chunk_buckets=chunks, quantize=self.model.__dict__.get("quantize"))
         return self._session
 
 

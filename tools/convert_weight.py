@@ -49,6 +49,7 @@ from model.checkpoint import (  # noqa: E402
 )
 from model.atomic_write import write_atomically  # noqa: E402
 from model.config import PRESETS, GPT2Config  # noqa: E402
+from model.quantize import dequantize_state, is_quantized, mark_quantized, quantize_state, unmark_quantized  # noqa: E402
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -245,6 +246,7 @@ def convert(
     dtype: str = "float32",
     tokenizer_dir: str | None = None,
     overwrite: bool = False,
+    quantize: str | None = None,
 ) -> Summary:
     """Convert a Hugging Face or MindFormers checkpoint (file or directory) into this project's format.
 
@@ -256,7 +258,14 @@ def convert(
     layers: expected layer count (MindFormers' --layers); a mismatch is an error.
     overwrite: replace a destination directory that is neither empty nor a model directory (FileExistsError
       otherwise, before anything is read or written).
+    quantize: "int8" writes a quantized model directory (model.quantize: the projections and the embedding int8
+      with per-row scales, recorded in config.json); a quantized source is read as the float weights it stands for.
     """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantization {quantize!r}; use int8")
+    if quantize and dst.endswith((".ckpt", ".safetensors")):
+        raise ValueError("--quantize writes a model directory (its config.json records the quantization), not a "
+                         "weights file")
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     if source_format not in ("auto", "hf", "mindformers"):
@@ -274,6 +283,9 @@ def convert(
     else:
         weights_path = src
     raw = read_state(weights_path)
+    if src_cfg is not None and is_quantized(src_cfg):
+        raw = dequantize_state(raw)[0]
+        src_cfg = unmark_quantized(src_cfg)
     if source_format == "auto":
         source_format = "mindformers" if any(k.startswith("backbone.") for k in raw) else "hf"
     state, dropped = (from_mindformers if source_format == "mindformers" else from_hf)(raw)
@@ -288,6 +300,8 @@ def convert(
         raise CheckpointError(f"--layers {layers} does not match the checkpoint/config ({cfg.n_layer} layers)")
     check_state_dict(state, cfg, source=f"weights in {weights_path}")
     state = {k: state[k].astype(_DTYPES[dtype]) for k in parameter_shapes(cfg)}
+    if quantize:
+        state, cfg, dtype = quantize_state(state), mark_quantized(cfg), "int8"
 
     if to_file:
         if weights_format is not None and not dst.endswith(weights_format):
@@ -331,8 +345,11 @@ def export_hf(
         cfg = _resolve_config(config)
         if cfg is None:
             raise ValueError("exporting a weights file needs --config or --preset")
-    # A model directory's names and layouts are already Hugging Face's: the state is written as it is.
+    # A model directory's names and layouts are already Hugging Face's: the state is written as it is (a quantized
+    # one's as the float32 weights it stands for: transformers has no loader for it).
     state = read_state(weights_path)
+    if is_quantized(cfg):
+        state, cfg = dequantize_state(state)[0], unmark_quantized(cfg)
     check_state_dict(state, cfg, source=f"weights in {weights_path}")
 
     def write(tmp_dir: str) -> None:
@@ -391,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="weights_format", choices=("safetensors", "ckpt"),
                    help="weights file format of a destination model directory (default safetensors)")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
+    p.add_argument("--quantize", choices=("int8",),
+                   help="write int8 weights with a float32 scale per output row (serve with --quantize int8)")
     p.add_argument("--tokenizer_dir", help="copy tokenizer files from here (default: the source directory's)")
     p.add_argument("--export_hf", action="store_true", help="export a model directory to Hugging Face format")
     p.add_argument("--hf_format", choices=("safetensors", "bin"), default="safetensors")
@@ -416,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             summary = convert(src=src, dst=dst, source_format=args.source_format, config=config, layers=args.layers,
                               weights_format=args.weights_format, dtype=args.dtype, tokenizer_dir=args.tokenizer_dir,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, quantize=args.quantize)
     except (ValueError, TypeError, OSError) as e:  # CheckpointError is a ValueError; no traceback for user errors
         print(f"error: {e}", file=sys.stderr)
         return 1

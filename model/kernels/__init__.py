@@ -24,6 +24,12 @@ the output's scale against 1-2e-6 for float32). Either copy costs as much memory
 updated when they change, so only sessions that ask for it have one; without it `Linear` packs panels per call
 (same arithmetic, slower for few rows). GPT2_AMX=0 turns the AMX form off.
 
+Int8 weights (`--quantize int8`): `quantize_int8` rounds each weight row (output channel) to int8 with one float32
+scale, max |w| / 127, and `pack_panels_int8` lays the int8 out as `pack_panels` does. The Q8 ops
+(`step_kernels_q8`) take those panels and scales in the weight's place and compute x @ (q s)^T with `Linear`'s
+float32 FMA chains, each int8 converted exactly as it streams and each sum times its column's scale before the bias:
+a quarter of the bytes per decode step, the same batch invariance. Activations stay float32.
+
 ARM: on aarch64 (Graviton, Kunpeng, Ampere) the kernels use NEON's 4-float vectors: an 8-row GEMM micro-kernel of
 FMAs by lane, the portable path's lane order in every vector sum (so NEON computes the portable build's bits), and
 worker threads take the caller's FPCR (denormal flushing) as they take its MXCSR on x86. With no ARM machine at
@@ -189,21 +195,57 @@ def panel_width() -> int:
     return int(ctypes.CDLL(path).PanelWidth())
 
 
-def pack_panels(w: np.ndarray) -> np.ndarray:
-    """A (N, K) float32 weight ([out, in]) -> (P, K, NR) float32 for `Linear`: P = ceil(N / NR) panels, panel p
-    holding W^T's columns p*NR .. p*NR+NR-1 k-major (zero past N), NR = panel_width()."""
-    w = np.ascontiguousarray(w, dtype=np.float32)
+def _panels(w: np.ndarray) -> np.ndarray:
+    # (N, K) -> (P, K, NR) in w's dtype: panel p holds W^T's columns p*NR .. p*NR+NR-1 k-major, zero past N.
     nr = panel_width()
     n, k = w.shape
     p = -(-n // nr)
-    out = np.empty((p, k, nr), np.float32)
+    out = np.empty((p, k, nr), w.dtype)
     full = n // nr
     out[:full] = w[: full * nr].reshape(full, nr, k).transpose(0, 2, 1)
     if full < p:
-        last = np.zeros((nr, k), np.float32)
+        last = np.zeros((nr, k), w.dtype)
         last[: n - full * nr] = w[full * nr :]
         out[full] = last.T
     return out
+
+
+def pack_panels(w: np.ndarray) -> np.ndarray:
+    """A (N, K) float32 weight ([out, in]) -> (P, K, NR) float32 for `Linear`: P = ceil(N / NR) panels, panel p
+    holding W^T's columns p*NR .. p*NR+NR-1 k-major (zero past N), NR = panel_width()."""
+    return _panels(np.ascontiguousarray(w, dtype=np.float32))
+
+
+def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A (N, K) float weight ([out, in]) -> (q (N, K) int8, scale (N,) float32), symmetric per output row:
+    scale = max |w[n]| / 127 (1 for a row of zeros), q = clip(rint(w / scale), -127, 127), all in float32, so
+    that w ~ q * scale[:, None]. Works through the rows a few MB at a time: the LM head (50,257 rows) makes no
+    temporaries of its whole size."""
+    w = np.asarray(w)
+    if w.ndim != 2 or w.shape[1] == 0:
+        raise ValueError(f"quantize_int8 takes a (N, K) weight with K > 0, got shape {w.shape}")
+    n, k = w.shape
+    q = np.empty((n, k), np.int8)
+    scale = np.empty(n, np.float32)
+    rows = max(1, (1 << 20) // k)  # 4 MB of float32 per chunk
+    for a in range(0, n, rows):
+        chunk = np.asarray(w[a : a + rows], np.float32)
+        if not np.isfinite(chunk).all():
+            raise ValueError(f"quantize_int8: the weight has NaN or infinite values in rows {a}..{a + len(chunk) - 1}")
+        s = np.abs(chunk).max(axis=1) / np.float32(127)
+        # a row of zeros (or of values so small that the scale underflows): zeros times 1
+        s[s == 0] = 1
+        q[a : a + rows] = np.clip(np.rint(chunk / s[:, None]), -127, 127)
+        scale[a : a + rows] = s
+    return q, scale
+
+
+def pack_panels_int8(q: np.ndarray) -> np.ndarray:
+    """A (N, K) int8 weight (quantize_int8's q) -> (P, K, NR) int8 for the Q8 ops: pack_panels' layout."""
+    q = np.asarray(q)
+    if q.dtype != np.int8 or q.ndim != 2:
+        raise ValueError(f"pack_panels_int8 takes a (N, K) int8 array (quantize_int8's), got {q.dtype} {q.shape}")
+    return _panels(np.ascontiguousarray(q))
 
 
 def _bf16_round(v: np.ndarray) -> np.ndarray:
@@ -237,8 +279,9 @@ def pack_weight_amx(w: np.ndarray) -> np.ndarray:
 
 def _op(name: str, out_shape, inputs: str):
     """A Custom op calling `name` in the library. inputs: one letter per input, f float32, i int32, w a weight
-    (float32, or int32 when packed for AMX). With the library's shape functions (`dynamic_shapes`) the op is
-    registered with its inputs and takes its output shape from C++, so graphs may leave the token axis unknown."""
+    (float32, or int32 when packed for AMX), q int8 (a quantized weight's panels). With the library's shape
+    functions (`dynamic_shapes`) the op is registered with its inputs and takes its output shape from C++, so
+    graphs may leave the token axis unknown."""
     from mindspore import ops
 
     func = f"{library_path()}:{name}"
@@ -250,8 +293,8 @@ def _op(name: str, out_shape, inputs: str):
     for i in range(len(inputs)):
         reg = reg.input(i, f"x{i}")
     reg = reg.output(0, "y")
-    f32, i32 = DataType.F32_Default, DataType.I32_Default
-    for types in product(*[{"f": (f32,), "i": (i32,), "w": (f32, i32)}[c] for c in inputs]):
+    f32, i32, i8 = DataType.F32_Default, DataType.I32_Default, DataType.I8_Default
+    for types in product(*[{"f": (f32,), "i": (i32,), "w": (f32, i32), "q": (i8,)}[c] for c in inputs]):
         reg = reg.dtype_format(*types, f32)
     return ops.Custom(func, out_shape=None, out_dtype=lambda *a: a[0], func_type="aot",
                       reg_info=reg.target("CPU").get_op_info())
@@ -312,3 +355,40 @@ def copy_slot_rows():
 
     return ops.Custom(f"{library_path()}:CopySlotRows", out_shape=lambda *a: [1], out_dtype=lambda *a: a[0],
                       func_type="aot")
+
+
+class StepKernelsQ8(NamedTuple):
+    """StepKernels' projections for int8 weights (cpu_kernels.c's Q8 ops): the weight's place takes wq, its
+    panels (pack_panels_int8 of quantize_int8's q), then s, its scales (N,); N is s's length, x stays float32.
+
+    linear (x, wq, s, b), linear_nobias (x, wq, s), linear_gelu (x, wq, s, b), linear_add (x, wq, s, b, r):
+    x @ (q * s)^T [+ b], then GELU or + r; ln_linear (x, g, beta, eps, wq, s, b), ln_linear_nobias (x, g, beta,
+    eps, wq, s), ln_linear_gelu (x, g, beta, eps, wq, s, b): the same of layer_norm(x).
+    """
+
+    linear: object
+    linear_nobias: object
+    linear_gelu: object
+    linear_add: object
+    ln_linear: object
+    ln_linear_nobias: object
+    ln_linear_gelu: object
+
+
+@lru_cache(maxsize=1)
+def step_kernels_q8() -> StepKernelsQ8:
+    def linear_shape(x, wq, s, *rest):
+        return list(x[:-1]) + [s[0]]
+
+    def ln_linear_shape(x, g, b, eps, wq, s, *rest):
+        return linear_shape(x, wq, s)
+
+    return StepKernelsQ8(
+        _op("LinearQ8", linear_shape, "fqff"),
+        _op("LinearQ8", linear_shape, "fqf"),
+        _op("LinearQ8Gelu", linear_shape, "fqff"),
+        _op("LinearQ8Add", linear_shape, "fqfff"),
+        _op("LnLinearQ8", ln_linear_shape, "ffffqff"),
+        _op("LnLinearQ8", ln_linear_shape, "ffffqf"),
+        _op("LnLinearQ8Gelu", ln_linear_shape, "ffffqff"),
+    )

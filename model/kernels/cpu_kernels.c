@@ -3,13 +3,14 @@
  * (model/kernels/__init__.py says why they exist and how they are built and chosen).
  *
  * Every exported function has MindSpore's AOT signature: params holds the inputs, then the outputs; shapes and
- * ndims describe them. Tensors are float32 or int32, contiguous, row-major.
+ * ndims describe them. Tensors are float32 or int32 (int8: the Q8 ops' weights), contiguous, row-major.
  *
  * Batch invariance: a row's (a token's) results are computed by the same sequence of operations whatever else is
  * in the call: how many rows, where the row sits, which thread takes it, and (attention) how its prompt was
  * chunked. So a request's logits are bitwise the same alone or under any load. Linear has one arithmetic per
- * session (float32 FMA chains, or AMX bf16x3 for every row count where the session packed for AMX); every thread
- * runs with the caller's floating-point mode (denormals flushed or not).
+ * session (float32 FMA chains, or AMX bf16x3 for every row count where the session packed for AMX; the Q8 ops'
+ * int8 weights go through the same float32 chains); every thread runs with the caller's floating-point mode
+ * (denormals flushed or not).
  *
  * Threads: a small pool of our own (not OpenMP). Workers spin briefly after a kernel, because the next one
  * usually follows within tens of microseconds, then sleep on a futex, so they do not compete with MindSpore's
@@ -48,6 +49,11 @@ static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+/* 2 VW int8 (an int8 panel's row) as two float vectors: sign-extended, then converted (exact). */
+static inline void vload2_i8(const int8_t *p, vec *lo, vec *hi) {
+    *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+}
 /* The sum of a's lanes, always in this order (vsum4 below sums each of its inputs the same way):
  * y_i = (a_i + a_{8+i}) + (a_{4+i} + a_{12+i}), then (y_0 + y_1) + (y_2 + y_3). Not _mm512_reduce_add_ps, whose
  * last two steps pair the lanes differently. */
@@ -91,6 +97,10 @@ static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline void vload2_i8(const int8_t *p, vec *lo, vec *hi) {
+    *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+    *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
+}
 static inline float vsum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -128,6 +138,11 @@ static inline vec vfma(vec a, vec b, vec c) {
     for (int i = 0; i < 4; i++) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
     return r;
 }
+static inline void vload2_i8(const int8_t *p, vec *lo, vec *hi) {
+    const int16x8_t h = vmovl_s8(vld1_s8(p));
+    *lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)));
+    *hi = vcvtq_f32_s32(vmovl_s16(vget_high_s16(h)));
+}
 /* (a_0 + a_1) + (a_2 + a_3), the portable path's order: two pairwise adds (FADDP). */
 static inline float vsum(vec a) {
     const float32x4_t p = vpaddq_f32(a, a);
@@ -161,6 +176,9 @@ static inline vec vfma(vec a, vec b, vec c) {
     return r;
 }
 static inline float vsum(vec a) { return (a[0] + a[1]) + (a[2] + a[3]); }
+static inline void vload2_i8(const int8_t *p, vec *lo, vec *hi) {
+    for (int i = 0; i < 4; i++) (*lo)[i] = (float)p[i], (*hi)[i] = (float)p[4 + i];
+}
 static inline vec vfloor(vec a) { vec r; for (int i = 0; i < 4; i++) r[i] = floorf(a[i]); return r; }
 static inline vec vpow2i(vec n) {
     vec r;
@@ -351,7 +369,13 @@ static int64_t rows_of(int nd, const int64_t *shape) {
  * by the session (model.kernels.pack_panels; decode then streams each weight once, contiguously) or packed per call
  * into a per-thread buffer. Many rows (prefill, scoring) follow the usual packed GEMM (Goto/BLIS): per thread a range
  * of panels; per KC-deep block of K the W block stays in L1 while MC-row blocks of x, packed [k][MR], stream from
- * L2; partial sums are stored in y and reloaded exactly between K blocks, so the chain is the same as unblocked. */
+ * L2; partial sums are stored in y and reloaded exactly between K blocks, so the chain is the same as unblocked.
+ *
+ * Int8 weights (the Q8 ops, "--quantize int8"): W = q * s, q int8 in the same panels (pack_panels_int8) and s one
+ * float32 scale per output column (per row of W). Each element is the same FMA chain with (float)q as the weight,
+ * then y = sum * s[n] before the bias: converting int8 to float is exact, so the arithmetic is one for every row
+ * count as above. Up to MR rows convert each panel row in registers as they stream it (a quarter of float32's
+ * bytes); many rows convert each KC x NR block once into the float buffer and run the float micro-kernel on it. */
 #if VW == 16
 #define MR 14 /* 14 x 2 accumulators + 2 W vectors + 1 broadcast = 31 of AVX-512's 32 registers */
 #elif VW == 8
@@ -372,6 +396,8 @@ typedef struct {
     const float *x, *w, *b, *r;
     const float *panels; /* W packed as panels [N / NR][K][NR] (pack_panels), or NULL: packed per call */
     const uint32_t *wp;  /* W packed for AMX (see amx_task), or NULL */
+    const int8_t *q8;    /* int8 panels (pack_panels_int8), or NULL */
+    const float *scale;  /* with q8: (N,) each column's scale */
     float *y;
     int64_t M, K, N;
     int epi;
@@ -404,6 +430,7 @@ static void epilogue_from(const linear_args *a, const float *src, int64_t lds, i
         for (int64_t j = 0; j < nn; j += VW) {
             const int64_t w = nn - j;
             vec v = vload_n(s + j, w);
+            if (a->scale) v = vmul(v, vload_n(a->scale + n0 + j, w));
             if (a->b) v = vadd(v, vload_n(a->b + n0 + j, w));
             if (a->epi == EPI_GELU) v = vgelu(v);
             else if (a->epi == EPI_ADD) v = vadd(v, vload_n(a->r + i * a->N + n0 + j, w));
@@ -433,18 +460,31 @@ static float *grow(float **buf, size_t *cap, size_t n) {
 /* The calling thread's packing buffer. */
 static float *scratch(size_t n) { return grow(&tls_buf, &tls_cap, n); }
 
-/* c[ROWS][NR] (row stride ldc) [+]= ap (kc x MR, the first ROWS used) . bp (kc x NR); load: continue the sums in
- * c. Specialised per ROWS (always_inline with a constant) so that a decode step of one row does one row's work. */
-static inline __attribute__((always_inline)) void micro_rows(const int ROWS, int64_t kc, const float *restrict ap,
-                                                             const float *restrict bp, float *c, int64_t ldc,
-                                                             int load) {
+/* The NR weights at element `at` of panels (a row of one) as two vectors: float32, or int8 (Q8) converted exactly. */
+static inline __attribute__((always_inline)) void panel_row(const int Q8, const void *restrict bp, int64_t at,
+                                                            vec *b0, vec *b1) {
+    if (Q8) {
+        vload2_i8((const int8_t *)bp + at, b0, b1);
+    } else {
+        *b0 = vload((const float *)bp + at);
+        *b1 = vload((const float *)bp + at + VW);
+    }
+}
+
+/* c[ROWS][NR] (row stride ldc) [+]= ap (kc x MR, the first ROWS used) . bp (kc x NR, float32 or Q8 int8); load:
+ * continue the sums in c. Specialised per ROWS and Q8 (always_inline with constants) so that a decode step of one
+ * row does one row's work. */
+static inline __attribute__((always_inline)) void micro_rows(const int ROWS, const int Q8, int64_t kc,
+                                                             const float *restrict ap, const void *restrict bp,
+                                                             float *c, int64_t ldc, int load) {
     vec acc[MR][2];
     for (int i = 0; i < ROWS; i++) {
         acc[i][0] = load ? vload(c + i * ldc) : vzero();
         acc[i][1] = load ? vload(c + i * ldc + VW) : vzero();
     }
     for (int64_t k = 0; k < kc; k++) {
-        const vec b0 = vload(bp + k * NR), b1 = vload(bp + k * NR + VW);
+        vec b0, b1;
+        panel_row(Q8, bp, k * NR, &b0, &b1);
 #pragma GCC unroll 16
         for (int i = 0; i < ROWS; i++) {
             const vec a = vset1(ap[k * MR + i]);
@@ -459,9 +499,14 @@ static inline __attribute__((always_inline)) void micro_rows(const int ROWS, int
 }
 
 _Static_assert(MR == 4 || MR == 6 || MR == 8 || MR == 14, "micro_kernel has a case for each row count up to MR");
-static void micro_kernel(int rows, int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int load) {
+static void micro_kernel(int rows, int q8, int64_t kc, const float *ap, const void *bp, float *c, int64_t ldc,
+                         int load) {
     switch (rows) {
-#define ROWS_CASE(r) case r: micro_rows(r, kc, ap, bp, c, ldc, load); break;
+#define ROWS_CASE(r) \
+    case r: \
+        if (q8) micro_rows(r, 1, kc, ap, bp, c, ldc, load); \
+        else micro_rows(r, 0, kc, ap, bp, c, ldc, load); \
+        break;
         ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
 #if MR > 4
         ROWS_CASE(5) ROWS_CASE(6)
@@ -517,64 +562,81 @@ static void pack_x(const float *x, int64_t K, int64_t M, int64_t m0, int64_t k0,
         for (int64_t k = 0; k < kc; k++) ap[k * MR + i] = 0.f;
 }
 
-/* The KC-deep block at k0 of panel p: the session's packing, or packed now into buf. */
+/* The KC-deep block at k0 of panel p as float32: the session's packing, its int8 panels converted into buf (once
+ * for all the rows of a pass), or packed now into buf. */
 static const float *panel_block(const linear_args *a, int64_t p, int64_t k0, int64_t kc, float *buf) {
     if (a->panels) return a->panels + (p * a->K + k0) * NR;
+    if (a->q8) {
+        const int8_t *q = a->q8 + (p * a->K + k0) * NR;
+        for (int64_t j = 0; j < kc * NR; j += NR) {
+            vec b0, b1;
+            vload2_i8(q + j, &b0, &b1);
+            vstore(buf + j, b0);
+            vstore(buf + j + VW, b1);
+        }
+        return buf;
+    }
     pack_w(a->w, a->K, a->N, p * NR, k0, kc, buf);
     return buf;
 }
 
-/* Rows [m0, m0 + mm) (mm <= MR) x panel p, its sums continued (load) or started; an edge panel (fewer than NR
- * columns left) goes through tile, so that the kernel is the same. */
-static void tile_op(const linear_args *a, int64_t mm, int64_t kc, const float *ap, const float *bp, int64_t m0,
-                    int64_t p, int load, float *tile) {
+/* Rows [m0, m0 + mm) (mm <= MR) x panel p (bp: float32, or int8 where q8), its sums continued (load) or started;
+ * an edge panel (fewer than NR columns left) goes through tile, so that the kernel is the same. */
+static void tile_op(const linear_args *a, int64_t mm, int64_t kc, const float *ap, const void *bp, int q8,
+                    int64_t m0, int64_t p, int load, float *tile) {
     const int64_t n0 = p * NR, nn = a->N - n0 < NR ? a->N - n0 : NR;
     float *c = a->y + m0 * a->N + n0;
     if (nn == NR) {
-        micro_kernel((int)mm, kc, ap, bp, c, a->N, load);
+        micro_kernel((int)mm, q8, kc, ap, bp, c, a->N, load);
         return;
     }
     if (load)
         for (int64_t r = 0; r < mm; r++) memcpy(tile + r * NR, c + r * a->N, sizeof(float) * (size_t)nn);
-    micro_kernel((int)mm, kc, ap, bp, tile, NR, load);
+    micro_kernel((int)mm, q8, kc, ap, bp, tile, NR, load);
     for (int64_t r = 0; r < mm; r++) memcpy(c + r * a->N, tile + r * NR, sizeof(float) * (size_t)nn);
 }
 
-/* Up to MR rows (decode): x packed once per thread, then each panel over all of K at once, so that packed panels
- * stream from memory once, contiguously. */
-/* One row times four packed panels at once (decode): eight independent FMA chains in flight instead of two, so the
- * weights stream at memory speed; each column is still one chain over k in order from zero, exactly what
- * micro_rows(1, ...) computes for it. */
-static void row_x4(int64_t K, const float *restrict ap, const float *restrict bp, float *c) {
-    const int64_t ps = K * NR; /* one panel */
+/* One row times four packed panels (float32, or int8 where Q8) at once (decode): eight independent FMA chains in
+ * flight instead of two, so the weights stream at memory speed; each column is still one chain over k in order
+ * from zero, exactly what micro_rows(1, ...) computes for it. */
+static inline __attribute__((always_inline)) void row_x4(const int Q8, int64_t K, const float *restrict ap,
+                                                         const void *restrict bp, float *c) {
+    const int64_t ps = K * NR; /* one panel, in elements */
     vec acc[8];
     for (int j = 0; j < 8; j++) acc[j] = vzero();
     for (int64_t k = 0; k < K; k++) {
         const vec a = vset1(ap[k * MR]);
 #pragma GCC unroll 4
         for (int q = 0; q < 4; q++) {
-            const float *b = bp + q * ps + k * NR;
-            acc[2 * q] = vfma(a, vload(b), acc[2 * q]);
-            acc[2 * q + 1] = vfma(a, vload(b + VW), acc[2 * q + 1]);
+            vec b0, b1;
+            panel_row(Q8, bp, q * ps + k * NR, &b0, &b1);
+            acc[2 * q] = vfma(a, b0, acc[2 * q]);
+            acc[2 * q + 1] = vfma(a, b1, acc[2 * q + 1]);
         }
     }
     for (int j = 0; j < 8; j++) vstore(c + j * VW, acc[j]);
 }
 
+/* Up to MR rows (decode): x packed once per thread, then each panel over all of K at once, so that packed panels
+ * stream from memory once, contiguously. */
 static void few_rows_task(linear_args *a, int nt, float *buf) {
     const int64_t M = a->M, K = a->K, N = a->N, P = (N + NR - 1) / NR;
-    float *ap = buf, *bp = buf + MR * K, *tile = bp + (a->panels ? 0 : K * NR);
+    const int packed = a->panels || a->q8;
+    float *ap = buf, *bp = buf + MR * K, *tile = bp + (packed ? 0 : K * NR);
     pack_x(a->x, K, M, 0, 0, K, ap);
     int64_t lo, hi;
     while (claim(&a->next, P, nt, 4, &lo, &hi))
         for (int64_t p = lo; p < hi; p++) {
-            if (M == 1 && a->panels && p + 4 <= hi && (p + 4) * NR <= N) {
-                row_x4(K, ap, a->panels + p * K * NR, a->y + p * NR);
+            if (M == 1 && packed && p + 4 <= hi && (p + 4) * NR <= N) {
+                if (a->q8) row_x4(1, K, ap, a->q8 + p * K * NR, a->y + p * NR);
+                else row_x4(0, K, ap, a->panels + p * K * NR, a->y + p * NR);
                 epilogue(a, 0, 1, p * NR, 4 * NR);
                 p += 3;
                 continue;
             }
-            tile_op(a, M, K, ap, panel_block(a, p, 0, K, bp), 0, p, 0, tile);
+            /* int8 panels go to the micro-kernel as they are, read once */
+            if (a->q8) tile_op(a, M, K, ap, a->q8 + p * K * NR, 1, 0, p, 0, tile);
+            else tile_op(a, M, K, ap, panel_block(a, p, 0, K, bp), 0, 0, p, 0, tile);
             const int64_t n0 = p * NR;
             epilogue(a, 0, M, n0, N - n0 < NR ? N - n0 : NR);
         }
@@ -619,7 +681,7 @@ static void linear_task(void *p, int tid, int nt) {
                 for (int64_t q = 0; q < np; q++)
                     for (int64_t i = 0; i < mc; i += MR) {
                         const int64_t mm = mc - i < MR ? mc - i : MR;
-                        tile_op(a, mm, kc, ap + i * K, bps[q], m0 + i, p0 + q, !first, tile);
+                        tile_op(a, mm, kc, ap + i * K, bps[q], 0, m0 + i, p0 + q, !first, tile);
                         if (last) {
                             const int64_t n0 = (p0 + q) * NR;
                             epilogue(a, m0 + i, mm, n0, N - n0 < NR ? N - n0 : NR);
@@ -802,6 +864,33 @@ int AmxAvailable(void) {
     return amx_ok;
 }
 
+/* The call on the path for its row count (each computes a row the same way); a's inputs are checked. */
+static int run_linear(linear_args *a) {
+    atomic_store(&a->failed, 0);
+    atomic_store(&a->next, 0);
+    if (a->wp) {
+        run_parallel(amx_task, a);
+    } else if (a->M <= MR) {
+        run_parallel(linear_task, a);
+    } else {
+        /* Passes of at most ROWS_PER_PASS rows bound the packed copy of x (the caller's thread keeps it). */
+        enum { ROWS_PER_PASS = 128 * MR };
+        static __thread float *xbuf;
+        static __thread size_t xcap;
+        const int64_t rows = a->M < ROWS_PER_PASS ? (a->M + MR - 1) / MR * MR : ROWS_PER_PASS;
+        a->ap = grow(&xbuf, &xcap, (size_t)rows * (size_t)a->K);
+        if (!a->ap) return 1;
+        for (int64_t m0 = 0; m0 < a->M && !atomic_load(&a->failed); m0 += ROWS_PER_PASS) {
+            a->m_lo = m0;
+            a->m_hi = a->M - m0 < ROWS_PER_PASS ? a->M : m0 + ROWS_PER_PASS;
+            atomic_store(&a->next, 0);
+            run_parallel(pack_rows_task, a);
+            run_parallel(linear_task, a);
+        }
+    }
+    return atomic_load(&a->failed);
+}
+
 static int linear(int nparam, void **params, int *ndims, int64_t **shapes, int epi) {
     /* (x, w[, packed][, b][, r], y) or (x, packed[, b][, r], y): packed is w as panels (3-D float32, pack_panels)
      * or for AMX (4-D int32, pack_weight_amx); given alone, its shape gives N (then a multiple of the panel
@@ -831,34 +920,24 @@ static int linear(int nparam, void **params, int *ndims, int64_t **shapes, int e
     if (!w && !wp && !panels) return 1;
     const float *b = epi == EPI_ADD ? params[i++] : i < nparam - 1 ? params[i++] : NULL;
     const float *r = epi == EPI_ADD ? params[i++] : NULL;
-    linear_args a = {params[0], w, b, r, panels, NULL, params[nparam - 1], rows_of(ndims[0], shapes[0]),
-                     shapes[0][ndims[0] - 1], N, epi};
+    linear_args a = {.x = params[0], .w = w, .b = b, .r = r, .panels = panels, .wp = wp, .y = params[nparam - 1],
+                     .M = rows_of(ndims[0], shapes[0]), .K = shapes[0][ndims[0] - 1], .N = N, .epi = epi};
     if (a.K % VW || K != a.K) return 1;
-    atomic_store(&a.failed, 0);
-    atomic_store(&a.next, 0);
-    if (wp) {
-        if (!AmxAvailable() || a.K % 32) return 1; /* the session packs for AMX only where it is available */
-        a.wp = wp;
-        run_parallel(amx_task, &a);
-    } else if (a.M <= MR) {
-        run_parallel(linear_task, &a);
-    } else {
-        /* Passes of at most ROWS_PER_PASS rows bound the packed copy of x (the caller's thread keeps it). */
-        enum { ROWS_PER_PASS = 128 * MR };
-        static __thread float *xbuf;
-        static __thread size_t xcap;
-        const int64_t rows = a.M < ROWS_PER_PASS ? (a.M + MR - 1) / MR * MR : ROWS_PER_PASS;
-        a.ap = grow(&xbuf, &xcap, (size_t)rows * (size_t)a.K);
-        if (!a.ap) return 1;
-        for (int64_t m0 = 0; m0 < a.M && !atomic_load(&a.failed); m0 += ROWS_PER_PASS) {
-            a.m_lo = m0;
-            a.m_hi = a.M - m0 < ROWS_PER_PASS ? a.M : m0 + ROWS_PER_PASS;
-            atomic_store(&a.next, 0);
-            run_parallel(pack_rows_task, &a);
-            run_parallel(linear_task, &a);
-        }
-    }
-    return atomic_load(&a.failed);
+    if (wp && (!AmxAvailable() || a.K % 32)) return 1; /* the session packs for AMX only where it is available */
+    return run_linear(&a);
+}
+
+/* (x, wq, s[, b][, r], y): wq W's int8 panels (P, K, NR) (pack_panels_int8), s (N,) its scales; N is s's length.
+ * Where MindSpore says the dtypes, wq must be int8 (float32 panels have the same shape). */
+static int linear_q8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int epi) {
+    if (nparam < (epi == EPI_ADD ? 6 : 4) || nparam > (epi == EPI_ADD ? 6 : 5)) return 1;
+    if (ndims[1] != 3 || ndims[2] != 1 || (dtypes && strcmp(dtypes[1], "int8") != 0)) return 1;
+    const int64_t N = shapes[2][0], *ws = shapes[1];
+    linear_args a = {.x = params[0], .q8 = params[1], .scale = params[2], .b = nparam > 4 ? params[3] : NULL,
+                     .r = epi == EPI_ADD ? params[4] : NULL, .y = params[nparam - 1],
+                     .M = rows_of(ndims[0], shapes[0]), .K = shapes[0][ndims[0] - 1], .N = N, .epi = epi};
+    if (a.K % VW || ws[0] != (N + NR - 1) / NR || ws[1] != a.K || ws[2] != NR) return 1;
+    return run_linear(&a);
 }
 
 /* Linear: (x (..., K), w (N, K)[, b (N,)]) -> x @ w^T [+ b] (..., N); w in the [out, in] layout. */
@@ -879,6 +958,26 @@ int LinearAdd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
               void *extra) {
     (void)dtypes; (void)stream; (void)extra;
     return linear(nparam, params, ndims, shapes, EPI_ADD);
+}
+
+/* LinearQ8: (x (..., K), wq (P, K, NR) int8, s (N,)[, b (N,)]) -> x @ (q * s)^T [+ b] (..., N); LinearQ8Gelu and
+ * LinearQ8Add (with b, and r (..., N)) as LinearGelu and LinearAdd. */
+int LinearQ8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+             void *extra) {
+    (void)stream; (void)extra;
+    return linear_q8(nparam, params, ndims, shapes, dtypes, EPI_NONE);
+}
+
+int LinearQ8Gelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                 void *extra) {
+    (void)stream; (void)extra;
+    return linear_q8(nparam, params, ndims, shapes, dtypes, EPI_GELU);
+}
+
+int LinearQ8Add(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                void *extra) {
+    (void)stream; (void)extra;
+    return linear_q8(nparam, params, ndims, shapes, dtypes, EPI_ADD);
 }
 
 /* ---- layer norm fused into the projection that follows it --------------------------------------------------- */
@@ -913,8 +1012,10 @@ static void ln_task(void *p, int tid, int nt) {
     for (int64_t i = lo; i < hi; i++) layer_norm_row(a->x + i * a->K, a->g, a->b, a->eps, a->K, a->y + i * a->K);
 }
 
-/* (x, g, b, eps (1,), <Linear's weight and bias inputs>, y): Linear of layer_norm(x); one op instead of two. */
-static int ln_linear(int nparam, void **params, int *ndims, int64_t **shapes, int epi) {
+/* (x, g, b, eps (1,), <Linear's weight and bias inputs, or LinearQ8's where q8>, y): Linear of layer_norm(x); one
+ * op instead of two. */
+static int ln_linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, int epi,
+                     int q8) {
     if (nparam < 6) return 1;
     ln_args a = {params[0], params[1], params[2], NULL, ((const float *)params[3])[0], rows_of(ndims[0], shapes[0]),
                  shapes[0][ndims[0] - 1]};
@@ -928,23 +1029,38 @@ static int ln_linear(int nparam, void **params, int *ndims, int64_t **shapes, in
     void *p2[16];
     int nd2[16];
     int64_t *sh2[16];
+    const char *dt2[16];
     if (nparam - 3 > 16) return 1;
-    p2[0] = nbuf, nd2[0] = ndims[0], sh2[0] = shapes[0];
-    for (int i = 4; i < nparam; i++) p2[i - 3] = params[i], nd2[i - 3] = ndims[i], sh2[i - 3] = shapes[i];
-    return linear(nparam - 3, p2, nd2, sh2, epi);
+    p2[0] = nbuf, nd2[0] = ndims[0], sh2[0] = shapes[0], dt2[0] = dtypes ? dtypes[0] : NULL;
+    for (int i = 4; i < nparam; i++)
+        p2[i - 3] = params[i], nd2[i - 3] = ndims[i], sh2[i - 3] = shapes[i], dt2[i - 3] = dtypes ? dtypes[i] : NULL;
+    return q8 ? linear_q8(nparam - 3, p2, nd2, sh2, dtypes ? dt2 : NULL, epi) : linear(nparam - 3, p2, nd2, sh2, epi);
 }
 
 /* LnLinear: (x, g, b, eps, w ...) -> layer_norm(x) @ w^T [+ bias]; LnLinearGelu: gelu of it (with the bias). */
 int LnLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
              void *extra) {
-    (void)dtypes; (void)stream; (void)extra;
-    return ln_linear(nparam, params, ndims, shapes, EPI_NONE);
+    (void)stream; (void)extra;
+    return ln_linear(nparam, params, ndims, shapes, dtypes, EPI_NONE, 0);
 }
 
 int LnLinearGelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
                  void *extra) {
-    (void)dtypes; (void)stream; (void)extra;
-    return ln_linear(nparam, params, ndims, shapes, EPI_GELU);
+    (void)stream; (void)extra;
+    return ln_linear(nparam, params, ndims, shapes, dtypes, EPI_GELU, 0);
+}
+
+/* LnLinearQ8: (x, g, b, eps, wq, s[, bias]) -> layer_norm(x) @ (q * s)^T [+ bias]; LnLinearQ8Gelu: gelu of it. */
+int LnLinearQ8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+               void *extra) {
+    (void)stream; (void)extra;
+    return ln_linear(nparam, params, ndims, shapes, dtypes, EPI_NONE, 1);
+}
+
+int LnLinearQ8Gelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                   void *extra) {
+    (void)stream; (void)extra;
+    return ln_linear(nparam, params, ndims, shapes, dtypes, EPI_GELU, 1);
 }
 
 /* ---- attention over the KV cache -------------------------------------------------------------------------- */

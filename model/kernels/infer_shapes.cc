@@ -12,6 +12,13 @@ std::vector<int64_t> linear_shape(const int *ndims, int64_t **shapes) {
     out.back() = ndims[1] == 2 ? w[0] : ndims[1] == 3 ? w[0] * w[2] : w[1] * 16;
     return out;
 }
+
+// x (..., K) with int8 panels and scales s (N,) -> (..., N)
+std::vector<int64_t> linear_q8_shape(const int *ndims, int64_t **shapes, int scale) {
+    std::vector<int64_t> out(shapes[0], shapes[0] + ndims[0]);
+    out.back() = shapes[scale][0];
+    return out;
+}
 }  // namespace
 
 extern "C" {
@@ -26,6 +33,22 @@ std::vector<int64_t> LnLinearInferShape(int *ndims, int64_t **shapes, void *) {
 }
 std::vector<int64_t> LnLinearGeluInferShape(int *ndims, int64_t **shapes, void *) {
     return LnLinearInferShape(ndims, shapes, nullptr);
+}
+// (x, wq, s ...) and (x, g, b, eps, wq, s ...)
+std::vector<int64_t> LinearQ8InferShape(int *ndims, int64_t **shapes, void *) {
+    return linear_q8_shape(ndims, shapes, 2);
+}
+std::vector<int64_t> LinearQ8GeluInferShape(int *ndims, int64_t **shapes, void *) {
+    return linear_q8_shape(ndims, shapes, 2);
+}
+std::vector<int64_t> LinearQ8AddInferShape(int *ndims, int64_t **shapes, void *) {
+    return linear_q8_shape(ndims, shapes, 2);
+}
+std::vector<int64_t> LnLinearQ8InferShape(int *ndims, int64_t **shapes, void *) {
+    return linear_q8_shape(ndims, shapes, 5);
+}
+std::vector<int64_t> LnLinearQ8GeluInferShape(int *ndims, int64_t **shapes, void *) {
+    return linear_q8_shape(ndims, shapes, 5);
 }
 // qkv (B, T, 3d) -> (B, T, d)
 std::vector<int64_t> CachedAttentionInferShape(int *ndims, int64_t **shapes, void *) {

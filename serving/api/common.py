@@ -58,6 +58,8 @@ async def info(engine: AsyncEngine = Depends(get_engine), s: Settings = Depends(
         "max_client_batch_size": s.max_score_texts,
         "prefill_chunk": c.prefill_chunk,
         "max_batched_tokens": c.max_batched_tokens,
+        "quantize": c.quantize,
+        "prefix_caching": c.prefix_caching,
         "queue_timeout": c.queue_timeout,
         "state": engine.state.value,
         "last_error": engine.last_error,

@@ -31,6 +31,7 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
             device_target=settings.device_target,
             compute_dtype=settings.compute_dtype,
             compile_cache_dir=settings.compile_cache_dir,
+            quantize=config.quantize,
         )
         runner = ModelRunner(session, eos_token_id=tok.eos_token_id)
         log.info("model loaded in %.1f s", time.monotonic() - t0)

@@ -166,9 +166,11 @@ def load_session(
     device_target: str = "CPU",
     compute_dtype: str = "float32",
     compile_cache_dir: str | None = None,
+    quantize: str | None = None,
 ):
     """Build the MindSpore model and its compiled KV-cache session from a model directory; with
-    `compile_cache_dir`, the step graph is cached there (in a subdirectory for this architecture and layout)."""
+    `compile_cache_dir`, the step graph is cached there (in a subdirectory for this architecture and layout);
+    quantize: None or "int8" (InferenceSession's)."""
     import os
 
     from model import InferenceSession, kernels
@@ -181,6 +183,7 @@ def load_session(
         compile_cache_dir = graph_cache_dir(
             compile_cache_dir, config, num_slots, max_seq_len, batch_buckets, chunk_buckets, device_target,
             compute_dtype, kernels.library_path() if kernels.enabled_by_env() else None, kernels.amx_available(),
+            quantize,
         )
     set_device(device_target, compile_cache_dir=compile_cache_dir)
     model = load_model_dir(model_dir, compute_dtype=compute_dtype)
@@ -193,6 +196,7 @@ def load_session(
         # The server never changes its weights, so the packed copy cannot go stale, and it needs the model only
         # through this session: the unpacked projection weights are freed.
         packed_weights=True,
+        quantize=quantize,
     )
     if session.packed_weights:
         session.release_model_weights()

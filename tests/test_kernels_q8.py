@@ -1,0 +1,309 @@
+"""model.kernels' int8-weight projections (the Q8 ops, `--quantize int8`): quantize_int8 and pack_panels_int8
+against their numpy definitions, every op against float64 numpy, a row's bits independent of the call (batch
+invariance), the same FMA chain as Linear's, and the ops inside MindSpore graphs."""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from model import kernels
+from model.runtime import set_device
+
+EPS = 1e-5
+# (N, K): an edge panel and K past one KC block (256); N not a multiple of any panel width; one panel (or half
+# of one), K = 16; GPT-2's K = 768 with N one past a multiple of 256.
+SHAPES = [(100, 272), (530, 48), (16, 16), (257, 768)]
+
+
+def _row_tile() -> int:
+    # cpu_kernels.c's MR (rows per register tile) for this build, from its panel width (NR): AVX-512, AVX2, then
+    # NEON or the portable path.
+    nr = kernels.panel_width()
+    return {32: 14, 16: 6}.get(nr, 8 if platform.machine() == "aarch64" else 4)
+
+
+MR = _row_tile()
+ROW_COUNTS = sorted({1, 2, 3, MR, MR + 1, 37, 300})
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return ctypes.CDLL(kernels.library_path())
+
+
+def _call(lib, name: str, *arrays: np.ndarray) -> int:
+    # MindSpore's AOT calling convention: (nparam, params, ndims, shapes, dtypes, stream, extra) -> status; dtypes
+    # by MindSpore's names ("float32", "int8"), numpy's too.
+    n = len(arrays)
+    params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+    ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
+    dims = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
+    shapes = (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in dims])
+    names = (ctypes.c_char_p * n)(*[str(a.dtype).encode() for a in arrays])
+    return getattr(lib, name)(n, params, ndims, shapes, names, None, None)
+
+
+def _quantize_reference(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # The definition, on the whole matrix at once.
+    s = (np.abs(w).max(axis=1) / np.float32(127)).astype(np.float32)
+    s = np.where(s == 0, np.float32(1), s)
+    return np.clip(np.rint(w / s[:, None]), -127, 127).astype(np.int8), s
+
+
+def _gelu(v: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return v / (1 + np.exp(-1.5957691216057308 * (v + 0.044715 * v**3)))
+
+
+def _layer_norm(x: np.ndarray, g: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    x64 = x.astype(np.float64)
+    return (x64 - x64.mean(1, keepdims=True)) / np.sqrt(x64.var(1, keepdims=True) + EPS) * g + beta
+
+
+class Case:
+    """A weight quantized and packed, with float32 inputs for every op and their float64 references."""
+
+    def __init__(self, m: int, n: int, k: int, seed: int = 0):
+        rng = np.random.default_rng(seed + 1000 * m + n + k)
+        self.m, self.n, self.k = m, n, k
+        self.x = rng.standard_normal((m, k), np.float32) * 2
+        w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+        self.q, self.s = kernels.quantize_int8(w)
+        self.wq = kernels.pack_panels_int8(self.q)
+        self.b = rng.standard_normal(n).astype(np.float32)
+        self.r = rng.standard_normal((m, n)).astype(np.float32)
+        self.g = (1 + 0.1 * rng.standard_normal(k)).astype(np.float32)
+        self.beta = (0.1 * rng.standard_normal(k)).astype(np.float32)
+        self.eps = np.array([EPS], np.float32)
+        self.w64 = self.q.astype(np.float64) * self.s[:, None]
+
+    def ops(self):
+        """(op, inputs, float64 reference) for every op and form."""
+        mm = self.x.astype(np.float64) @ self.w64.T
+        ln = _layer_norm(self.x, self.g, self.beta) @ self.w64.T
+        lnx = (self.g, self.beta, self.eps)
+        return [
+            ("LinearQ8", (self.x, self.wq, self.s), mm),
+            ("LinearQ8", (self.x, self.wq, self.s, self.b), mm + self.b),
+            ("LinearQ8Gelu", (self.x, self.wq, self.s, self.b), _gelu(mm + self.b)),
+            ("LinearQ8Add", (self.x, self.wq, self.s, self.b, self.r), mm + self.b + self.r),
+            ("LnLinearQ8", (self.x, *lnx, self.wq, self.s), ln),
+            ("LnLinearQ8", (self.x, *lnx, self.wq, self.s, self.b), ln + self.b),
+            ("LnLinearQ8Gelu", (self.x, *lnx, self.wq, self.s, self.b), _gelu(ln + self.b)),
+        ]
+
+
+def _run(lib, op: str, inputs, rows: int, n: int) -> np.ndarray:
+    y = np.full((rows, n), np.nan, np.float32)
+    assert _call(lib, op, *inputs, y) == 0, op
+    return y
+
+
+# ---- quantize_int8 and pack_panels_int8 ----------------------------------------------------------------------
+
+
+def test_quantize_int8_matches_its_definition():
+    rng = np.random.default_rng(0)
+    # K = 4096: 256 rows per chunk, so 600 rows cross two chunk boundaries.
+    w = rng.standard_normal((600, 4096)).astype(np.float32)
+    w[3] = 0  # a row of zeros: scale 1, zeros
+    w[4] = -w[4] * 1e3  # a row whose largest magnitude is negative (-127) ...
+    w[4, 7] = -np.abs(w[4]).max() * 2
+    w[5] *= 1e-30  # ... and tiny values, scaled like any others
+    q, s = kernels.quantize_int8(w)
+    want_q, want_s = _quantize_reference(w)
+    assert q.dtype == np.int8 and s.dtype == np.float32 and q.shape == w.shape and s.shape == (600,)
+    assert np.array_equal(q, want_q) and np.array_equal(s, want_s)
+    assert s[3] == 1 and not q[3].any()
+    assert q[4, 7] == -127 and (np.abs(q).max(axis=1)[np.arange(600) != 3] == 127).all()
+    # Round to nearest: within half a step of the weight.
+    err = np.abs(q.astype(np.float64) * s[:, None] - w) / s[:, None]
+    assert err.max() <= 0.5 + 1e-3
+    assert q.min() >= -127  # symmetric: -128 never used
+    q64, s64 = kernels.quantize_int8(w.astype(np.float64))  # any float input: quantized in float32
+    assert np.array_equal(q64, q) and np.array_equal(s64, s)
+
+
+def test_quantize_int8_works_in_chunks_of_rows():
+    # A 6400 x 1600 weight (GPT-2 XL's c_fc, 41 MB): the temporaries stay a few MB, not a copy of the matrix (in
+    # float64, two).
+    w = np.random.default_rng(1).standard_normal((6400, 1600)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        q, s = kernels.quantize_int8(w)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - q.nbytes - s.nbytes < 24e6, peak
+    assert np.array_equal(q[-5:], _quantize_reference(w[-5:])[0])
+
+
+def test_quantize_int8_refuses_what_it_cannot_quantize():
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        kernels.quantize_int8(np.array([[1, 2], [np.inf, 0]], np.float32))
+    with pytest.raises(ValueError, match=r"\(N, K\)"):
+        kernels.quantize_int8(np.ones(8, np.float32))
+    with pytest.raises(ValueError, match="int8"):
+        kernels.pack_panels_int8(np.ones((4, 16), np.float32))
+
+
+def test_int8_panels_have_pack_panels_layout():
+    nr = kernels.panel_width()
+    rng = np.random.default_rng(2)
+    for n in (3, nr, 2 * nr + 1, 530):
+        q = rng.integers(-127, 128, (n, 48)).astype(np.int8)
+        p = kernels.pack_panels_int8(q)
+        assert p.dtype == np.int8 and p.shape == (-(-n // nr), 48, nr)
+        assert np.array_equal(p, kernels.pack_panels(q.astype(np.float32)).astype(np.int8))
+        columns = p.transpose(0, 2, 1).reshape(-1, 48)  # W's rows, then zero rows up to a whole panel
+        assert np.array_equal(columns[:n], q) and not columns[n:].any()
+
+
+# ---- the ops -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", ROW_COUNTS)  # decode (1), the few-rows tile (up to MR), the packed GEMM
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_q8_ops_match_numpy(lib, m, n, k):
+    c = Case(m, n, k)
+    for op, inputs, want in c.ops():
+        y = _run(lib, op, inputs, m, n)
+        assert np.abs(y - want).max() / (1 + np.abs(want).max()) < 1e-5, (op, len(inputs))
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_a_rows_bits_do_not_depend_on_the_call(lib, n, k):
+    # Rows of a 300-row call, computed again alone, among the first m rows, or after m rows that are not in the
+    # big call (other neighbours, other positions, other paths): bitwise the same.
+    big = Case(300, n, k, seed=1)
+    other = np.random.default_rng(3).standard_normal((300, k), np.float32)
+    for op, inputs, _ in big.ops():
+        whole = _run(lib, op, inputs, 300, n)
+
+        def rows(x: np.ndarray, r: np.ndarray) -> tuple:
+            # the op's inputs for other rows x (with their residual r, for LinearQ8Add)
+            args = (x, *inputs[1:])
+            return args[:-1] + (r,) if op == "LinearQ8Add" else args
+
+        for i in (0, 5, 150, 299):
+            alone = _run(lib, op, rows(big.x[i : i + 1].copy(), big.r[i : i + 1].copy()), 1, n)
+            assert np.array_equal(alone, whole[i : i + 1]), (op, i)
+        for m in ROW_COUNTS[1:]:
+            first = _run(lib, op, rows(big.x[:m].copy(), big.r[:m].copy()), m, n)
+            assert np.array_equal(first, whole[:m]), (op, m)
+            # m foreign rows, then rows 0 .. m-1 of the big call
+            mixed = _run(lib, op, rows(np.concatenate([other[:m], big.x[:m]]), np.concatenate([big.r[:m]] * 2)),
+                         2 * m, n)
+            assert np.array_equal(mixed[m:], whole[:m]), (op, m)
+
+
+@pytest.mark.parametrize("m", ROW_COUNTS)
+def test_q8_is_linears_fma_chain_on_the_converted_weights(lib, m):
+    # With scales of 1 the Q8 ops compute exactly what Linear computes with the weights as float32: the same chain
+    # per element, int8 -> float32 being exact, on every path (decode, few rows, GEMM), packed or not.
+    c = Case(m, 100, 272, seed=2)
+    ones = np.ones(c.n, np.float32)
+    qf = c.q.astype(np.float32)
+    pf = kernels.pack_panels(qf)
+    for q8, f32, extra in (("LinearQ8", "Linear", (c.b,)), ("LinearQ8Gelu", "LinearGelu", (c.b,)),
+                           ("LinearQ8Add", "LinearAdd", (c.b, c.r))):
+        want = _run(lib, q8, (c.x, c.wq, ones, *extra), m, c.n)
+        assert np.array_equal(_run(lib, f32, (c.x, qf, pf, *extra), m, c.n), want), (q8, m)
+        assert np.array_equal(_run(lib, f32, (c.x, qf, *extra), m, c.n), want), (q8, m)
+    # ... and the scale multiplies the finished sum: y = sum * s + b.
+    sums = _run(lib, "Linear", (c.x, qf, pf), m, c.n)
+    assert np.array_equal(_run(lib, "LinearQ8", (c.x, c.wq, c.s, c.b), m, c.n), sums * c.s + c.b)
+
+
+def test_q8_ops_refuse_inputs_that_do_not_fit(lib):
+    c = Case(3, 100, 48)
+    y = np.zeros((3, 100), np.float32)
+    nr = kernels.panel_width()
+    assert _call(lib, "LinearQ8", c.x, c.wq, c.s, c.b, y) == 0
+    bad_panels = np.zeros((c.wq.shape[0] + 1, 48, nr), np.int8)  # one panel too many for N
+    assert _call(lib, "LinearQ8", c.x, bad_panels, c.s, c.b, y) != 0
+    assert _call(lib, "LinearQ8", c.x, np.zeros((c.wq.shape[0], 48, 2 * nr), np.int8), c.s, c.b, y) != 0
+    assert _call(lib, "LinearQ8", c.x, np.zeros((c.wq.shape[0], 64, nr), np.int8), c.s, c.b, y) != 0  # K
+    # float32 panels have the same shape: refused where the caller (MindSpore) names the dtype
+    fp = kernels.pack_panels(c.q.astype(np.float32))
+    assert _call(lib, "LinearQ8", c.x, fp, c.s, c.b, y) != 0
+    assert _call(lib, "LinearQ8Add", c.x, c.wq, c.s, c.b, y) != 0  # no residual
+    assert _call(lib, "LnLinearQ8", c.x, c.g, c.beta, c.eps, fp, c.s, y) != 0
+
+
+# ---- inside MindSpore graphs ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def graph_ops():
+    set_device("CPU")
+    return kernels.step_kernels_q8()
+
+
+def _cell(op):
+    from mindspore import nn
+
+    class Op(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.op = op
+
+        def construct(self, *args):
+            return self.op(*args)
+
+    return Op()
+
+
+def _graph_forms(c: Case):
+    lnx = (c.g, c.beta, c.eps)
+    return [
+        ("linear", "LinearQ8", (c.x, c.wq, c.s, c.b)),
+        ("linear_nobias", "LinearQ8", (c.x, c.wq, c.s)),
+        ("linear_gelu", "LinearQ8Gelu", (c.x, c.wq, c.s, c.b)),
+        ("linear_add", "LinearQ8Add", (c.x, c.wq, c.s, c.b, c.r)),
+        ("ln_linear", "LnLinearQ8", (c.x, *lnx, c.wq, c.s, c.b)),
+        ("ln_linear_nobias", "LnLinearQ8", (c.x, *lnx, c.wq, c.s)),
+        ("ln_linear_gelu", "LnLinearQ8Gelu", (c.x, *lnx, c.wq, c.s, c.b)),
+    ]
+
+
+@pytest.mark.parametrize("m", [1, 37])
+def test_the_ops_run_in_mindspore_graphs_with_the_same_bits(graph_ops, lib, m):
+    # Graph mode: MindSpore passes the int8 panels as int8 (the kernels check its dtype name) and the kernels give
+    # the bits of a direct call; x as (B, T, K), as in the step graph.
+    import mindspore as ms
+    from mindspore import Tensor
+
+    c = Case(m, 257, 64, seed=4)
+    assert set(graph_ops._fields) == {f for f, _, _ in _graph_forms(c)}
+    for field, op, inputs in _graph_forms(c):
+        want = _run(lib, op, inputs, m, c.n)
+        args = [Tensor(a) for a in inputs]
+        args[0] = Tensor(c.x.reshape(1, m, c.k))
+        if field == "linear_add":
+            args[-1] = Tensor(c.r.reshape(1, m, c.n))
+        got = _cell(getattr(graph_ops, field))(*args)
+        assert got.dtype == ms.float32 and got.shape == (1, m, c.n), field
+        assert np.array_equal(got.asnumpy().reshape(m, c.n), want), field
+
+
+def test_the_ops_run_in_mindspore_graphs_without_shape_functions(monkeypatch, lib):
+    # Without a C++ compiler the ops are registered with Python shape functions (fixed shapes): same results.
+    set_device("CPU")
+    from mindspore import Tensor
+
+    monkeypatch.setattr(kernels, "dynamic_shapes", lambda: False)
+    kernels.step_kernels_q8.cache_clear()
+    try:
+        ops = kernels.step_kernels_q8()
+        c = Case(5, 100, 48, seed=5)
+        for field, op, inputs in _graph_forms(c):
+            got = _cell(getattr(ops, field))(*[Tensor(a) for a in inputs])
+            assert np.array_equal(got.asnumpy(), _run(lib, op, inputs, 5, c.n)), field
+    finally:
+        kernels.step_kernels_q8.cache_clear()
