@@ -25,8 +25,9 @@ Ours and llama-server (bench/llama_cpp.py builds it and converts the model direc
 the same OpenAI /v1/completions stream with `ignore_eos` (so both generate exactly --new-tokens) and `temperature`
 0 (greedy); the transformers baseline speaks only TGI's /generate_stream. llama-server also gets `timings_per_token`
 (its running token count, see loadgen) and a new connection per request (see loadgen.limits); it runs --max-batch-size
-slots of the model's context length each, with continuous batching, --threads threads and no prompt cache (ours
-has none).
+slots of the model's context length each, with continuous batching, --threads threads and no prompt cache; ours
+runs with --no-prefix-caching (the warm-up sends every measured prompt once: with a cache they would be hits).
+bench_prefix.py measures the caches.
 """
 
 from __future__ import annotations
@@ -94,7 +95,11 @@ def prompt_mix(n: int, lo: int, hi: int, seed: int) -> tuple[list[str], list[int
     return benchlib.make_prompts(ids, lengths, seed, tok.decode), lengths
 
 
-def server_command(kind: str, model: Path, port: int, args: argparse.Namespace) -> list[str]:
+def server_command(kind: str, model: Path, port: int, args: argparse.Namespace, *,
+                   prompt_cache: bool = False) -> list[str]:
+    """The command starting server `kind` (one of SERVERS) on `port`; `args`: this script's options (the slots,
+    threads, extra flags, log directory). `prompt_cache`: llama-server keeps each slot's prompt for the next
+    request (bench_prefix.py), and ours keeps its prefix caching on."""
     if kind == "llama-cpp":
         # Built and converted before the start clock runs: server start time is the server's alone.
         build, _ = llama_cpp.ensure_built(log_dir=args.log_dir)
@@ -102,12 +107,16 @@ def server_command(kind: str, model: Path, port: int, args: argparse.Namespace) 
         n_ctx = json.loads((model / "config.json").read_text())["n_positions"]
         threads = args.threads or len(os.sched_getaffinity(0))
         return llama_cpp.server_command(build, gguf, port=port, threads=threads,
-                                        slots=max(args.max_batch_size, *args.clients), ctx_per_slot=n_ctx) \
+                                        slots=max(args.max_batch_size, *args.clients), ctx_per_slot=n_ctx,
+                                        prompt_cache=prompt_cache) \
             + shlex.split(args.baseline_args)
     if kind == "ours":
+        # Without prompt_cache, no prefix caching either: the warm-up sends the measured prompts, and both servers
+        # must compute every prompt they are measured on.
         return [sys.executable, "-m", "serving", "--model", str(model), "--port", str(port),
                 "--max-batch-size", str(args.max_batch_size), "--max-queue", str(max(64, 2 * max(args.clients))),
-                "--log-level", "warning", *shlex.split(args.server_args)]
+                "--log-level", "warning", *(() if prompt_cache else ("--no-prefix-caching",)),
+                *shlex.split(args.server_args)]
     mode = kind.split("-", 1)[1]
     cmd = [sys.executable, str(REPO / "bench" / "hf_baseline_server.py"), "--model", str(model),
            "--port", str(port), "--mode", mode, "--max-batch-size", str(args.max_batch_size)]

@@ -261,12 +261,18 @@ def run_bench(build: Build, gguf: Path, args: list[str], *, threads: int, reps: 
     return json.loads(out.read_text())
 
 
-def server_command(build: Build, gguf: Path, *, port: int, threads: int, slots: int, ctx_per_slot: int) -> list[str]:
+def server_command(build: Build, gguf: Path, *, port: int, threads: int, slots: int, ctx_per_slot: int,
+                   prompt_cache: bool = False) -> list[str]:
     """llama-server with `slots` sequences decoded together (continuous batching), each with `ctx_per_slot`
-    positions. No prompt cache: our server has none, and the benchmark sends every prompt once before measuring."""
+    positions. No prompt cache by default: the serving benchmark sends every prompt once before measuring, and
+    a prompt cache would turn its measured prompts into hits. With `prompt_cache` (bench_prefix.py) a request
+    with `cache_prompt` reuses the longest common prefix of the idle slot it is given (this version picks the
+    idle slot whose tokens share the largest fraction of the prompt, above `--slot-prompt-similarity` 0.1, else
+    the least recently used one); no host-RAM copy of slots (`--cache-ram 0`), so only the KV slots cache, as
+    in our server."""
     return [str(build.server), "--host", "127.0.0.1", "--port", str(port), "-m", str(gguf),
             "-t", str(threads), "-tb", str(threads), "-c", str(slots * ctx_per_slot), "--parallel", str(slots),
-            "--cont-batching", "--no-cache-prompt", "--cache-ram", "0", "--no-webui"]
+            "--cont-batching", *(() if prompt_cache else ("--no-cache-prompt",)), "--cache-ram", "0", "--no-webui"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ Two APIs: TGI's `POST /generate_stream` (one event per token) and OpenAI's `POST
 text back until a UTF-8 character is complete and send it with the next one (llama-server does). So the tokens an
 event carries come from the server's running count where it sends one (llama-server's `timings.predicted_n`, with
 `timings_per_token` in the request), else one per event with text; the final `usage.completion_tokens` adds any
-tokens not yet counted.
+tokens not yet counted, and the whole `usage` is kept (its `prompt_tokens_details.cached_tokens`: prefix caching).
 
 Per request it records when it was sent, when each token event arrived, and errors; `summarize` turns that into
 aggregate tokens/s, time to first token and inter-token latency percentiles. Time to first token is also given over the
@@ -41,6 +41,7 @@ class StreamResult:
     finished: bool = False
     error: str | None = None
     first: bool = False  # the client's first request (sent at the start, with every other client's first)
+    usage: dict | None = None  # an OpenAI stream's final `usage` (prompt_tokens, prompt_tokens_details, ...)
 
     @property
     def ttft(self) -> float | None:
@@ -77,8 +78,10 @@ def read_event(api: str, event: dict, now: float, res: StreamResult) -> None:
     count = (event.get("timings") or {}).get("predicted_n")
     if count is None and any(c.get("text") for c in choices):
         count = len(res.token_times) + 1
-    if (event.get("usage") or {}).get("completion_tokens") is not None:
-        count = max(count or 0, event["usage"]["completion_tokens"])
+    if event.get("usage"):
+        res.usage = event["usage"]
+        if event["usage"].get("completion_tokens") is not None:
+            count = max(count or 0, event["usage"]["completion_tokens"])
     if count is not None and count > len(res.token_times):
         res.token_times.extend([now] * (count - len(res.token_times)))
     if any(c.get("finish_reason") for c in choices):

@@ -157,6 +157,24 @@ def peak_rss_bytes(pid: int) -> int | None:
     return None
 
 
+def sched_seconds(pid: int) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds runnable but waiting for one) summed over the process's threads so far
+    (/proc/<pid>/task/*/schedstat), None if unreadable. Over a busy stretch, their growth divided by the wall time
+    is how many cores the process used and how many more it would have used, had it not waited: on a shared
+    machine (or with more runnable threads than cores), the second is not 0."""
+    run = wait = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                fields = (task / "schedstat").read_text().split()
+            except OSError:
+                continue  # a thread that has just exited
+            run, wait = run + int(fields[0]), wait + int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return run / 1e9, wait / 1e9
+
+
 def tail(path: Path, n: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]

@@ -4,9 +4,10 @@ target and whether it is met (`make bench`).
     python bench/run_all.py                        # the full suite, GPT-2 124M shapes (~45-70 min on 2 cores)
     python bench/run_all.py --quick                # smoke run: 2-layer model, few steps, N = 1, 4 (~6 min)
     python bench/run_all.py --only model,serving   # a subset (names: tokenizer model llama-cpp-bench train
-                                                   #   serving start, or serving-ours serving-hf-static
+                                                   #   serving prefix start, or serving-ours serving-hf-static
                                                    #   serving-hf-single serving-llama-cpp; llama-cpp = both
                                                    #   llama.cpp jobs)
+    python bench/run_all.py --only prefix          # prefix caching: ours with and without it, llama-server
     python bench/run_all.py --no-llama-cpp         # without llama.cpp
     python bench/run_all.py --clients 1,8          # serving concurrency levels
     python bench/run_all.py --server-args="--max-batched-tokens 256"   # flags for our server
@@ -14,7 +15,8 @@ target and whether it is met (`make bench`).
 The references: Hugging Face transformers (PyTorch) on every row, and llama.cpp (bench/llama_cpp.py: built here
 from llama-cpp-python 0.3.36's vendored source for this CPU, cached in ~/.cache/gpt2-mindspore/llama.cpp; the first
 run builds it, ~6-15 min on 2 cores) for batch-1 decode and prefill (llama-bench, f32 and q8_0 GGUF), serving
-(llama-server, f32) and server start. If llama.cpp cannot be built its rows say why and show no number.
+(llama-server, f32), prefix caching (llama-server with its prompt cache) and server start. If llama.cpp cannot be
+built its rows say why and show no number.
 
 Each benchmark runs in its own process (MindSpore's device is set once per process) and writes JSON that this
 script turns into rows; a benchmark that fails or times out becomes an error row and the others still run.
@@ -58,8 +60,10 @@ DECODE = "model: decode (ms per step; tokens/s = batch / step)"
 PREFILL = "model: prefill (tokens/s)"
 SERVING = "serving under load (closed loop, streamed: ours and llama-server /v1/completions; transformers /generate_stream)"
 START = "server start until GET /health is 200 (seconds)"
+PREFIX = "prefix caching under load (shared few-shot prefix, closed loop, streamed /v1/completions)"
 
 
+PREFIX_CONFIGS = ("ours", "ours-no-cache", "llama-cpp")  # bench_prefix.py's --configs
 # --only names that stand for several jobs.
 GROUPS = {"llama-cpp": ("llama-cpp-bench", "serving-llama-cpp")}
 
@@ -115,6 +119,14 @@ def plan(args: argparse.Namespace, model: Path, work: Path, logs: Path) -> list[
         # llama-cpp: also the build, when the llama-cpp-bench job did not run first.
         add(f"serving-{server}", "bench_serving.py", ["--server", server, *serving],
             (2400 if server == "llama-cpp" else 900) if q else 3600)
+    # Prefix caching: 16 clients whose prompts share a ~400-token prefix (quick: 4 clients, the 2-layer model);
+    # ours with and without caching and llama-server with its prompt cache, the same slots each.
+    pc = 4 if q else 16
+    prefix = ["--model", str(model), "--log-dir", str(logs), f"--server-args={args.server_args}", *threads,
+              "--clients", str(pc), "--slots", str(max(slots, pc)), "--requests-per-client", "3" if q else "6",
+              "--new-tokens", "32", "--time-limit", "60" if q else str(args.time_limit),
+              "--configs", ",".join(PREFIX_CONFIGS if args.llama_cpp else PREFIX_CONFIGS[:2])]
+    add("prefix", "bench_prefix.py", prefix, (2400 if args.llama_cpp else 900) if q else 3600)
     add("start", "bench_start.py", ["--model", str(model), "--max-batch-size", str(slots),
                                     f"--server-args={args.server_args}"], 900 if q else 3600)
     return jobs
@@ -355,6 +367,96 @@ def _cut(o: dict | None, ref: dict | None) -> str:
     return "; ".join(parts)
 
 
+def rows_prefix(d: dict) -> list[Row]:
+    """Ours with prefix caching against ours without (the issue's target: TTFT p50 with a hit <= 0.25x) and
+    against llama-server with its prompt cache, from bench_prefix.py's JSON."""
+    cfg = d.get("configs") or {}
+    o, nc, ll = cfg.get("ours"), cfg.get("ours-no-cache"), cfg.get("llama-cpp")
+    w = d.get("workload") or {}
+    n = w.get("clients")
+    sec = PREFIX
+
+    def get(x, key):
+        return x.get(key) if x else None
+
+    def pair(x, key):
+        return f"{fmt(x.get(key + '_ms_p50'), digits=0)} / {fmt(x.get(key + '_ms_p99'), 'ms', 0)}" if x else "-"
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    def hits(x, part="steady"):
+        c = (x or {}).get("cache", {}).get(part) or {}
+        return f"{c['requests_with_hit']} of {c['requests']}" if c else "-"
+
+    rows = []
+    hit_ttft = (o or {}).get("cache", {}).get("hit_ttft_ms_p50")
+    rows.append(Row(sec, f"N={n} TTFT p50 / p99 after the first wave, with vs without caching (ratio of p50)",
+                    get(o, "steady_ttft_ms_p50"), get(nc, "steady_ttft_ms_p50"), ours_text=pair(o, "steady_ttft"),
+                    ref_text=pair(nc, "steady_ttft") + " no caching" if nc else "-",
+                    target=Target("<= 0.25x", "<=", 0.25),
+                    note=f"every request but each client's first: {hits(o)} with a hit with caching; TTFT p50 of "
+                         f"every request with a hit, first wave included: {fmt(hit_ttft, 'ms', 0)}"))
+    rows.append(Row(sec, f"N={n} TTFT p50 / p99, all requests, with vs without caching (ratio of p50)",
+                    get(o, "ttft_ms_p50"), get(nc, "ttft_ms_p50"), ours_text=pair(o, "ttft"),
+                    ref_text=pair(nc, "ttft") + " no caching" if nc else "-",
+                    note=f"first wave: {n} prompts at once, {hits(o, 'first_wave')} with a hit (copied from a "
+                         "request still prefilling)"))
+    def itl(x, name):
+        return f"{name} {pair(x, 'itl')}" if x else ""
+
+    rows.append(Row(sec, f"N={n} aggregate tok/s, with vs without caching", get(o, "aggregate_tok_s"),
+                    get(nc, "aggregate_tok_s"), ref_text=f"{fmt(get(nc, 'aggregate_tok_s'))} no caching" if nc else "-",
+                    note="; ".join(x for x in ("inter-token p50 / p99: " + ", ".join(
+                        x for x in (itl(o, "with"), itl(nc, "without"), itl(ll, "llama-server")) if x), _cut(o, nc))
+                        if x)))
+    ours_hit = ((o or {}).get("metrics") or {}).get("hit_ratio")
+    usage_hit = ((o or {}).get("cache") or {}).get("hit_ratio")
+    ll_hit = ((ll or {}).get("cache") or {}).get("hit_ratio")
+    steady = lambda x: ((x or {}).get("cache", {}).get("steady") or {}).get("hit_ratio")  # noqa: E731
+    rows.append(Row(sec, "hit ratio (cached / prompt tokens), with caching vs llama-server", ours_hit or usage_hit,
+                    ll_hit, ours_text=f"{pct(ours_hit)} (/metrics), {pct(usage_hit)} (usage)" if o else "-",
+                    ref_text=f"{pct(ll_hit)} llama.cpp (usage)" if ll else "-",
+                    note=f"after the first wave: ours {pct(steady(o))}, llama-server {pct(steady(ll))}; "
+                         f"{w.get('cacheable_tokens')} of the {w.get('shared_prefix_tokens')} shared tokens are "
+                         "whole 16-token blocks (ours caches blocks; llama-server single tokens, from idle slots "
+                         "only)"))
+    if ll or "llama-cpp" in " ".join(d.get("errors") or []):
+        rows.append(Row(sec, f"N={n} TTFT p50 / p99 after the first wave vs llama-server (ratio of p50)",
+                        get(o, "steady_ttft_ms_p50"), get(ll, "steady_ttft_ms_p50"), ours_text=pair(o, "steady_ttft"),
+                        ref_text=pair(ll, "steady_ttft") + " llama.cpp" if ll else "-",
+                        note=f"llama-server: {hits(ll)} with a hit" if ll else ""))
+        rows.append(Row(sec, f"N={n} TTFT p50 / p99, all requests vs llama-server (ratio of p50)",
+                        get(o, "ttft_ms_p50"), get(ll, "ttft_ms_p50"), ours_text=pair(o, "ttft"),
+                        ref_text=pair(ll, "ttft") + " llama.cpp" if ll else "-"))
+        rows.append(Row(sec, f"N={n} aggregate tok/s vs llama-server", get(o, "aggregate_tok_s"),
+                        get(ll, "aggregate_tok_s"), ref_text=f"{fmt(get(ll, 'aggregate_tok_s'))} llama.cpp f32"
+                        if ll else "-", note=_cut(None, ll)))
+    if w:
+        rows.append(Row(sec, "workload", ours_text="-", ref_text="-",
+                        note=f"{n} clients x {w['requests_per_client']} requests, {w['new_tokens']} new tokens each "
+                             f"(greedy, ignore_eos), {w['slots']} slots in every server; prompts "
+                             f"{w['prompt_tokens']['min']}-{w['prompt_tokens']['max']} tokens: a shared few-shot "
+                             f"prefix of {w['shared_prefix_tokens']} tokens (Sonnets, 'Line: / Next:' pairs), then "
+                             f"{w['suffix_tokens']['min']}-{w['suffix_tokens']['max']} of their own; one warm-up wave "
+                             f"with another prefix first; at most {w['time_limit_s']:.0f} s per server"))
+        cores = [f"{name} {fmt(x['server_cores'], digits=2)} / {fmt(x.get('server_cpu_wait'), digits=2)} (load "
+                 f"{x['load_average_1min'][0]:.1f}-{x['load_average_1min'][1]:.1f})"
+                 for name, x in (("with caching", o), ("without", nc), ("llama-server", ll))
+                 if x and x.get("server_cores") is not None]
+        if cores:
+            rows.append(Row(sec, "CPU of each server while measured: cores used / cores waited for", ours_text="-",
+                            ref_text="-",
+                            note=", ".join(cores) + " (thread-seconds per second, from schedstat): waiting means "
+                                 "another process (or its own extra threads) held the 2 CPUs; configurations that "
+                                 "waited differently are less comparable"))
+    if ll and ll.get("cmd"):
+        rows.append(Row(sec, "llama-server (prefix)", ours_text="-", ref_text="-",
+                        note="f32 GGUF, prompt cache on, `cache_prompt: true` in every request: "
+                             + _llama_flags(ll["cmd"])))
+    return rows
+
+
 def rows_start(d: dict) -> list[Row]:
     names = {"cold": "empty --compile-cache dir (cold)", "warm": "same --compile-cache dir again (warm)",
              "no-cache": "no --compile-cache"}
@@ -460,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             errors[job.name] = llama_unavailable(raw)
             print(f"[{i}/{len(jobs)}] {job.name}: skipped, {errors[job.name]}", flush=True)
             continue
+        if job.name == "prefix" and llama_unavailable(raw) and "llama-cpp" in job.cmd[-1]:
+            job.cmd[-1] = ",".join(PREFIX_CONFIGS[:2])
         print(f"[{i}/{len(jobs)}] {job.name}: {shlex.join(job.cmd[1:])}\n        log: {logs / job.name}.log",
               flush=True)
         try:
@@ -503,7 +607,7 @@ BUILDERS: list[tuple[str, str, Callable[[dict], list[Row]]]] = [
 
 def llama_unavailable(raw: dict[str, dict | None]) -> str | None:
     """Why llama.cpp could not be built or converted in this run, if a llama.cpp job said so."""
-    for name in ("llama-cpp-bench", "serving-llama-cpp"):
+    for name in ("llama-cpp-bench", "serving-llama-cpp", "prefix"):
         why = (raw.get(name) or {}).get("unavailable")
         if why:
             return f"llama.cpp: not built ({why})"
@@ -546,6 +650,11 @@ def build_rows(raw: dict[str, dict | None], errors: dict[str, str], ran: list[st
             if f"serving-{k}" in errors:
                 why = unavailable if k == "llama-cpp" and unavailable else errors[f"serving-{k}"]
                 rows.append(error_row(sec, f"serving {k}", why))
+    if "prefix" in ran:
+        if raw.get("prefix"):
+            guarded(PREFIX, "prefix", lambda: rows_prefix(raw["prefix"]))
+        if "prefix" in errors:
+            rows.append(error_row(PREFIX, "prefix", errors["prefix"]))
     if "start" in ran:
         if raw.get("start"):
             guarded(START, "start", lambda: rows_start(raw["start"]))

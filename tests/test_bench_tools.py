@@ -16,7 +16,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
+import bench_prefix  # noqa: E402
 import benchlib  # noqa: E402
+import llama_cpp  # noqa: E402
 import loadgen  # noqa: E402
 import run_all  # noqa: E402
 from benchlib import Row, Target  # noqa: E402
@@ -458,3 +460,121 @@ def test_soak_runs_against_a_tiny_server(tmp_path):
     assert rss["growth_mb_per_min_after_warmup"] is not None and rss["samples_after_warmup"] >= 3
     assert len(r["samples"]) >= 6 and r["server_counters"]["gpt2_generation_tokens_total"] > 0
     assert "RSS growth after warm-up" in run.stdout and "PASS" in run.stdout
+
+
+# ---- the prefix-caching workload (bench_prefix.py) ------------------------------------------------------------
+
+def test_prefix_workload_one_shared_prefix_and_distinct_questions():
+    from tokenizer import GPT2Tokenizer
+
+    encode = GPT2Tokenizer.from_pretrained("gpt2").encode
+    pairs = bench_prefix.verse_pairs(bench_prefix.SONNETS.read_text(encoding="utf-8"))
+    assert pairs[0] == ("From fairest creatures we desire increase,", "That thereby beauty's rose might never die,")
+    prefix, prompts = bench_prefix.few_shot_prompts(pairs, header=bench_prefix.HEADER, prefix_tokens=400, n=96,
+                                                    suffix_tokens=(10, 30), encode=encode, seed=0)
+    ids = [encode(p) for p in prompts]
+    assert len(set(prompts)) == 96 and all(p.startswith(prefix) and p.endswith("\nNext:") for p in prompts)
+    shared = bench_prefix.shared_prefix(ids)
+    assert 400 <= shared <= 450 and all(10 <= len(t) - shared <= 30 for t in ids)
+    assert all(shared <= n < len(t) for n, t in zip(bench_prefix.longest_shared(ids), ids))
+    # the warm-up prompts share nothing with the measured ones
+    _, warm = bench_prefix.few_shot_prompts(pairs[::-1], header=bench_prefix.WARM_HEADER, prefix_tokens=400, n=16,
+                                            suffix_tokens=(10, 30), encode=encode, seed=1)
+    assert max(bench_prefix.common_prefix(encode(w), ids[0]) for w in warm) == 0
+    with pytest.raises(ValueError, match="distinct questions"):
+        bench_prefix.few_shot_prompts(pairs, header="", prefix_tokens=400, n=10**5, suffix_tokens=(10, 30),
+                                      encode=encode, seed=0)
+
+
+def test_common_and_longest_shared_prefixes():
+    lists = [[1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 7], [5]]
+    assert bench_prefix.common_prefix(lists[0], lists[1]) == 3
+    assert bench_prefix.shared_prefix(lists) == 0 and bench_prefix.shared_prefix(lists[:3]) == 2
+    assert bench_prefix.longest_shared(lists) == [3, 3, 2, 0]
+    assert bench_prefix.whole_blocks(423) == 416 and bench_prefix.whole_blocks(15) == 0
+
+
+def _res(i, *, first=False, prompt=437, cached=416, usage=True):
+    r = loadgen.StreamResult(i, sent=0.0, token_times=[0.1, 0.2], finished=True, first=first)
+    if usage:
+        r.usage = {"prompt_tokens": prompt, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": cached}}
+    return r
+
+
+def test_check_cached_names_each_kind_of_wrong_usage():
+    lengths, longest, shared = [437] * 6, [424] * 6, 423
+    good = [_res(0, first=True, cached=0), _res(1, first=True, cached=256), _res(2)]
+    assert bench_prefix.check_cached(good, lengths, longest, shared, caching=True) == []
+    assert bench_prefix.check_cached([_res(0, cached=0)], lengths, longest, shared, caching=False) == []
+    bad = [_res(0, cached=408), _res(1, cached=432), _res(2, cached=0), _res(3, prompt=438), _res(4, usage=False)]
+    faults = bench_prefix.check_cached(bad, lengths, longest, shared, caching=True)
+    assert len(faults) == 4 and any("whole 16-token blocks" in f and "2 requests" in f for f in faults)
+    assert any("after the first wave" in f for f in faults) and any("prompt_tokens" in f for f in faults)
+    assert any("no usage" in f for f in faults)
+    assert bench_prefix.check_cached([_res(0)], lengths, longest, shared, caching=False)  # a hit without caching
+    s = bench_prefix.cache_summary(good)
+    assert s["hit_ratio"] == pytest.approx(672 / (3 * 437)) and s["steady"]["requests_with_hit"] == 1
+    assert s["first_wave"]["requests"] == 2 and s["miss_ttft_ms_p50"] == pytest.approx(100.0)
+
+
+def test_prometheus_value_and_access_log_5xx():
+    text = ("# HELP gpt2_prefix_cache_hits_total x\ngpt2_prefix_cache_hits_total 416.0\n"
+            "gpt2_prefix_cache_hits_created 1.0\ngpt2_request_success_total{finish_reason=\"length\"} 3.0\n"
+            "gpt2_request_success_total{finish_reason=\"eos\"} 1.0\n")
+    assert bench_prefix.prometheus_value(text, "gpt2_prefix_cache_hits_total") == 416.0
+    assert bench_prefix.prometheus_value(text, "gpt2_request_success_total") == 4.0
+    assert bench_prefix.prometheus_value(text, "gpt2_prefix_cache_queries_total") is None
+    log = "\n".join([json.dumps({"route": "/health", "status": 503}), json.dumps({"route": "/v1/completions",
+                     "status": 500}), json.dumps({"route": "/v1/completions", "status": 200}), "[WARNING] x"])
+    assert bench_prefix.access_log_5xx(log) == 1
+
+
+def test_openai_stream_keeps_usage():
+    async def handler(request):
+        final = {"choices": [{"text": "x", "index": 0, "finish_reason": "length"}],
+                 "usage": {"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 0}}}
+        return httpx.Response(200, content=f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode(),
+                              headers={"content-type": "text/event-stream"})
+
+    (r,), _ = asyncio.run(loadgen.closed_loop("http://fake", ["p"], clients=1, per_client=1, new_tokens=1,
+                                              time_limit=10, api="openai", transport=httpx.MockTransport(handler)))
+    assert r.usage["prompt_tokens"] == 5 and bench_prefix.cached_tokens(r) == 0
+
+
+def _config(steady_p50, *, hits=1.0):
+    return {"requests": 96, "finished": 96, "unfinished": 0, "errors": 0, "aggregate_tok_s": 100.0,
+            "ttft_ms_p50": 2 * steady_p50, "ttft_ms_p99": 4 * steady_p50, "steady_ttft_ms_p50": steady_p50,
+            "steady_ttft_ms_p99": 2 * steady_p50,
+            "cache": {"hit_ratio": 0.9 * hits, "hit_ttft_ms_p50": steady_p50,
+                      "steady": {"requests": 80, "requests_with_hit": int(80 * hits), "hit_ratio": 0.97 * hits},
+                      "first_wave": {"requests": 16, "requests_with_hit": int(15 * hits), "hit_ratio": 0.5}},
+            "metrics": {"hit_ratio": 0.9 * hits} if hits else None, "cmd": ["/x/llama-server", "--parallel", "32"]}
+
+
+def test_prefix_rows_apply_the_target_to_ours_with_vs_without():
+    raw = {"prefix": {"configs": {"ours": _config(100.0), "ours-no-cache": _config(500.0, hits=0),
+                                  "llama-cpp": _config(300.0)},
+                      "workload": {"clients": 16, "requests_per_client": 6, "new_tokens": 32, "slots": 32,
+                                   "shared_prefix_tokens": 423, "cacheable_tokens": 416, "time_limit_s": 150.0,
+                                   "prompt_tokens": {"min": 433, "max": 442}, "suffix_tokens": {"min": 10, "max": 19}},
+                      "errors": []}}
+    rows = run_all.build_rows(raw, {}, ["prefix"])
+    by = {r.what: r for r in rows}
+    target = by["N=16 TTFT p50 / p99 after the first wave, with vs without caching (ratio of p50)"]
+    assert target.ratio == pytest.approx(0.2) and target.verdict == "yes"
+    assert by["N=16 TTFT p50 / p99 after the first wave vs llama-server (ratio of p50)"].ratio == pytest.approx(1 / 3)
+    assert "--parallel 32" in by["llama-server (prefix)"].note
+    raw["prefix"]["configs"]["ours"] = _config(150.0)
+    assert run_all.build_rows(raw, {}, ["prefix"])[0].verdict == "NO, 20% over"
+    # a failed job is an error row; the others still render
+    rows = run_all.build_rows({"prefix": None}, {"prefix": "exit code 1: ours: no usage"}, ["prefix"])
+    assert [r.verdict for r in rows] == ["ERROR"]
+    assert run_all.selected("prefix", ["prefix"]) and not run_all.selected("prefix", ["serving"])
+
+
+def test_llama_server_prompt_cache_flag():
+    build = llama_cpp.Build(Path("/x"))
+    off = llama_cpp.server_command(build, Path("/m.gguf"), port=1, threads=2, slots=4, ctx_per_slot=1024)
+    on = llama_cpp.server_command(build, Path("/m.gguf"), port=1, threads=2, slots=4, ctx_per_slot=1024,
+                                  prompt_cache=True)
+    assert "--no-cache-prompt" in off and "--no-cache-prompt" not in on and "--cache-ram" in on
