@@ -101,12 +101,11 @@ def stream_chunks(client, **body) -> list:
 
 
 def assert_usage(usage, prompt_tokens, completion_tokens):
-    # The prefix cache may have this prompt's first whole blocks from an earlier test (16 tokens each, never the
-    # last prompt token).
+    # The prefix cache may hold the start of this prompt from an earlier test (never its last token).
     cached = usage["prompt_tokens_details"]["cached_tokens"]
     assert usage == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
-    assert cached % 16 == 0 and 0 <= cached < prompt_tokens
+    assert 0 <= cached < prompt_tokens
 
 
 def test_chat_completion_renders_the_template_and_answers_openais_format(client):

@@ -20,42 +20,65 @@ B = 16  # block size
 # ---- the trie --------------------------------------------------------------------------------------------------
 
 
-def test_lookup_matches_whole_blocks_exactly_and_within_the_limit():
+def test_lookup_finds_whole_blocks_then_continues_token_by_token():
     c = PrefixCache(4, B)
-    a = list(range(100, 150))  # 50 tokens: 3 whole blocks
-    c.extend(0, a, 50)
-    assert c.held(0) == 48
-    assert c.lookup(a, 50) == (48, {0})
-    assert c.lookup(a, 47) == (32, {0})  # the limit cuts the third block
-    assert c.lookup(a[:20] + [1] + a[21:], 50) == (16, {0})  # one token differs in the second block
-    assert c.lookup([1] + a[1:], 50) == (0, set())
-    assert c.lookup(a[:15], 15) == (0, set())  # less than a block
+    a = list(range(100, 150))  # 50 tokens: 3 whole blocks and 2 more
+    c.assign(0, a, [], 50, own=False)
+    assert c.held(0) == 50
+    assert c.lookup(a, 50) == {0: 50}
+    assert c.lookup(a, 47) == {0: 47}  # the limit
+    assert c.lookup(a[:40] + [1] + a[41:], 50) == {0: 40}  # differs at token 40: 2 blocks, then 8 tokens
+    assert c.lookup(a[:20] + [1] + a[21:], 50) == {0: 20}
+    assert c.lookup([1] + a[1:], 50) == {}  # not one whole block
+    assert c.lookup(a[:15], 15) == {}
+
+
+def test_generated_tokens_are_matched_and_registered_as_they_come():
+    c = PrefixCache(2, B)
+    prompt, output = list(range(20)), []
+    c.assign(1, prompt, output, 20, own=False)
+    output += list(range(500, 520))
+    c.extend(1, 37)  # the prompt and 17 generated tokens have K/V
+    assert c.num_nodes() == 2 and c.held(1) == 37
+    assert c.lookup(prompt + output, 40) == {1: 37}
 
 
 def test_slots_sharing_blocks_and_truncation_prunes_what_no_slot_holds():
     c = PrefixCache(4, B)
     shared = list(range(32))
-    c.extend(0, shared + list(range(500, 532)), 64)
-    c.extend(1, shared + list(range(900, 916)), 48)
-    assert c.lookup(shared + [0] * 16, 48) == (32, {0, 1})
+    c.assign(0, shared + list(range(500, 532)), [], 64, own=False)
+    c.assign(1, shared + list(range(900, 916)), [], 48, own=False)
+    assert c.lookup(shared + [0] * 16, 48) == {0: 32, 1: 32}
     assert c.num_nodes() == 4 + 1
-    c.truncate(0, 40)  # keeps 2 blocks
-    assert c.held(0) == 32 and c.num_nodes() == 3
+    c.truncate(0, 40)  # keeps 2 blocks and 8 tokens
+    assert c.held(0) == 40 and c.num_nodes() == 3
+    assert c.lookup(shared + list(range(500, 532)), 64) == {0: 40, 1: 32}
     c.truncate(1, 0)
-    assert c.lookup(shared + list(range(900, 916)), 48) == (32, {0})
+    assert c.lookup(shared + list(range(900, 916)), 48) == {0: 32}
     c.truncate(0, 0)
-    assert c.num_nodes() == 0 and c.lookup(shared, 32) == (0, set())
+    assert c.num_nodes() == 0 and c.lookup(shared, 32) == {}
+
+
+def test_assigning_a_slot_to_another_sequence_keeps_only_a_hit_of_its_own():
+    c = PrefixCache(2, B)
+    old, new = list(range(48)), list(range(32)) + [7] * 16
+    c.assign(0, old, [], 48, own=False)
+    c.assign(0, new, [], 32, own=True)  # new's first 32 tokens are old's, in this slot
+    assert c.lookup(old, 48) == {0: 32} and c.held(0) == 32
+    c.assign(0, list(range(300, 348)), [], 32, own=False)  # 32 tokens copied in from elsewhere
+    assert c.lookup(new, 48) == {} and c.lookup(list(range(300, 348)), 48) == {0: 32}
 
 
 def test_extend_only_adds_the_new_blocks():
     c = PrefixCache(2, B)
     ids = list(range(64))
-    c.extend(0, ids, 20)
-    c.extend(0, ids, 33)
-    c.extend(0, ids, 33)
-    assert c.held(0) == 32 and c.num_nodes() == 2
-    c.extend(0, ids, 64)
-    assert c.lookup(ids, 64) == (64, {0})
+    c.assign(0, ids, [], 0, own=False)
+    c.extend(0, 20)
+    c.extend(0, 33)
+    c.extend(0, 33)
+    assert c.num_nodes() == 2 and c.held(0) == 33
+    c.extend(0, 64)
+    assert c.lookup(ids, 64) == {0: 64}
 
 
 # ---- the scheduler ---------------------------------------------------------------------------------------------
@@ -77,7 +100,7 @@ def drain(s):
     return outs
 
 
-PROMPT = list(range(1000, 1040))  # 40 tokens: 2 whole blocks count (the last token is always computed)
+PROMPT = list(range(1000, 1040))  # 40 tokens: 2 whole blocks and 8 more
 
 
 def test_a_finished_requests_slot_is_taken_again_with_nothing_to_copy():
@@ -89,9 +112,9 @@ def test_a_finished_requests_slot_is_taken_again_with_nothing_to_copy():
     b = gen("b", PROMPT + [1, 2])
     s.add([b])
     out = run_step(s)
-    assert b.slot == 0 and b.num_cached_prompt == 32 and out.copies == []
-    assert [(c.start, c.end) for c in out.prefill if c.seq is b] == [(32, 42)]
-    assert (out.cache_queries, out.cache_hits) == (42, 32)
+    assert b.slot == 0 and b.num_cached_prompt == 40 and out.copies == []
+    assert [(c.start, c.end) for c in out.prefill if c.seq is b] == [(40, 42)]
+    assert (out.cache_queries, out.cache_hits) == (42, 40)
 
 
 def test_a_running_requests_prefix_is_copied_into_a_free_slot():
@@ -104,8 +127,8 @@ def test_a_running_requests_prefix_is_copied_into_a_free_slot():
     b = gen("b", PROMPT[:35] + [7, 7, 7])
     s.add([b])
     out = run_step(s)
-    assert b.slot != a.slot and out.copies == [(a.slot, b.slot, 32)]
-    assert [(c.start, c.end) for c in out.prefill] == [(32, 38)]
+    assert b.slot != a.slot and out.copies == [(a.slot, b.slot, 35)]
+    assert [(c.start, c.end) for c in out.prefill] == [(35, 38)]
     # without copies (a session that cannot copy) a running request's prefix is not shared
     s = sched(copy=False)
     a = gen("a", PROMPT, max_new=50)
@@ -124,7 +147,7 @@ def test_a_prompt_that_is_a_cached_prompt_still_computes_its_last_token():
     b = gen("b", PROMPT[:32])
     s.add([b])
     out = run_step(s)
-    assert b.num_cached_prompt == 16 and [(c.start, c.end) for c in out.prefill] == [(16, 32)]
+    assert b.num_cached_prompt == 31 and [(c.start, c.end) for c in out.prefill] == [(31, 32)]
 
 
 def test_generated_tokens_are_cached_too():
@@ -137,7 +160,7 @@ def test_generated_tokens_are_cached_too():
     b = gen("b", history + [5, 6])
     s.add([b])
     run_step(s)
-    assert b.slot == a.slot and b.num_cached_prompt == 64
+    assert b.slot == a.slot and b.num_cached_prompt == 69
 
 
 def test_prompts_that_want_every_positions_logits_neither_hit_nor_count():
@@ -153,7 +176,7 @@ def test_prompts_that_want_every_positions_logits_neither_hit_nor_count():
     c = gen("c", PROMPT)
     s.add([c])
     run_step(s)
-    assert c.num_cached_prompt == 32
+    assert c.num_cached_prompt == 39
 
 
 def test_a_failed_requests_rows_and_a_failed_copys_target_are_forgotten():
@@ -185,7 +208,7 @@ def test_the_least_recently_freed_slot_is_evicted_first():
     e, f = gen("e", p1 + [2]), gen("f", p2 + [2])
     s.add([e, f])
     run_step(s)
-    assert e.num_cached_prompt == 32 and f.num_cached_prompt == 0
+    assert e.num_cached_prompt == 40 and f.num_cached_prompt == 0
 
 
 def test_random_workloads_with_shared_prefixes_read_only_what_was_written():
@@ -314,4 +337,4 @@ def test_a_hit_gives_the_bits_of_computing_the_prompt():
     ref, ref_cached = run(0)
     got, cached = run(B)
     assert got == ref  # bitwise: token ids and float logprobs compared with ==
-    assert set(ref_cached.values()) == {0} and cached["p0"] == 48 and cached["p2"] == 32
+    assert set(ref_cached.values()) == {0} and cached["p0"] == 50 and cached["p2"] == 39

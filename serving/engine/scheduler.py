@@ -10,9 +10,9 @@ Policy, per step (the runner computes the whole step as one flat pass):
   long prompt goes in over several steps, each delaying the running sequences' next token by one pass at most;
 - waiting sequences get a KV slot in arrival order when they are given their first chunk; a finished or aborted
   sequence frees its slot at once;
-- automatic prefix caching (`prefix_block` > 0, see prefix_cache.py): a sequence starts past the longest run of
-  whole blocks of its prompt that some slot holds. It takes that slot if it is free; otherwise it gets a free slot
-  and the step copies the rows first (`SchedulerOutput.copies`, run before the pass, in order). Free slots are
+- automatic prefix caching (`prefix_block` > 0, see prefix_cache.py): a sequence starts past the longest prefix
+  of its prompt that some slot holds (found by whole blocks, then token by token). It takes that slot if it is
+  free; otherwise it gets a free slot and the step copies the rows first (`SchedulerOutput.copies`, run before the pass, in order). Free slots are
   handed out least recently freed first, so the prefixes of recent requests stay cached longest.
 
 Nothing here depends on how a row is computed: the kernels give a sequence the same logits whatever else is in its
@@ -185,27 +185,25 @@ class Scheduler:
         assert self.waiting[0] is s
         self.waiting.popleft()
         cache = self.prefix_cache
-        hit, holders = 0, frozenset()
+        held: dict[int, int] = {}
         if cache is not None and not (s.wants_prompt_logprobs or s.score_only):
             # At least the prompt's last token is computed: its logits give the first output token.
-            hit, holders = cache.lookup(s.prompt_ids, s.num_prompt - 1)
+            held = cache.lookup(s.prompt_ids, s.num_prompt - 1)
             out.cache_queries += s.num_prompt
-        free = [x for x in holders if x in self._free_slots]
-        if free:
-            s.slot = free[0]
-            del self._free_slots[s.slot]
-        else:
-            s.slot = next(iter(self._free_slots))
-            del self._free_slots[s.slot]
-            if holders and self.config.prefix_copy:
-                out.copies.append((min(holders), s.slot, hit))
-            else:
-                hit = 0
+        if not self.config.prefix_copy:
+            held = {x: n for x, n in held.items() if x in self._free_slots}
+        # The longest hit; a free slot (nothing to copy) over a busy one of the same length; then the lowest.
+        best = min(held, key=lambda x: (-held[x], x not in self._free_slots, x), default=None)
+        hit = held.get(best, 0)
+        own = best in self._free_slots
+        s.slot = best if own else next(iter(self._free_slots))
+        del self._free_slots[s.slot]
+        if hit and not own:
+            out.copies.append((best, s.slot, hit))
         if cache is not None:
             # What the slot held past the hit (all of it, unless the hit is its own) is about to be overwritten;
             # a copy's rows count as present at once (the copy runs before anything reads them).
-            cache.truncate(s.slot, hit if s.slot in holders else 0)
-            cache.extend(s.slot, s.prompt_ids, hit)
+            cache.assign(s.slot, s.prompt_ids, s.output_ids, hit, own)
         out.cache_hits += hit
         s.num_cached = s.num_cached_prompt = hit
         s.status = SequenceStatus.PREFILLING
@@ -220,7 +218,7 @@ class Scheduler:
         assert seq.status is SequenceStatus.PREFILLING and chunk.start == seq.num_cached
         seq.num_cached = chunk.end
         if self.prefix_cache is not None:
-            self.prefix_cache.extend(seq.slot, seq.prompt_ids, seq.num_cached)
+            self.prefix_cache.extend(seq.slot, seq.num_cached)
         if chunk.is_last and not seq.score_only:
             self.prefilling.remove(seq)
             seq.status = SequenceStatus.RUNNING
@@ -230,6 +228,5 @@ class Scheduler:
         """Record that a running sequence's last token is now in the cache."""
         if not seq.is_finished:
             seq.num_cached += 1
-            cache = self.prefix_cache
-            if cache is not None and seq.num_cached % cache.block_size == 0:  # a generated block is complete
-                cache.extend(seq.slot, seq.prompt_ids + seq.output_ids, seq.num_cached)
+            if self.prefix_cache is not None:
+                self.prefix_cache.extend(seq.slot, seq.num_cached)
