@@ -418,9 +418,8 @@ def rows_prefix(d: dict) -> list[Row]:
                     ll_hit, ours_text=f"{pct(ours_hit)} (/metrics), {pct(usage_hit)} (usage)" if o else "-",
                     ref_text=f"{pct(ll_hit)} llama.cpp (usage)" if ll else "-",
                     note=f"after the first wave: ours {pct(steady(o))}, llama-server {pct(steady(ll))}; "
-                         f"{w.get('cacheable_tokens')} of the {w.get('shared_prefix_tokens')} shared tokens are "
-                         "whole 16-token blocks (ours caches blocks; llama-server single tokens, from idle slots "
-                         "only)"))
+                         f"{w.get('shared_prefix_tokens')} shared tokens (both match token by token; llama-server "
+                         "reuses idle slots only, ours also copies a running request's rows)"))
     if ll or "llama-cpp" in " ".join(d.get("errors") or []):
         rows.append(Row(sec, f"N={n} TTFT p50 / p99 after the first wave vs llama-server (ratio of p50)",
                         get(o, "steady_ttft_ms_p50"), get(ll, "steady_ttft_ms_p50"), ours_text=pair(o, "steady_ttft"),

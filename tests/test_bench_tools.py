@@ -491,10 +491,9 @@ def test_common_and_longest_shared_prefixes():
     assert bench_prefix.common_prefix(lists[0], lists[1]) == 3
     assert bench_prefix.shared_prefix(lists) == 0 and bench_prefix.shared_prefix(lists[:3]) == 2
     assert bench_prefix.longest_shared(lists) == [3, 3, 2, 0]
-    assert bench_prefix.whole_blocks(423) == 416 and bench_prefix.whole_blocks(15) == 0
 
 
-def _res(i, *, first=False, prompt=437, cached=416, usage=True):
+def _res(i, *, first=False, prompt=437, cached=423, usage=True):
     r = loadgen.StreamResult(i, sent=0.0, token_times=[0.1, 0.2], finished=True, first=first)
     if usage:
         r.usage = {"prompt_tokens": prompt, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": cached}}
@@ -506,14 +505,14 @@ def test_check_cached_names_each_kind_of_wrong_usage():
     good = [_res(0, first=True, cached=0), _res(1, first=True, cached=256), _res(2)]
     assert bench_prefix.check_cached(good, lengths, longest, shared, caching=True) == []
     assert bench_prefix.check_cached([_res(0, cached=0)], lengths, longest, shared, caching=False) == []
-    bad = [_res(0, cached=408), _res(1, cached=432), _res(2, cached=0), _res(3, prompt=438), _res(4, usage=False)]
+    bad = [_res(0, cached=400), _res(1, cached=432), _res(2, cached=0), _res(3, prompt=438), _res(4, usage=False)]
     faults = bench_prefix.check_cached(bad, lengths, longest, shared, caching=True)
-    assert len(faults) == 4 and any("whole 16-token blocks" in f and "2 requests" in f for f in faults)
+    assert len(faults) == 4 and any("more than what another prompt shares" in f and "1 requests" in f for f in faults)
     assert any("after the first wave" in f for f in faults) and any("prompt_tokens" in f for f in faults)
     assert any("no usage" in f for f in faults)
     assert bench_prefix.check_cached([_res(0)], lengths, longest, shared, caching=False)  # a hit without caching
     s = bench_prefix.cache_summary(good)
-    assert s["hit_ratio"] == pytest.approx(672 / (3 * 437)) and s["steady"]["requests_with_hit"] == 1
+    assert s["hit_ratio"] == pytest.approx(679 / (3 * 437)) and s["steady"]["requests_with_hit"] == 1
     assert s["first_wave"]["requests"] == 2 and s["miss_ttft_ms_p50"] == pytest.approx(100.0)
 
 
@@ -555,7 +554,7 @@ def test_prefix_rows_apply_the_target_to_ours_with_vs_without():
     raw = {"prefix": {"configs": {"ours": _config(100.0), "ours-no-cache": _config(500.0, hits=0),
                                   "llama-cpp": _config(300.0)},
                       "workload": {"clients": 16, "requests_per_client": 6, "new_tokens": 32, "slots": 32,
-                                   "shared_prefix_tokens": 423, "cacheable_tokens": 416, "time_limit_s": 150.0,
+                                   "shared_prefix_tokens": 423, "time_limit_s": 150.0,
                                    "prompt_tokens": {"min": 433, "max": 442}, "suffix_tokens": {"min": 10, "max": 19}},
                       "errors": []}}
     rows = run_all.build_rows(raw, {}, ["prefix"])
