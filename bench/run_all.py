@@ -61,6 +61,7 @@ PREFILL = "model: prefill (tokens/s)"
 SERVING = "serving under load (closed loop, streamed: ours and llama-server /v1/completions; transformers /generate_stream)"
 START = "server start until GET /health is 200 (seconds)"
 PREFIX = "prefix caching under load (shared few-shot prefix, closed loop, streamed /v1/completions)"
+INT8 = "int8 weights (--quantize int8): speed, memory and quality against float32 and llama.cpp q8_0"
 
 
 PREFIX_CONFIGS = ("ours", "ours-no-cache", "llama-cpp")  # bench_prefix.py's --configs
@@ -127,6 +128,22 @@ def plan(args: argparse.Namespace, model: Path, work: Path, logs: Path) -> list[
               "--new-tokens", "32", "--time-limit", "60" if q else str(args.time_limit),
               "--configs", ",".join(PREFIX_CONFIGS if args.llama_cpp else PREFIX_CONFIGS[:2])]
     add("prefix", "bench_prefix.py", prefix, (2400 if args.llama_cpp else 900) if q else 3600)
+    # Int8 weights: the model benchmark's batch-1 and batch-32 decode and prefill, our server at 16 clients, and the
+    # quality comparison (bench/quality.py); against float32 and llama.cpp's q8_0 from the jobs above.
+    if q:
+        add("int8-model", "bench_model.py", ["--quantize", "int8", "--layers", "2", "--batches", "1", "--contexts",
+                                             "128", "--steps", "4", "--prefill", "1x128", "--score", "",
+                                             "--repeat", "1", "--copy-mb", "64", *threads], 600)
+    else:
+        add("int8-model", "bench_model.py", ["--quantize", "int8", "--batches", "1,32", "--prefill", "1x128,1x512,8x128",
+                                             "--score", "", *threads], 2400)
+    n8 = 4 if q else 16
+    int8_serving = [a for a in serving if not a.startswith("--server-args=")]
+    int8_serving[int8_serving.index("--clients") + 1] = str(n8)
+    add("int8-serving", "bench_serving.py", ["--server", "ours", *int8_serving,
+                                             f"--server-args={args.server_args} --quantize int8"], 900 if q else 3600)
+    add("int8-quality", "quality.py", ["--models", str(REPO / "models" / "default"), "--pieces", "5"] if q else [],
+        900 if q else 3600)
     add("start", "bench_start.py", ["--model", str(model), "--max-batch-size", str(slots),
                                     f"--server-args={args.server_args}"], 900 if q else 3600)
     return jobs
@@ -344,6 +361,71 @@ def rows_serving(data: dict[str, dict | None]) -> list[Row]:
         rows.append(Row(sec, "llama-server", ours_text="-", ref_text="-",
                         note="f32 GGUF of the same model, greedy, ignore_eos, a new connection per request: "
                              + _llama_flags(llama["cmd"])))
+    return rows
+
+
+def rows_int8(raw: dict[str, dict | None]) -> list[Row]:
+    """Int8 against float32 (the same run's model and serving jobs) and llama.cpp q8_0 (llama-bench), its memory,
+    and its quality (bench/quality.py)."""
+    sec = INT8
+    rows = []
+    q8, f32 = raw.get("int8-model") or {}, raw.get("model") or {}
+    llama = {(r["type"], r["context"]): r for r in (raw.get("llama-cpp-bench") or {}).get("decode", [])}
+    f32_decode = {(r["batch"], r["context"]): r for r in f32.get("decode", [])}
+    for r in q8.get("decode", []):
+        b, c, ms = r["batch"], r["context"], r["ours_ms"]
+        ours_text = f"{fmt(ms, 'ms')} ({fmt(1000 * b / ms, 'tok/s', 0)})"
+        lq = llama.get(("q8_0", c)) if b == 1 else None
+        if lq:
+            rows.append(Row(sec, f"decode b=1 ctx={c}, int8 vs llama.cpp q8_0 (ms/token)", ms, lq["ms_per_token"],
+                            ours_text=ours_text, ref_text=f"{fmt(lq['ms_per_token'], 'ms')} llama.cpp q8_0",
+                            target=Target("<= 1.00x", "<=", 1.0)))
+        f = f32_decode.get((b, c))
+        if f:
+            rows.append(Row(sec, f"decode b={b} ctx={c}, int8 vs our float32 (ms/step)", ms, f["ours_ms"],
+                            ours_text=ours_text, ref_text=f"{fmt(f['ours_ms'], 'ms')} float32"))
+    if q8.get("decode_floor_ms"):
+        b1 = next((r for r in q8["decode"] if r["batch"] == 1), None)
+        if b1:
+            rows.append(Row(sec, f"decode b=1 ctx={b1['context']}, int8 vs memory-bandwidth floor", b1["ours_ms"],
+                            q8["decode_floor_ms"], ours_text=fmt(b1["ours_ms"], "ms"),
+                            ref_text=f"{fmt(q8['decode_floor_ms'], 'ms')} floor = {q8['weight_bytes'] / 1e6:.0f} MB "
+                                     f"/ {q8['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s copy"))
+    f32_prefill = {(r["batch"], r["tokens"]): r for r in f32.get("prefill", [])}
+    for r in q8.get("prefill", []):
+        f = f32_prefill.get((r["batch"], r["tokens"]))
+        rows.append(Row(sec, f"prefill {r['batch']}x{r['tokens']}, int8 vs our float32 (tokens/s)", r["ours_tok_s"],
+                        f["ours_tok_s"] if f else None, ref_text=f"{fmt(f['ours_tok_s'])} float32" if f else "-"))
+    s8, sf = raw.get("int8-serving") or {}, raw.get("serving-ours") or {}
+    lv8 = {lvl["clients"]: lvl for lvl in s8.get("levels", [])}
+    lvf = {lvl["clients"]: lvl for lvl in sf.get("levels", [])}
+    for n, o in sorted(lv8.items()):
+        f = lvf.get(n)
+        rows.append(Row(sec, f"serving N={n} aggregate tok/s, int8 vs float32", o["aggregate_tok_s"],
+                        f["aggregate_tok_s"] if f else None,
+                        ref_text=f"{fmt(f['aggregate_tok_s'])} float32" if f else "-",
+                        target=Target(">= 1.50x", ">=", 1.5) if n == 16 else None,
+                        note=f"TTFT p50 / p99 {fmt(o['ttft_ms_p50'], digits=0)} / {fmt(o['ttft_ms_p99'], 'ms', 0)}"))
+    r8, rf = s8.get("peak_rss_bytes"), sf.get("peak_rss_bytes")
+    if r8:
+        saved = q8.get("weight_bytes") and f32.get("weight_bytes") and f32["weight_bytes"] - q8["weight_bytes"]
+        rows.append(Row(sec, "server peak RSS (VmHWM), int8 vs float32", r8 / 1e9, rf / 1e9 if rf else None,
+                        ours_text=fmt(r8 / 1e9, "GB"), ref_text=f"{fmt(rf / 1e9, 'GB')} float32" if rf else "-",
+                        target=Target(f"<= float32 - {saved / 1e9:.2f} GB weights saved", "<=",
+                                      (rf - saved) / rf) if rf and saved else None,
+                        note=f"the weights' saving: {saved / 1e9:.2f} GB" if saved else ""))
+    for name, r in ((raw.get("int8-quality") or {}).get("results") or {}).items():
+        rows.append(Row(sec, f"{name}: |logprob(int8) - logprob(f32)|, max / mean", r["max_abs_logprob_diff"],
+                        ours_text=f"{r['max_abs_logprob_diff']:.4f} / {r['mean_abs_logprob_diff']:.5f}",
+                        note=f"{r['tokens']:,} tokens via /score"))
+        for src, p in r["perplexity"].items():
+            rows.append(Row(sec, f"{name}: perplexity, {src}", p["int8"], p["f32"], ours_text=f"{p['int8']:.2f}",
+                            ref_text=f"{p['f32']:.2f} float32",
+                            target=Target("within 1% of float32", "<=", 1.01), note=f"{p['tokens']:,} tokens"))
+        rows.append(Row(sec, f"{name}: greedy, 128 tokens x {r['greedy_prompts']} prompts, identical to float32",
+                        r["greedy_identical"], r["greedy_prompts"],
+                        ours_text=f"{r['greedy_identical']} of {r['greedy_prompts']}", ref_text="all",
+                        note=f"mean common prefix {r['greedy_mean_common_prefix']:.1f} tokens"))
     return rows
 
 
@@ -654,6 +736,13 @@ def build_rows(raw: dict[str, dict | None], errors: dict[str, str], ran: list[st
             guarded(PREFIX, "prefix", lambda: rows_prefix(raw["prefix"]))
         if "prefix" in errors:
             rows.append(error_row(PREFIX, "prefix", errors["prefix"]))
+    int8 = [k for k in ran if k.startswith("int8-")]
+    if int8:
+        if any(raw.get(k) for k in int8):
+            guarded(INT8, "int8", lambda: rows_int8(raw))
+        for k in int8:
+            if k in errors:
+                rows.append(error_row(INT8, k, errors[k]))
     if "start" in ran:
         if raw.get("start"):
             guarded(START, "start", lambda: rows_start(raw["start"]))

@@ -577,3 +577,31 @@ def test_llama_server_prompt_cache_flag():
     on = llama_cpp.server_command(build, Path("/m.gguf"), port=1, threads=2, slots=4, ctx_per_slot=1024,
                                   prompt_cache=True)
     assert "--no-cache-prompt" in off and "--no-cache-prompt" not in on and "--cache-ram" in on
+
+
+def test_rows_int8_compare_against_float32_and_llama_cpp_q8_0():
+    raw = {
+        "int8-model": {"decode": [{"batch": 1, "context": 128, "ours_ms": 8.0}], "prefill": [
+            {"batch": 1, "tokens": 128, "ours_tok_s": 800.0}], "decode_floor_ms": 4.0, "weight_bytes": 130e6,
+            "copy_bandwidth_bytes_s": 32e9},
+        "model": {"decode": [{"batch": 1, "context": 128, "ours_ms": 20.0, "ref_ms": 35.0}],
+                  "prefill": [{"batch": 1, "tokens": 128, "ours_tok_s": 760.0, "ref_tok_s": 600.0}],
+                  "weight_bytes": 500e6},
+        "llama-cpp-bench": {"decode": [{"type": "q8_0", "context": 128, "ms_per_token": 10.0, "tok_s": 100.0},
+                                       {"type": "f32", "context": 128, "ms_per_token": 18.0, "tok_s": 55.0}]},
+        "int8-serving": {"levels": [{"clients": 16, "aggregate_tok_s": 300.0, "ttft_ms_p50": 100.0,
+                                     "ttft_ms_p99": 900.0}], "peak_rss_bytes": 1.9e9},
+        "serving-ours": {"levels": [{"clients": 16, "aggregate_tok_s": 165.0}], "peak_rss_bytes": 2.5e9},
+        "int8-quality": {"results": {"default": {
+            "max_abs_logprob_diff": 0.04, "mean_abs_logprob_diff": 0.006, "tokens": 1000, "greedy_identical": 49,
+            "greedy_prompts": 50, "greedy_mean_common_prefix": 127.0,
+            "perplexity": {"licences": {"f32": 500.0, "int8": 506.0, "tokens": 900}}}}},
+    }
+    rows = {r.what: r for r in run_all.rows_int8(raw)}
+    q8 = rows["decode b=1 ctx=128, int8 vs llama.cpp q8_0 (ms/token)"]
+    assert q8.ratio == pytest.approx(0.8) and q8.verdict == "yes"
+    assert rows["decode b=1 ctx=128, int8 vs our float32 (ms/step)"].ratio == pytest.approx(0.4)
+    assert rows["serving N=16 aggregate tok/s, int8 vs float32"].verdict == "yes"  # 1.82x >= 1.5x
+    rss = rows["server peak RSS (VmHWM), int8 vs float32"]
+    assert rss.verdict == "yes"  # 1.9 <= 2.5 - 0.37 GB
+    assert rows["default: perplexity, licences"].verdict.startswith("NO")  # 1.2% over
