@@ -128,3 +128,44 @@ def test_missing_directory_or_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors or model.ckpt"):
         load_model_dir(tmp_path)
 
+
+
+def test_lazy_weights_read_what_safetensors_reads(tmp_path):
+    # LazyWeights reads the format itself (no memory map): every dtype the project meets, against the library.
+    import torch
+    from safetensors.torch import save_file
+
+    from model.checkpoint import LazyWeights
+
+    rng = np.random.default_rng(0)
+    tensors = {"f32": torch.from_numpy(rng.standard_normal((3, 5)).astype(np.float32)),
+               "f16": torch.from_numpy(rng.standard_normal(7).astype(np.float16)),
+               "bf16": torch.from_numpy(rng.standard_normal((2, 4)).astype(np.float32)).to(torch.bfloat16),
+               "i8": torch.from_numpy(rng.integers(-127, 128, (4, 2)).astype(np.int8)),
+               "empty": torch.zeros((0, 3))}
+    path = str(tmp_path / "w.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    lazy = LazyWeights(path)
+    assert lazy.shapes == {k: tuple(v.shape) for k, v in tensors.items()}
+    for k, v in tensors.items():
+        expected = v.float().numpy() if k == "bf16" else v.numpy()
+        np.testing.assert_array_equal(lazy[k], expected)
+        assert lazy[k].dtype == expected.dtype
+
+
+@pytest.mark.parametrize("damage", ["header", "length", "offsets"])
+def test_lazy_weights_refuse_a_damaged_file(tmp_path, damage):
+    import json
+    import struct
+
+    from model.checkpoint import CheckpointError, LazyWeights
+
+    header = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16 if damage != "offsets" else 12]}}
+    raw = json.dumps(header).encode()
+    if damage == "header":
+        raw = raw[:-3]
+    n = len(raw) if damage != "length" else 10**9
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", n) + raw + bytes(16))
+    with pytest.raises(CheckpointError, match="cannot read weights file"):
+        LazyWeights(str(path))
