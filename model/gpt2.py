@@ -118,7 +118,8 @@ class Conv1D(nn.Cell):
         self.matmul_nt = ops.MatMul(transpose_b=True)
     # The inference step's forms. `kern` is the session's model.kernels.StepKernels as a plain tuple (graph mode
     # indexes tuples but has no named fields: 0 linear, 1 linear_gelu, 2 linear_add, 3 attention, 4 linear_nobias,
-    # 5-7 the same three with a layer norm first: ln_linear, ln_linear_gelu, ln_linear_nobias) or None
+    # 5-7 the same three with a layer norm first: ln_linear, ln_linear_gelu, ln_linear_nobias; 8 a whole layer,
+    # model.kernels.block_kernels' op for the session's form, or None: GPT2Block.cached calls the others) or None
     # (decided when the graph compiles): the CPU kernels when given, whatever the row count, MindSpore's ops
     # otherwise. The kernels measured as fast or faster than MindSpore's MatMul at 1 to 512 rows, and they keep no
     # per-graph copy of the weights: MindSpore's CPU MatMul packs each constant weight once per compiled graph and
@@ -318,6 +319,12 @@ def gelu_tanh(x):
     return x * ops.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
 
 
+def _block_weight(proj, wp):
+    # A projection's inputs to the Block op: its weight, or the session's packing of it alone (see `linear`), then
+    # its bias.
+    return ((proj.weight,) if wp is None else wp) + (proj.bias,)
+
+
 class GPT2Block(nn.Cell):
     def __init__(self, cfg: GPT2Config, layer_idx: int, compute_dtype: ms.Type) -> None:
         super().__init__()
@@ -335,6 +342,16 @@ class GPT2Block(nn.Cell):
         return (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
 
     def cached(self, x, k_cache, v_cache, step, bias, scale, kern, wps=(None, None, None, None)):
+        # With the kernels, the layer is one Block op (the five calls below in one: the same bits, one op's
+        # dispatch), unless the session has none or the GELU is the exact (erf) form, which the kernels lack.
+        if kern is not None and kern[8] is not None and self.mlp.approximate == "tanh":
+            positions, write_base, _, _, read_base, meta, _, _ = step
+            attn, mlp = self.attn, self.mlp
+            args = ((x, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps) + _block_weight(attn.c_attn, wps[0])
+                    + (k_cache, v_cache, write_base, read_base, positions, meta, scale)
+                    + _block_weight(attn.c_proj, wps[1]) + (self.ln_2.weight, self.ln_2.bias, self.ln_2.eps)
+                    + _block_weight(mlp.c_fc, wps[2]) + _block_weight(mlp.c_proj, wps[3]))
+            return kern[8](*args)
         a = self.attn.cached(x, self.ln_1, k_cache, v_cache, step, bias, scale, kern, wps[0])
         x = self.attn.c_proj.infer_add(a, x, kern, wps[1])
         return self.mlp.inference_add(x, self.ln_2, kern, (wps[2], wps[3]))

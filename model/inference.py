@@ -262,6 +262,10 @@ class InferenceSession:
             kern = (q8.linear, q8.linear_gelu, q8.linear_add, kern[3], q8.linear_nobias, q8.ln_linear,
                     q8.ln_linear_gelu, q8.ln_linear_nobias)
             self.packed_form = "int8"
+        if kern is not None:
+            # kern[8]: each layer's step as one op (model.kernels.block_kernels), or None: as five
+            blocks = kernels.block_kernels() if kernels.block_enabled() else None
+            kern = kern + (None if blocks is None else blocks.block_q8 if quantize == "int8" else blocks.block,)
         self.quantize = quantize
         self._cell = _StepCell(model, num_slots, max_seq_len, model.compute_dtype, kern, self.packed_form)
         # With the kernels' shape functions one graph takes any token count: no padding, no per-size compiles;

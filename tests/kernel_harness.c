@@ -33,6 +33,7 @@ int LinearQ8Gelu(int, void **, int *, int64_t **, const char **, void *, void *)
 int LinearQ8Add(int, void **, int *, int64_t **, const char **, void *, void *);
 int LnLinearQ8(int, void **, int *, int64_t **, const char **, void *, void *);
 int LnLinearQ8Gelu(int, void **, int *, int64_t **, const char **, void *, void *);
+int Block(int, void **, int *, int64_t **, const char **, void *, void *);
 int PanelWidth(void);
 
 static const struct {
@@ -41,13 +42,13 @@ static const struct {
 } OPS[] = {{"Linear", Linear}, {"LinearGelu", LinearGelu}, {"LinearAdd", LinearAdd},
            {"CachedAttention", CachedAttention}, {"LnLinear", LnLinear}, {"LnLinearGelu", LnLinearGelu},
            {"LinearQ8", LinearQ8}, {"LinearQ8Gelu", LinearQ8Gelu}, {"LinearQ8Add", LinearQ8Add},
-           {"LnLinearQ8", LnLinearQ8}, {"LnLinearQ8Gelu", LnLinearQ8Gelu}};
+           {"LnLinearQ8", LnLinearQ8}, {"LnLinearQ8Gelu", LnLinearQ8Gelu}, {"Block", Block}};
 
 /* MindSpore's dtype names (an AOT op gets them as strings) and element sizes, by the files' dtype code. */
 static const char *const DTYPE_NAMES[] = {"float32", "int32", "int8"};
 static const size_t DTYPE_SIZES[] = {4, 4, 1};
 
-#define MAX_PARAMS 16
+#define MAX_PARAMS 32 /* Block: 27 with int8 weights */
 #define MAX_DIMS 8
 
 static FILE *in, *out;

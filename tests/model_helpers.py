@@ -105,3 +105,17 @@ def save_hf_dir(hf, path: str, *, fmt: str = "bin", prefix: bool = True, buffers
 def prompts(seed: int = 0, lengths=(5, 17, 9)) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(1, TINY["vocab_size"], n).tolist() for n in lengths]
+
+
+def aot_call(lib, name: str, *arrays: np.ndarray) -> int:
+    """Call a kernel library op (ctypes) as MindSpore calls an AOT Custom op: (nparam, params, ndims, shapes,
+    dtypes, stream, extra) -> status; dtypes by MindSpore's names ("float32", "int8"), numpy's too."""
+    import ctypes
+
+    n = len(arrays)
+    params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+    ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
+    dims = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
+    shapes = (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in dims])
+    names = (ctypes.c_char_p * n)(*[str(a.dtype).encode() for a in arrays])
+    return getattr(lib, name)(n, params, ndims, shapes, names, None, None)

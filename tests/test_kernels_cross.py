@@ -4,9 +4,9 @@ with the real build's flags, and portably (x86-64 without AVX: the kernels' port
 3 kernel threads.
 
 They must match numpy (float64), keep a row's (a token's) bits independent of the rest of the call, compute with
-the calling thread's denormal mode on every thread, and agree bitwise across builds where the arithmetic is the same
-(Linear and its int8-weight form LinearQ8 everywhere; attention between NEON and portable, whose vector sums add
-lanes in the same order).
+the calling thread's denormal mode on every thread, give Block the bits of the five ops it replaces, and agree
+bitwise across builds where the arithmetic is the same (Linear and its int8-weight form LinearQ8 everywhere;
+attention and Block between NEON and portable, whose vector sums add lanes in the same order).
 
 The ARM build needs Debian's gcc-aarch64-linux-gnu and qemu-user (`make test` installs them when run as root, as CI
 does); without them the tests fail saying so, never skip.
@@ -491,6 +491,118 @@ def test_attention_gives_a_token_the_same_bits_in_any_chunking_or_batch(harness,
     assert np.array_equal(rows, packed) and np.array_equal(rows, np.concatenate(alone))
 
 
+# ---- Block: a layer's five ops in one --------------------------------------------------------------------------
+
+BD, BNH, BF, BL, BSLOTS = 128, 2, 256, 48, 3  # d, heads (of 64), MLP width, max_seq_len, slots (+ a scratch slot)
+BSTRIDE = BNH * BL  # cache rows per slot
+# Sequences as (slot, first position, tokens): one flat pass (B = 1, read_base per token) of 1, 3 or 37 tokens, or
+# rows (B, T) with a read_base per row and padding.
+BLOCK_STEPS = {
+    "flat-1": ([(2, 20, 1)], True),
+    "flat-3": ([(0, 5, 1), (2, 40, 1), (1, 0, 1)], True),
+    "flat-37": ([(1, 10, 25), (2, 0, 10), (0, 30, 2)], True),
+    "rows-2x3": ([(1, 12, 3), (2, 0, 2)], False),
+}
+BLOCK_FORMS = ("plain", "panels", "int8")  # each weight w, its panels alone, or int8 panels and scales
+
+
+@dataclass
+class BlockCase:
+    """A layer's step: Block's inputs (see cpu_kernels.c), and the five ops' names for its weight form."""
+
+    x: np.ndarray
+    ln: tuple  # (ln_1, ln_2), each (g, b, eps)
+    weights: tuple  # c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj: (weight tensors, bias)
+    attention: tuple  # k_cache, v_cache, write_base, read_base, positions, meta, scale
+    ops: tuple  # LnLinear, LinearAdd, LnLinearGelu or their Q8 forms
+
+    def block(self) -> Call:
+        (wa, ba), (wp, bp), (wf, bf), (wo, bo) = self.weights
+        kc, vc, *rest = self.attention
+        return Call("Block", (self.x, *self.ln[0], *wa, ba, kc.copy(), vc.copy(), *rest, *wp, bp, *self.ln[1], *wf,
+                              bf, *wo, bo, np.full_like(self.x, np.nan)))
+
+    def caches(self, got: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The caches among a Block call's tensors after the call: after x, ln_1 and c_attn's tensors."""
+        at = 5 + len(self.weights[0][0])
+        return got[at], got[at + 1]
+
+
+def _block_case(name: str, form: str, nr: int) -> BlockCase:
+    seqs, flat = BLOCK_STEPS[name]
+    rng = np.random.default_rng(list(BLOCK_STEPS).index(name) * 10 + BLOCK_FORMS.index(form))
+    if flat:
+        pos = np.concatenate([np.arange(p, p + n) for _, p, n in seqs])[None]
+        read = np.concatenate([np.full(n, s * BSTRIDE) for s, _, n in seqs])
+        write = read + pos[0]
+    else:
+        pos = np.full((len(seqs), max(n for _, _, n in seqs)), -1)
+        for i, (_, p, n) in enumerate(seqs):
+            pos[i, :n] = np.arange(p, p + n)
+        read = np.array([s * BSTRIDE for s, _, _ in seqs])
+        write = read[:, None] + pos
+        write[pos < 0] = BSLOTS * BSTRIDE + np.flatnonzero(pos.reshape(-1) < 0) % BL  # scratch rows for padding
+        write = write.reshape(-1)
+    hs = BD // BNH
+    caches = [rng.standard_normal(((BSLOTS + 1) * BSTRIDE, hs)).astype(np.float32) for _ in range(2)]
+    attention = (*caches, write.astype(np.int32), read.astype(np.int32), pos.astype(np.int32),
+                 np.array([BL, BNH], np.int32), np.array([hs**-0.5], np.float32))
+
+    def norm():
+        return ((1 + 0.1 * rng.standard_normal(BD)).astype(np.float32),
+                (0.1 * rng.standard_normal(BD)).astype(np.float32), np.array([1e-5], np.float32))
+
+    weights = []
+    for n, k in ((3 * BD, BD), (BD, BD), (BF, BD), (BD, BF)):
+        w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+        if form == "int8":
+            q, sc = kernels.quantize_int8(w)
+            tensors = (_panels(q, nr), sc)
+        else:
+            tensors = (w,) if form == "plain" else (_panels(w, nr),)
+        weights.append((tensors, (0.1 * rng.standard_normal(n)).astype(np.float32)))
+    x = rng.standard_normal((*pos.shape, BD)).astype(np.float32)
+    ops = ("LnLinear", "LinearAdd", "LnLinearGelu")
+    if form == "int8":
+        ops = tuple(op.replace("Linear", "LinearQ8") for op in ops)
+    return BlockCase(x, (norm(), norm()), tuple(weights), attention, ops)
+
+
+def _five_ops(harness: Harness, cases: list[BlockCase], threads: int, tmp: Path) -> list[tuple[np.ndarray, ...]]:
+    """Each case's step as the five ops (each run's outputs are the next one's inputs): (y, k_cache, v_cache)."""
+
+    def out(x: np.ndarray, n: int) -> np.ndarray:
+        return np.full((*x.shape[:-1], n), np.nan, np.float32)
+
+    def stage(make) -> list:
+        return [got[-1] for got in harness.run([make(c, i) for i, c in enumerate(cases)], threads, tmp)]
+
+    # ln_1 and c_attn
+    qkv = stage(lambda c, i: Call(c.ops[0], (c.x, *c.ln[0], *c.weights[0][0], c.weights[0][1], out(c.x, 3 * BD))))
+    # attention, writing the caches: keep them too
+    att = harness.run([Call("CachedAttention", (qkv[i], c.attention[0].copy(), c.attention[1].copy(),
+                                                *c.attention[2:], out(c.x, BD))) for i, c in enumerate(cases)],
+                      threads, tmp)
+    # attn.c_proj + x; ln_2, c_fc and GELU; mlp.c_proj + x2
+    x2 = stage(lambda c, i: Call(c.ops[1], (att[i][-1], *c.weights[1][0], c.weights[1][1], c.x, out(c.x, BD))))
+    h = stage(lambda c, i: Call(c.ops[2], (x2[i], *c.ln[1], *c.weights[2][0], c.weights[2][1], out(c.x, BF))))
+    y = stage(lambda c, i: Call(c.ops[1], (h[i], *c.weights[3][0], c.weights[3][1], x2[i], out(c.x, BD))))
+    return [(y[i], att[i][1], att[i][2]) for i in range(len(cases))]
+
+
+@pytest.mark.parametrize("threads", THREADS)
+def test_block_computes_the_five_ops_bits(harness, threads, tmp_path):
+    cases = [_block_case(name, form, harness.panel_width) for name in BLOCK_STEPS for form in BLOCK_FORMS]
+    fused = harness.run([c.block() for c in cases], threads, tmp_path)
+    five = _five_ops(harness, cases, threads, tmp_path)
+    names = [(n, f) for n in BLOCK_STEPS for f in BLOCK_FORMS]
+    for case, got, want, (name, form) in zip(cases, fused, five, names):
+        y, (kc, vc) = got[-1], case.caches(got)
+        assert np.isfinite(y).all(), (name, form)
+        assert np.array_equal(y, want[0]), (name, form)
+        assert np.array_equal(kc, want[1]) and np.array_equal(vc, want[2]), (name, form)
+
+
 # ---- every thread computes in the caller's floating-point mode -----------------------------------------------
 
 
@@ -521,8 +633,8 @@ def test_worker_threads_take_the_callers_denormal_mode(harness, threads, tmp_pat
 
 def test_builds_agree_bitwise_where_their_arithmetic_is_the_same(build, tmp_path):
     # Linear and LinearQ8 are one FMA chain per output element in k order with the same epilogue on every path, so
-    # every build gives the same bits; attention's dot products end in a vector sum, whose lane order NEON shares
-    # with the portable path (x86's wider vectors add 8 or 16 lanes).
+    # every build gives the same bits; attention's dot products (and Block's layer norms) end in a vector sum,
+    # whose lane order NEON shares with the portable path (x86's wider vectors add 8 or 16 lanes).
     built = {name: build(name) for name in BUILDS}
 
     def linear_calls(nr: int) -> list[Call]:
@@ -534,7 +646,9 @@ def test_builds_agree_bitwise_where_their_arithmetic_is_the_same(build, tmp_path
     n_linear = len(linear["native"])
     attention = [_attention_case(hs, flat)[0] for hs, flat in ATTENTION_CASES]
     attention += _chunked_prefill_calls([(0, 23)]) + _decode_calls()
-    out = {name: h.run(linear[name] + attention, 1, tmp_path) for name, h in built.items()}
+    block = {name: [_block_case("flat-37", form, h.panel_width).block() for form in BLOCK_FORMS]
+             for name, h in built.items()}
+    out = {name: h.run(linear[name] + attention + block[name], 1, tmp_path) for name, h in built.items()}
     for name in BUILDS:
         for i, (a, b) in enumerate(zip(out[name][:n_linear], out["native"][:n_linear])):
             assert np.array_equal(a[-1], b[-1]), (name, linear[name][i].op)

@@ -13,6 +13,7 @@ import pytest
 
 from model import kernels
 from model.runtime import set_device
+from model_helpers import aot_call
 
 EPS = 1e-5
 # (N, K): an edge panel and K past one KC block (256); N not a multiple of any panel width; one panel (or half
@@ -37,15 +38,7 @@ def lib():
 
 
 def _call(lib, name: str, *arrays: np.ndarray) -> int:
-    # MindSpore's AOT calling convention: (nparam, params, ndims, shapes, dtypes, stream, extra) -> status; dtypes
-    # by MindSpore's names ("float32", "int8"), numpy's too.
-    n = len(arrays)
-    params = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
-    ndims = (ctypes.c_int * n)(*[a.ndim for a in arrays])
-    dims = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
-    shapes = (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in dims])
-    names = (ctypes.c_char_p * n)(*[str(a.dtype).encode() for a in arrays])
-    return getattr(lib, name)(n, params, ndims, shapes, names, None, None)
+    return aot_call(lib, name, *arrays)
 
 
 def _quantize_reference(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

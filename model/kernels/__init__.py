@@ -6,7 +6,10 @@ GPT-2 124M: a server with a dozen step shapes held gigabytes of copies), and att
 gather (a copy of every cached row in use) plus small batched matmuls. `cpu_kernels.c` has two kernels: `Linear`
 (x @ W^T + b, with GELU or residual fused) and `CachedAttention` (each token attends over its own slot's cached
 rows in place, no gather, no context padding). No library offers these for MindSpore's CPU backend; the Ascend
-equivalents (PagedAttention) are Ascend-only.
+equivalents (PagedAttention) are Ascend-only. A layer's step is five calls of them (ln_1 + c_attn, attention,
+c_proj + residual, ln_2 + c_fc + GELU, c_proj + residual), and the `Block` op makes the five one call
+(`block_kernels`): the same functions on the same inputs, so the same bits, without MindSpore's cost per op (GPT-2
+124M's layers are 12 ops instead of 60). GPT2_BLOCK_OP=0 makes sessions call the five ops.
 
 Batch invariance: both kernels compute a row's (a token's) result with one fixed sequence of operations, whatever
 else is in the call: `Linear` sums each output element as one FMA chain over k in order for every row count (a
@@ -75,6 +78,7 @@ CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC
 ENV_SWITCH = "GPT2_CPU_KERNELS"
 ENV_CACHE = "GPT2_KERNEL_CACHE"
 ENV_AMX = "GPT2_AMX"  # 0: never use AMX, even for sessions with packed weights
+ENV_BLOCK = "GPT2_BLOCK_OP"  # 0: a layer's step as its five ops, not one Block op (the tests compare the two)
 
 
 def _switched_off(name: str) -> bool:
@@ -83,6 +87,11 @@ def _switched_off(name: str) -> bool:
 
 def enabled_by_env() -> bool:
     return not _switched_off(ENV_SWITCH)
+
+
+def block_enabled() -> bool:
+    """Whether a session made now runs each layer's step as one Block op (GPT2_BLOCK_OP=0: as five; same bits)."""
+    return not _switched_off(ENV_BLOCK)
 
 
 def _cpu_flags() -> str:
@@ -392,3 +401,32 @@ def step_kernels_q8() -> StepKernelsQ8:
         _op("LnLinearQ8", ln_linear_shape, "ffffqf"),
         _op("LnLinearQ8Gelu", ln_linear_shape, "ffffqff"),
     )
+
+
+class BlockKernels(NamedTuple):
+    """The Block op (cpu_kernels.c's), a whole layer's step in one call: what StepKernels' ln_linear, attention,
+    linear_add, ln_linear_gelu and linear_add compute one after the other, with their bits, without the cost of
+    five ops (MindSpore's dispatch of each and the bookkeeping of its output).
+
+    Inputs: x (B, T, d); ln_1's weight, bias, eps; c_attn's weight, bias; attention's k_cache, v_cache, write_base,
+    read_base, positions, meta, scale (StepKernels.attention's after qkv); attn.c_proj's weight, bias; ln_2's weight,
+    bias, eps; mlp.c_fc's weight, bias; mlp.c_proj's weight, bias -> (B, T, d); writes the step's K/V into the
+    caches in place. block: each weight one tensor, w (N, K) or alone its packing (pack_panels or
+    pack_weight_amx); block_q8: each weight two, its int8 panels and scales (StepKernelsQ8's form). GELU is the
+    tanh form (the model's "gelu" activation, erf, takes the five-op path with MindSpore's GELU).
+    """
+
+    block: object
+    block_q8: object
+
+
+@lru_cache(maxsize=1)
+def block_kernels() -> BlockKernels:
+    def signature(w: str) -> str:
+        # x, ln_1, c_attn (weight, bias), attention's inputs after qkv, c_proj, ln_2, c_fc, mlp.c_proj
+        return "f" + "fff" + w + "f" + "ffiiiif" + w + "f" + "fff" + w + "f" + w + "f"
+
+    def shape(x, *rest):
+        return list(x)
+
+    return BlockKernels(_op("Block", shape, signature("w")), _op("Block", shape, signature("qf")))

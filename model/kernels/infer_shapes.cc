@@ -50,6 +50,10 @@ std::vector<int64_t> LnLinearQ8InferShape(int *ndims, int64_t **shapes, void *) 
 std::vector<int64_t> LnLinearQ8GeluInferShape(int *ndims, int64_t **shapes, void *) {
     return linear_q8_shape(ndims, shapes, 5);
 }
+// Block: (x (B, T, d), the layer's norms, weights and caches) -> x's shape
+std::vector<int64_t> BlockInferShape(int *ndims, int64_t **shapes, void *) {
+    return std::vector<int64_t>(shapes[0], shapes[0] + ndims[0]);
+}
 // qkv (B, T, 3d) -> (B, T, d)
 std::vector<int64_t> CachedAttentionInferShape(int *ndims, int64_t **shapes, void *) {
     std::vector<int64_t> out(shapes[0], shapes[0] + ndims[0]);

@@ -183,7 +183,7 @@ def load_session(
         compile_cache_dir = graph_cache_dir(
             compile_cache_dir, config, num_slots, max_seq_len, batch_buckets, chunk_buckets, device_target,
             compute_dtype, kernels.library_path() if kernels.enabled_by_env() else None, kernels.amx_available(),
-            quantize,
+            quantize, kernels.block_enabled(),
         )
     set_device(device_target, compile_cache_dir=compile_cache_dir)
     model = load_model_dir(model_dir, compute_dtype=compute_dtype)
