@@ -194,6 +194,17 @@ class LazyWeights(Mapping):
         self.int8.update(int8)
         return floats[name]
 
+    def int8_rows(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A quantized tensor as (q [out, in] int8, scale (out,)): the file's own, or quantized now from its
+        float values (model.kernels.quantize_int8, as InferenceSession quantizes a float model)."""
+        from . import kernels
+
+        if self.quantized:
+            self[name]  # checks the pair and records it
+            return self.int8.pop(name)
+        a = np.asarray(self._read(name), np.float32)
+        return kernels.quantize_int8(a.T if is_transposed_weight(name) else a)
+
     def __iter__(self):
         return iter(self.shapes)
 
@@ -224,9 +235,13 @@ def find_weights(path: str) -> str:
 
 # ---- model directories -------------------------------------------------------------------------------------
 
-def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2LMHeadModel) -> GPT2LMHeadModel:
+def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2LMHeadModel,
+                   int8_only: bool = False) -> GPT2LMHeadModel:
     """Build `cls` (GPT2LMHeadModel or a subclass, such as textgen's) from a model directory; strict (see
-    load_state_dict)."""
+    load_state_dict). int8_only: the quantized tensors (model.quantize) are kept only as int8 in
+    `model.int8_weights` (stored, or quantized as each is read) and their float parameters left empty, so the
+    float32 weights are never all in memory; the model is then usable only through an int8 InferenceSession (the
+    server's --quantize int8)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory {path} does not exist")
@@ -234,6 +249,17 @@ def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2
     weights = find_weights(path)
     with weights_loaded_later():
         model = cls(cfg, compute_dtype=compute_dtype)
+    if int8_only and weights.endswith(".safetensors"):
+        lazy = LazyWeights(weights, quantized=is_quantized(cfg))
+        check_shapes(lazy.shapes, cfg, source=weights)
+        model.int8_weights = {}
+        for p in model.get_parameters():
+            if is_quantized_name(p.name):
+                model.int8_weights[p.name] = lazy.int8_rows(p.name)
+                p.set_data(ms.Tensor(np.zeros((0,), np.float32)), slice_shape=True)
+            else:
+                p.set_data(ms.Tensor(np.ascontiguousarray(np.asarray(lazy[p.name], np.float32))))
+        return model
     if weights.endswith(".safetensors"):  # read tensor by tensor: no second copy of the weights in memory
         lazy = LazyWeights(weights, quantized=is_quantized(cfg))
         load_state_dict(model, lazy, source=weights)

@@ -186,7 +186,8 @@ def load_session(
             quantize, kernels.block_enabled(),
         )
     set_device(device_target, compile_cache_dir=compile_cache_dir)
-    model = load_model_dir(model_dir, compute_dtype=compute_dtype)
+    # int8: each float weight is quantized as it is read, so the float32 weights are never all in memory.
+    model = load_model_dir(model_dir, compute_dtype=compute_dtype, int8_only=quantize == "int8")
     session = InferenceSession(
         model,
         num_slots=num_slots,
