@@ -57,13 +57,17 @@ def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out) + (hi,)
 
 
-def _packed(weight: Parameter, form: str, int8: dict | None = None) -> tuple[Parameter, ...]:
+def _packed(weight: Parameter, form: str, int8: dict | None = None, pre: dict | None = None) -> tuple[Parameter, ...]:
     # `weight` packed for the kernels' Linear, as Parameters named after it (e.g.
-    # transformer.h.0.mlp.c_fc.weight.panels): ("panels" or "amx") one packed copy; ("int8") the int8 panels and
-    # the per-row scales, from `int8` (name -> (q, scale), a quantized model directory's) or quantized now.
+    # transformer.h.0.mlp.c_fc.weight.panels): ("panels" or "amx") one packed copy, taken from `pre` (name ->
+    # packed Parameter, load_model_dir(pack=)'s; taken out, so that the model does not keep it) or packed now;
+    # ("int8") the int8 panels and the per-row scales, from `int8` (name -> (q, scale), a quantized model
+    # directory's or load_model_dir(pack="int8")'s) or quantized now.
     if form != "int8":
-        pack = kernels.pack_weight_amx if form == "amx" else kernels.pack_panels
-        return (Parameter(Tensor(pack(weight.asnumpy())), name=f"{weight.name}.{form}", requires_grad=False),)
+        packed = (pre or {}).pop(weight.name, None)
+        if packed is None:
+            packed = kernels.packed_parameter(weight.asnumpy(), form, f"{weight.name}.{form}")
+        return (packed,)
     q, scale = (int8 or {}).get(weight.name) or kernels.quantize_int8(weight.asnumpy())
     return (Parameter(Tensor(kernels.pack_panels_int8(q)), name=f"{weight.name}.int8", requires_grad=False),
             Parameter(Tensor(scale), name=f"{weight.name}.scale", requires_grad=False))
@@ -119,10 +123,11 @@ class _StepCell(_Graph):
         self.per = 2 if packed_form == "int8" else 1
         if packed_form is not None:
             int8 = getattr(model, "int8_weights", None) or {}
+            pre = getattr(model, "packed_weights", None) or {}
             wte = model.transformer.wte.weight
             self.packed = ms.ParameterTuple(
                 p for block in model.transformer.h for proj in block.projections()
-                for p in _packed(proj.weight, packed_form, int8)
+                for p in _packed(proj.weight, packed_form, int8, pre)
             )
             if packed_form == "int8":
                 q, scale = int8.get(wte.name) or kernels.quantize_int8(wte.asnumpy())
@@ -248,7 +253,8 @@ class InferenceSession:
             self.context_buckets = (max_seq_len,)
         # The step path has no dropout, so the model's train/eval flag is left as the caller set it.
         # A packed projection carries its own output width (a multiple of 32: the AMX tiles and the widest panels),
-        # and the AMX tiles take 32 k's at a time: every projection's N and K is a multiple of n_embd or inner_dim.
+        # and the AMX tiles take 32 k's at a time: every projection's N and K is a multiple of n_embd or inner_dim
+        # (kernels.packed_form decides alike).
         aligned = cfg.n_embd % 32 == 0 and cfg.inner_dim % 32 == 0
         form = "amx" if kernels.amx_available() else "panels"
         self.packed_form = form if packed_weights and cpu_kernels and aligned else None
@@ -262,6 +268,10 @@ class InferenceSession:
             kern = (q8.linear, q8.linear_gelu, q8.linear_add, kern[3], q8.linear_nobias, q8.ln_linear,
                     q8.ln_linear_gelu, q8.ln_linear_nobias)
             self.packed_form = "int8"
+        loaded = getattr(model, "packed_form", None)
+        if loaded is not None and loaded != self.packed_form:
+            raise ValueError(f"the model's weights were loaded packed as {loaded!r} (load_model_dir(pack=)), which "
+                             f"only a session packing them alike can run; this one packs {self.packed_form!r}")
         if kern is not None:
             # kern[8]: each layer's step as one op (model.kernels.block_kernels), or None: as five
             blocks = kernels.block_kernels() if kernels.block_enabled() else None

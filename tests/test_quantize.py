@@ -185,20 +185,3 @@ def test_the_server_serves_int8_and_its_tokens_are_the_python_apis(tmp_path):
     set_device("CPU")
     assert GPT2LMHeadModel.from_pretrained(model, quantize="int8").generate(prompt, 8) == served
 
-
-@pytest.mark.parametrize("src", ["float", "int8"])
-def test_loading_int8_only_gives_the_same_session_without_the_float_weights(dirs, src):
-    # The server's load: each weight quantized (or read int8) as it is read, its float parameter left empty.
-    from model import InferenceSession
-    from model.checkpoint import load_model_dir
-
-    _, root = dirs
-    set_device("CPU")
-    lean = load_model_dir(root / src, int8_only=True)
-    assert lean.transformer.h[1].attn.c_attn.weight.shape == (0,) and lean.transformer.wte.weight.shape == (0,)
-    assert lean.transformer.wpe.weight.shape == (128, 64)  # not quantized: loaded as usual
-    full = load_model_dir(root / src)
-    ids, pos, slots = np.arange(7, 30, dtype=np.int32), np.arange(23, dtype=np.int32), np.zeros(23, np.int32)
-    a = InferenceSession(lean, **SESSION_KW, quantize="int8").step_flat(ids, pos, slots, None)
-    b = InferenceSession(full, **SESSION_KW, quantize="int8").step_flat(ids, pos, slots, None)
-    np.testing.assert_array_equal(a, b)

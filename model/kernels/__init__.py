@@ -225,6 +225,63 @@ def pack_panels(w: np.ndarray) -> np.ndarray:
     return _panels(np.ascontiguousarray(w, dtype=np.float32))
 
 
+def pack_panels_kn(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """pack_panels of the weight whose (K, N) transpose is `w`: a Conv1D weight as a Hugging Face file stores it
+    ([in, out]), into `out` when given. Panel p is then w's columns p*NR .. p*NR+NR-1 as they lie, copied row by
+    row, with no transpose of the whole matrix (loading GPT-2 1.5B: seconds instead of the ~30 s of transposing to
+    [out, in] and back)."""
+    w = np.asarray(w, dtype=np.float32)
+    nr = panel_width()
+    k, n = w.shape
+    p = -(-n // nr)
+    if out is None:
+        out = np.empty((p, k, nr), np.float32)
+    elif out.shape != (p, k, nr) or out.dtype != np.float32:
+        raise ValueError(f"pack_panels_kn: out must be float32 {(p, k, nr)}, got {out.dtype} {out.shape}")
+    full = n // nr
+    out[:full] = w[:, : full * nr].reshape(k, full, nr).transpose(1, 0, 2)
+    if full < p:
+        out[full] = 0
+        out[full, :, : n - full * nr] = w[:, full * nr :]
+    return out
+
+
+def packed_parameter(w: np.ndarray, form: str, name: str, *, kn: bool = False):
+    """`w` packed in `form` (pack_weight's arguments) as a MindSpore Parameter `name`, packed straight into the
+    Parameter's own memory where the layout allows (panels from (K, N)): Parameter(Tensor(array)) copies, and on
+    a fresh VM each first touch of a page costs more than the copy itself."""
+    import mindspore as ms
+    from mindspore import Parameter
+    from mindspore.common.initializer import Zero, initializer
+
+    if form == "panels" and kn:
+        k, n = np.shape(w)
+        shape = (-(-n // panel_width()), k, panel_width())
+        param = Parameter(initializer(Zero(), shape, ms.float32), name=name, requires_grad=False)
+        pack_panels_kn(w, out=param.asnumpy())  # CPU tensors' asnumpy is a view of their memory
+        return param
+    return Parameter(ms.Tensor(pack_weight(w, form, kn=kn)), name=name, requires_grad=False)
+
+
+def packed_form(config, compute_dtype) -> str | None:
+    """How a session packs the projections' and the LM head's float weights for `Linear` on this machine: "amx"
+    (pack_weight_amx), "panels" (pack_panels), or None when the kernels are not used or the widths do not allow
+    it. A packed projection carries its own output width (a multiple of 32: the AMX tiles and the widest panels),
+    and the AMX tiles take 32 k's at a time: every projection's N and K is a multiple of n_embd or inner_dim."""
+    if not available(config, compute_dtype) or config.n_embd % 32 or config.inner_dim % 32:
+        return None
+    return "amx" if amx_available() else "panels"
+
+
+def pack_weight(w: np.ndarray, form: str, *, kn: bool = False) -> np.ndarray:
+    """`w` ((N, K) [out, in]; kn: its (K, N) transpose) packed in `form` ("panels" or "amx")."""
+    if form == "panels":
+        return pack_panels_kn(w) if kn else pack_panels(w)
+    if form == "amx":
+        return pack_weight_amx(np.asarray(w).T if kn else w)
+    raise ValueError(f"unknown packed form {form!r}")
+
+
 def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A (N, K) float weight ([out, in]) -> (q (N, K) int8, scale (N,) float32), symmetric per output row:
     scale = max |w[n]| / 127 (1 for a row of zeros), q = clip(rint(w / scale), -127, 127), all in float32, so

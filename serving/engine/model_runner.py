@@ -173,7 +173,9 @@ def load_session(
     quantize: None or "int8" (InferenceSession's)."""
     import os
 
-    from model import InferenceSession, kernels
+    import mindspore as ms
+
+    from model import GPT2Config, InferenceSession, kernels
     from model.checkpoint import CONFIG_NAME, load_model_dir
     from model.runtime import graph_cache_dir, set_device
 
@@ -186,8 +188,11 @@ def load_session(
             quantize, kernels.block_enabled(),
         )
     set_device(device_target, compile_cache_dir=compile_cache_dir)
-    # int8: each float weight is quantized as it is read, so the float32 weights are never all in memory.
-    model = load_model_dir(model_dir, compute_dtype=compute_dtype, int8_only=quantize == "int8")
+    # The weights the session packs are packed (or quantized) as each is read: the float32 weights and their
+    # packed copy are never both in memory.
+    cfg = GPT2Config.from_json(os.path.join(model_dir, CONFIG_NAME))
+    pack = "int8" if quantize == "int8" else kernels.packed_form(cfg, getattr(ms, compute_dtype))
+    model = load_model_dir(model_dir, compute_dtype=compute_dtype, pack=pack)
     session = InferenceSession(
         model,
         num_slots=num_slots,
