@@ -89,6 +89,13 @@ $(HF4):
 bench: $(STAMP) $(HF4)
 	$(PY) bench/run_all.py --hf-python-site $(HF4) $(BENCH_ARGS)
 
+# The larger GPT-2s (random weights), each against transformers and llama.cpp in the same run:
+# bench/results/latest-gpt2-medium.md etc. Hours on 2 cores; GPT-2 1.5B needs ~16 GB of memory.
+# `make bench-large LARGE_PRESETS=gpt2-medium`.
+LARGE_PRESETS ?= gpt2-medium gpt2-large gpt2-xl
+bench-large: $(STAMP)
+	for p in $(LARGE_PRESETS); do $(PY) bench/run_all.py --preset $$p $(BENCH_ARGS) || exit 1; done
+
 # Soak: 32 streaming clients for 10 minutes with disconnects mixed in, against MODEL; errors, RSS over time and
 # leaked slots (bench/results/soak-latest.json). `make soak SOAK_ARGS="--clients 8 --duration 60"`.
 soak: $(STAMP)

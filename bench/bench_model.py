@@ -3,9 +3,10 @@ prefill and scoring tokens/s, and the memory-bandwidth floor of batch-1 decode.
 
     python bench/bench_model.py                # 124M: decode b=1,8,32 at context 128 and 512, prefill, scoring
     python bench/bench_model.py --layers 2 --batches 1,4 --contexts 128 --prefill 1x128 --score 1x128 --steps 4
+    python bench/bench_model.py --preset gpt2-xl --batches 1,4 --prefill 1x128 --score '' --max-seq-len 512
 
-Both frameworks run the same random 124M-shaped weights in one process with the same number of CPU threads,
-alternating per measurement so that other load on the machine hits both alike; fp32.
+Both frameworks run the same random weights (124M-shaped unless --preset) in one process with the same number
+of CPU threads, alternating per measurement so that other load on the machine hits both alike; fp32.
 
 - decode: ours is `InferenceSession.step` (compiled graph, preallocated KV cache, one token per row), theirs
   `model(tok, cache=DynamicCache)` under `torch.inference_mode()`. "Context C" means the timed steps run at
@@ -51,7 +52,8 @@ def copy_bandwidth(mb: int, repeat: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = benchlib.arg_parser(__doc__)
-    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--preset", default="gpt2", help="model shape: gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl")
+    ap.add_argument("--layers", type=int, default=None, help="layer count (default: the preset's)")
     ap.add_argument("--batches", default="1,8,32", help="decode batch sizes")
     ap.add_argument("--contexts", default="128,512", help="decode context lengths")
     ap.add_argument("--steps", type=int, default=16, help="timed decode steps per measurement")
@@ -84,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     prefills = _shapes(args.prefill)
     scores = _shapes(args.score)
 
-    cfg = GPT2Config.from_preset("gpt2", n_layer=args.layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    layers = {} if args.layers is None else {"n_layer": args.layers}
+    cfg = GPT2Config.from_preset(args.preset, **layers, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    args.layers = cfg.n_layer
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg.to_dict())).eval()
     names = parameter_shapes(cfg)
@@ -96,19 +100,34 @@ def main(argv: list[str] | None = None) -> int:
     # layout: a Conv1D weight is [in, out]).
     weight_bytes = sum(a.size + 4 * a.shape[is_transposed_weight(k)] if args.quantize and is_quantized_name(k)
                        else a.nbytes for k, a in weights.items())
-    ours = GPT2LMHeadModel(cfg)
-    load_state_dict(ours, weights)
+    import mindspore as ms
+
+    from model import kernels
+    from model.checkpoint import load_packed
+    from model.gpt2 import weights_loaded_later
+
+    with weights_loaded_later():
+        ours = GPT2LMHeadModel(cfg)
+    # As the server loads it: the weights the session packs go straight to their packed form (GPT-2 1.5B's float
+    # copy and transformers' would not fit beside it in 24 GB).
+    pack = "int8" if args.quantize else kernels.packed_form(cfg, ms.float32)
+    if pack:
+        load_packed(ours, weights, pack)
+    else:
+        load_state_dict(ours, weights)
     del weights
     slots = max(batches + [b for b, _ in prefills + scores])
     # As the server runs it: with the AMX copy of the weights where the CPU has AMX.
     sess = InferenceSession(ours, num_slots=slots, max_seq_len=args.max_seq_len, packed_weights=True,
                             quantize=args.quantize)
     rng = np.random.default_rng(0)
-    res: dict = {"layers": args.layers, "threads": threads, "weight_bytes": weight_bytes, "steps": args.steps,
+    res: dict = {"preset": args.preset, "n_embd": cfg.n_embd, "layers": args.layers, "threads": threads,
+                 "weight_bytes": weight_bytes, "steps": args.steps,
                  "max_seq_len": args.max_seq_len, "slots": slots, "packed_weights": sess.packed_form,
                  "quantize": args.quantize, "decode": [], "prefill": [],
                  "score": []}
-    print(f"GPT-2 {args.layers} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, fp32, {threads} threads; "
+    print(f"GPT-2 {args.preset}: {args.layers} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}, fp32, "
+          f"{threads} threads; "
           f"our session: {slots} slots x {args.max_seq_len} positions"
           f"{', weights packed as ' + sess.packed_form if sess.packed_weights else ''}; mindspore vs transformers "
           f"{transformers.__version__} (torch {torch.__version__})", flush=True)

@@ -252,7 +252,7 @@ def run_config(name: str, model: Path, args: argparse.Namespace, prompts: list[s
     extra = {**(client.extra or {}), **({"cache_prompt": True} if kind == "llama-cpp" else {})}
     sargs = argparse.Namespace(
         max_batch_size=args.slots, clients=[args.clients], threads=args.threads, log_dir=args.log_dir,
-        baseline_args=args.baseline_args,
+        max_total_tokens=None, baseline_args=args.baseline_args,
         server_args=args.server_args + (" --no-prefix-caching" if name == "ours-no-cache" else ""))
     port = procs.free_port()
     url = f"http://127.0.0.1:{port}"

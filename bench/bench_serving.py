@@ -73,11 +73,11 @@ CLIENTS = {
 }
 
 
-def ensure_model(path: Path, n_layer: int | None = None) -> Path:
+def ensure_model(path: Path, n_layer: int | None = None, preset: str = "gpt2") -> Path:
     """A random-weight GPT-2 model directory at `path` (tools/init_model.py), created once and reused."""
     if (path / "config.json").is_file():
         return path
-    cmd = [sys.executable, "-m", "tools.init_model", str(path)]
+    cmd = [sys.executable, "-m", "tools.init_model", str(path), "--preset", preset]
     if n_layer:
         cmd += ["--n-layer", str(n_layer)]
     print(f"creating a random-weight model in {path} ...", flush=True)
@@ -104,7 +104,7 @@ def server_command(kind: str, model: Path, port: int, args: argparse.Namespace, 
         # Built and converted before the start clock runs: server start time is the server's alone.
         build, _ = llama_cpp.ensure_built(log_dir=args.log_dir)
         gguf = llama_cpp.convert(model, "f32", build, log_dir=args.log_dir)
-        n_ctx = json.loads((model / "config.json").read_text())["n_positions"]
+        n_ctx = positions(model, args)
         threads = args.threads or len(os.sched_getaffinity(0))
         return llama_cpp.server_command(build, gguf, port=port, threads=threads,
                                         slots=max(args.max_batch_size, *args.clients), ctx_per_slot=n_ctx,
@@ -114,7 +114,8 @@ def server_command(kind: str, model: Path, port: int, args: argparse.Namespace, 
         # Without prompt_cache, no prefix caching either: the warm-up sends the measured prompts, and both servers
         # must compute every prompt they are measured on.
         return [sys.executable, "-m", "serving", "--model", str(model), "--port", str(port),
-                "--max-batch-size", str(args.max_batch_size), "--max-queue", str(max(64, 2 * max(args.clients))),
+                "--max-batch-size", str(args.max_batch_size), "--max-total-tokens", str(positions(model, args)),
+                "--max-queue", str(max(64, 2 * max(args.clients))),
                 "--log-level", "warning", *(() if prompt_cache else ("--no-prefix-caching",)),
                 *shlex.split(args.server_args)]
     mode = kind.split("-", 1)[1]
@@ -138,11 +139,18 @@ async def warm(url: str, prompts: list[str], client: Client) -> float:
     return time.perf_counter() - t0
 
 
-def model_budget(model: Path, slots: int) -> dict:
-    """Weights and KV-cache bytes of serving `model` with `slots` slots of its full context window."""
+def positions(model: Path, args: argparse.Namespace) -> int:
+    """Positions per slot of both servers: --max-total-tokens, or the model's context window."""
+    return args.max_total_tokens or json.loads((model / "config.json").read_text())["n_positions"]
+
+
+def model_budget(model: Path, slots: int, pos: int | None = None) -> dict:
+    """Weights and KV-cache bytes of serving `model` with `slots` slots of `pos` positions (default: its context
+    window)."""
     cfg = json.loads((model / "config.json").read_text())
-    n_layer, d, vocab, pos = cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"], cfg["n_positions"]
-    weights = 4 * benchlib.gpt2_param_count(n_layer, d, vocab, pos)
+    n_layer, d, vocab = cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"]
+    pos = pos or cfg["n_positions"]
+    weights = 4 * benchlib.gpt2_param_count(n_layer, d, vocab, cfg["n_positions"])
     kv = benchlib.kv_cache_bytes(n_layer, d, slots, pos)
     return {"weights_bytes": weights, "kv_bytes": kv, "slack_bytes": 10**9, "budget_bytes": weights + kv + 10**9,
             "slots": slots, "positions": pos, "n_layer": n_layer}
@@ -161,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per concurrency level")
     p.add_argument("--max-batch-size", type=int, default=32, help="server slots (ours) / static batch size")
+    p.add_argument("--max-total-tokens", type=int,
+                   help="positions per slot, ours and llama-server (default: the model's context window)")
     p.add_argument("--server-args", default="",
                    help='extra flags for `python -m serving`, one string: --server-args="--prefill-chunk 128"')
     p.add_argument("--baseline-args", default="", help="extra flags for bench/hf_baseline_server.py or llama-server")
@@ -197,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_mix": {"distribution": f"log-uniform [{args.prompt_min}, {args.prompt_max}] tokens, seed {args.seed}",
                        "n": len(lengths), "min": min(lengths), "median": benchlib.percentile(lengths, 50),
                        "mean": sum(lengths) / len(lengths), "max": max(lengths)},
-        "budget": model_budget(model, args.max_batch_size), "levels": [], "errors": [],
+        "budget": model_budget(model, args.max_batch_size, positions(model, args)), "levels": [], "errors": [],
     }
     print(f"{args.server}: {shlex.join(cmd)}\n  log {log}", flush=True)
     mix = result["prompt_mix"]

@@ -7,7 +7,9 @@ Three starts of `python -m serving`, one after the other:
   cold      --compile-cache pointing at a fresh, empty directory (compiles and fills the cache)
   warm      the same --compile-cache directory again (the compiled graphs are read back)
   no cache  --no-compile-cache (compiles at every start)
-The clock starts just before the process is created and /health is polled every 0.1 s.
+The clock starts just before the process is created and /health is polled every 0.1 s. Each start also records
+the server's peak RSS (VmHWM) when /health turns 200: the peak of loading and compiling, against the budget of
+weights + KV cache + 1 GB.
 """
 
 from __future__ import annotations
@@ -25,20 +27,24 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import benchlib  # noqa: E402
 import procs  # noqa: E402
-from bench_serving import DEFAULT_MODEL, ensure_model  # noqa: E402
+from bench_serving import DEFAULT_MODEL, ensure_model, model_budget  # noqa: E402
 
 RUNS = ("cold", "warm", "no-cache")
 
 
-def start_once(model: Path, cache: str | None, args: argparse.Namespace, log: Path) -> float:
+def start_once(model: Path, cache: str | None, args: argparse.Namespace, log: Path) -> tuple[float, int | None]:
     port = procs.free_port()
     cmd = [sys.executable, "-m", "serving", "--model", str(model), "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--log-level", "warning", *shlex.split(args.server_args)]
+    if args.max_total_tokens:
+        cmd += ["--max-total-tokens", str(args.max_total_tokens)]
     cmd += ["--compile-cache", cache] if cache else ["--no-compile-cache"]
     t0 = time.perf_counter()
     proc = procs.spawn(cmd, log=log)
     try:
-        return procs.wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=args.timeout, t0=t0)
+        seconds = procs.wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=args.timeout, t0=t0)
+        # the peak while loading and compiling: nothing has been served yet
+        return seconds, procs.peak_rss_bytes(proc.pid)
     except (RuntimeError, TimeoutError) as e:
         print(f"server log {log}:\n{procs.tail(log)}", flush=True)
         raise RuntimeError(f"{e}: {procs.last_line(log)}") from None
@@ -50,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p = benchlib.arg_parser(__doc__)
     p.add_argument("--model", type=Path, help=f"model directory (default: {DEFAULT_MODEL.relative_to(procs.REPO)})")
     p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-total-tokens", type=int, help="positions per slot (default: the model's context window)")
     p.add_argument("--server-args", default="",
                    help='extra flags for `python -m serving`, one string: --server-args="--prefill-chunk 128"')
     p.add_argument("--runs", default=",".join(RUNS), help=f"which starts, from {', '.join(RUNS)}")
@@ -64,20 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-start-"))
     cache = str(work / "compile-cache")
     result: dict = {"model": str(model), "max_batch_size": args.max_batch_size, "server_args": args.server_args,
-                    "seconds": {}, "errors": []}
+                    "seconds": {}, "peak_rss_bytes": {},
+                    "budget": model_budget(model, args.max_batch_size, args.max_total_tokens),
+                    "errors": []}
     print(f"server start until /health is 200: {model}, --max-batch-size {args.max_batch_size} {args.server_args}",
           flush=True)
     try:
         for run in runs:
             try:
-                s = start_once(model, None if run == "no-cache" else cache, args, work / f"server-{run}.log")
+                s, rss = start_once(model, None if run == "no-cache" else cache, args, work / f"server-{run}.log")
             except Exception as e:  # noqa: BLE001 - the other starts still run
                 result["errors"].append(f"{run}: {e}")
                 print(f"  {run:<9} failed: {str(e).splitlines()[0]}", flush=True)
                 continue
             result["seconds"][run] = s
+            result["peak_rss_bytes"][run] = rss
             benchlib.write_json(args.json, result)
-            print(f"  {run:<9} {s:7.1f} s", flush=True)
+            print(f"  {run:<9} {s:7.1f} s   peak RSS {benchlib.fmt(rss / 1e9 if rss else None, 'GB')}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     benchlib.write_json(args.json, result)

@@ -64,6 +64,8 @@ PREFIX = "prefix caching under load (shared few-shot prefix, closed loop, stream
 INT8 = "int8 weights (--quantize int8): speed, memory and quality against float32 and llama.cpp q8_0"
 
 
+PRESET_NAMES = {"gpt2": "GPT-2 124M shapes", "gpt2-medium": "GPT-2 355M (gpt2-medium) shapes",
+                "gpt2-large": "GPT-2 774M (gpt2-large) shapes", "gpt2-xl": "GPT-2 1.5B (gpt2-xl) shapes"}
 PREFIX_CONFIGS = ("ours", "ours-no-cache", "llama-cpp")  # bench_prefix.py's --configs
 # --only names that stand for several jobs.
 GROUPS = {"llama-cpp": ("llama-cpp-bench", "serving-llama-cpp")}
@@ -77,7 +79,20 @@ class Job:
     json: Path
 
 
+# --preset runs (make bench-large): the rows the issue asks of each larger GPT-2, with fewer slots and positions
+# than the 124M suite so that GPT-2 1.5B's KV cache fits beside its weights (and transformers' copy) in 24 GB.
+LARGE_SLOTS, LARGE_POSITIONS, LARGE_CLIENTS = 16, 512, "1,4,16"
+
+
+def model_dir(args: argparse.Namespace) -> Path:
+    if args.preset != "gpt2":
+        return REPO / ".cache" / "bench" / f"{args.preset}-random"
+    return MODELS[args.quick]
+
+
 def plan(args: argparse.Namespace, model: Path, work: Path, logs: Path) -> list[Job]:
+    if args.preset != "gpt2":
+        return plan_large(args, model, work)
     py, q = sys.executable, args.quick
     threads = ["--threads", str(args.threads)] if args.threads else []
     jobs: list[Job] = []
@@ -146,6 +161,38 @@ def plan(args: argparse.Namespace, model: Path, work: Path, logs: Path) -> list[
         900 if q else 3600)
     add("start", "bench_start.py", ["--model", str(model), "--max-batch-size", str(slots),
                                     f"--server-args={args.server_args}"], 900 if q else 3600)
+    return jobs
+
+
+def plan_large(args: argparse.Namespace, model: Path, work: Path) -> list[Job]:
+    """The --preset suite: batch-1/4 decode and prefill against transformers, batch-1 decode and prefill against
+    llama.cpp f32 and q8_0, int8 decode, serving at 1/4/16 clients against llama-server, start time and the peak
+    RSS of loading."""
+    py = sys.executable
+    threads = ["--threads", str(args.threads)] if args.threads else []
+    jobs: list[Job] = []
+
+    def add(name: str, script: str, extra: list[str], timeout: float) -> None:
+        out = work / f"{name}.json"
+        jobs.append(Job(name, [py, str(BENCH / script), "--json", str(out), *extra], timeout * args.timeout_scale, out))
+
+    shape = ["--preset", args.preset, "--max-seq-len", str(LARGE_POSITIONS), "--contexts", "128,512", "--steps", "8",
+             "--repeat", "2", "--score", "", *threads]
+    add("model", "bench_model.py", [*shape, "--batches", "1,4", "--prefill", "1x128,1x512,4x128"], 3600)
+    if args.llama_cpp:
+        add("llama-cpp-bench", "llama_cpp.py", ["--model", str(model), "--log-dir", str(work), "--contexts", "128,512",
+                                                "--gen", "32", "--prompts", "128,512", "--reps", "3", *threads], 3600)
+    add("int8-model", "bench_model.py", [*shape, "--quantize", "int8", "--batches", "1", "--prefill", "1x128"], 3600)
+    clients = args.clients or LARGE_CLIENTS
+    serving = ["--model", str(model), "--log-dir", str(work), f"--server-args={args.server_args}", *threads,
+               "--clients", clients, "--max-batch-size", str(LARGE_SLOTS), "--max-total-tokens", str(LARGE_POSITIONS),
+               "--requests-per-client", "1", "--new-tokens", "64", "--prompt-max", "256",
+               "--time-limit", str(args.time_limit)]
+    for server in ("ours",) + (("llama-cpp",) if args.llama_cpp else ()):
+        add(f"serving-{server}", "bench_serving.py", ["--server", server, *serving], 3600)
+    add("start", "bench_start.py", ["--model", str(model), "--max-batch-size", str(LARGE_SLOTS), "--max-total-tokens",
+                                    str(LARGE_POSITIONS), "--runs", "cold,warm", f"--server-args={args.server_args}"],
+        3600)
     return jobs
 
 
@@ -231,7 +278,8 @@ def rows_model(d: dict | None, llama: dict | None = None) -> list[Row]:
         rows.append(Row(DECODE, f"decode b=1 ctx={b1['context']} vs memory-bandwidth floor", b1["ours_ms"], floor,
                         ours_text=fmt(b1["ours_ms"], "ms"),
                         ref_text=f"{fmt(floor, 'ms')} floor = {d['weight_bytes'] / 1e6:.0f} MB weights / "
-                                 f"{d['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s copy"))
+                                 f"{d['copy_bandwidth_bytes_s'] / 1e9:.1f} GB/s copy",
+                        target=Target("<= 1.30x", "<=", 1.3)))
     for r in d.get("prefill", []):
         rows.append(Row(PREFILL, f"prefill {r['batch']}x{r['tokens']}", r["ours_tok_s"],
                         r["ref_tok_s"], ref_text=f"{fmt(r['ref_tok_s'])} transformers",
@@ -541,8 +589,18 @@ def rows_prefix(d: dict) -> list[Row]:
 def rows_start(d: dict) -> list[Row]:
     names = {"cold": "empty --compile-cache dir (cold)", "warm": "same --compile-cache dir again (warm)",
              "no-cache": "no --compile-cache"}
-    return [Row(START, f"start, {names[k]}", v, ours_text=fmt(v, "s"),
-                ref_text="-") for k, v in d["seconds"].items()]
+    rows = [Row(START, f"start, {names[k]}", v, ours_text=fmt(v, "s"), ref_text="-") for k, v in d["seconds"].items()]
+    b = d.get("budget")
+    for k, rss in (d.get("peak_rss_bytes") or {}).items():
+        if not rss:
+            continue
+        rows.append(Row(START, f"peak RSS (VmHWM) loading and compiling, {names[k].split(' (')[0]}", rss / 1e9,
+                        ours_text=fmt(rss / 1e9, "GB"), ref_text="-",
+                        target=Target(f"<= {b['budget_bytes'] / 1e9:.2f} GB", "<=", b["budget_bytes"] / 1e9, "ours")
+                        if b else None,
+                        note=f"budget = weights {b['weights_bytes'] / 1e9:.2f} GB + KV {b['kv_bytes'] / 1e9:.2f} GB "
+                             f"({b['slots']} slots x {b['positions']} positions) + 1 GB" if b else ""))
+    return rows
 
 
 def rows_start_vs_llama(ours: dict | None, llama: dict) -> list[Row]:
@@ -574,7 +632,8 @@ def meta(args: argparse.Namespace, model: Path, started: float, load_start: tupl
         "llama_cpp": (f"llama.cpp from llama-cpp-python {llama_cpp.VERSION}'s vendored source, built on this machine "
                       "(GGML_NATIVE)" if args.llama_cpp else "llama.cpp skipped (--no-llama-cpp)"),
         "python": platform.python_version(),
-        "model": f"{model} ({'2-layer, quick' if args.quick else 'GPT-2 124M shapes'}, random weights, fp32)",
+        "model": f"{model} ({'2-layer, quick' if args.quick else PRESET_NAMES.get(args.preset, args.preset)}"
+                 ", random weights, fp32)",
         "threads": args.threads or len(os.sched_getaffinity(0)),
         "quick": args.quick,
         "server_args": args.server_args,
@@ -614,16 +673,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip llama.cpp (its build, llama-bench and llama-server)")
     p.add_argument("--time-limit", type=float, default=150.0, help="serving: seconds per concurrency level")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every benchmark's time limit")
-    p.add_argument("--out", type=Path, help="output stem (default bench/results/latest, or .../quick with --quick)")
+    p.add_argument("--out", type=Path, help="output stem (default bench/results/latest, or .../quick with --quick, "
+                                            "or .../latest-PRESET with --preset)")
+    p.add_argument("--preset", default="gpt2", choices=tuple(PRESET_NAMES),
+                   help="model shape; other than gpt2 (124M): the larger-model suite (`make bench-large`)")
     args = p.parse_args(argv)
     only = [o for o in args.only.split(",") if o]
     procs.install_signal_handlers()
     started, load_start = time.time(), os.getloadavg()
-    out = args.out or RESULTS / ("quick" if args.quick else "latest")
+    stem = "quick" if args.quick else "latest" if args.preset == "gpt2" else f"latest-{args.preset}"
+    out = args.out or RESULTS / stem
     logs = out.parent / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-run-all-"))
-    model = MODELS[args.quick]
+    model = model_dir(args)
 
     raw: dict[str, dict | None] = {}
     errors: dict[str, str] = {}
@@ -631,7 +694,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from bench_serving import ensure_model
 
-        ensure_model(model, n_layer=2 if args.quick else None)
+        ensure_model(model, n_layer=2 if args.quick else None, preset=args.preset)
     except Exception as e:  # noqa: BLE001 - every benchmark that needs it reports the error
         errors["model-dir"] = f"could not create {model}: {e}"
     jobs = [j for j in plan(args, model, work, logs) if selected(j.name, only)]

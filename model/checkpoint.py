@@ -277,7 +277,7 @@ def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2
     with weights_loaded_later():
         model = cls(cfg, compute_dtype=compute_dtype)
     if pack is not None and weights.endswith(".safetensors"):
-        _load_packed(model, LazyWeights(weights, quantized=is_quantized(cfg)), pack, weights)
+        load_packed(model, LazyWeights(weights, quantized=is_quantized(cfg)), pack, source=weights)
         return model
     if weights.endswith(".safetensors"):  # read tensor by tensor: no second copy of the weights in memory
         lazy = LazyWeights(weights, quantized=is_quantized(cfg))
@@ -298,16 +298,33 @@ def _empty(p) -> None:
     p.set_data(ms.Tensor(np.zeros((0,), np.float32)), slice_shape=True)
 
 
-def _load_packed(model, lazy: LazyWeights, pack: str, source: str) -> None:
+def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: str = "state dict") -> None:
+    """Load `state` (Hugging Face layout and names: a LazyWeights or a dict of arrays) into `model` as
+    load_model_dir(pack=) does: the weights a session packs in `pack` go straight to `model.packed_weights`
+    (panels, amx) or `model.int8_weights` (int8), their float parameters left empty; the rest as usual."""
     from . import kernels
 
-    check_shapes(lazy.shapes, model.config, source=source)
+    if pack not in ("panels", "amx", "int8"):
+        raise ValueError(f"pack must be 'panels', 'amx' or 'int8', got {pack!r}")
+    check_shapes({k: np.shape(state[k]) for k in state} if isinstance(state, dict) else state.shapes, model.config,
+                 source=source)
     model.packed_form, model.packed_weights = pack, {}
     if pack == "int8":
         model.int8_weights = {}
 
+    def read(name: str) -> np.ndarray:
+        if isinstance(state, LazyWeights):
+            return state.read_transient(name)
+        return np.asarray(state[name], np.float32)
+
+    def int8_rows(name: str) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(state, LazyWeights):
+            return state.int8_rows(name)
+        a = read(name)
+        return kernels.quantize_int8(a.T if is_transposed_weight(name) else a)
+
     def packed(name: str):  # a projection: [in, out] in the file
-        return kernels.packed_parameter(lazy.read_transient(name), pack, f"{name}.{pack}", kn=True)
+        return kernels.packed_parameter(read(name), pack, f"{name}.{pack}", kn=True)
 
     params = list(model.get_parameters())
     projections = [p for p in params if pack != "int8" and is_transposed_weight(p.name)]
@@ -320,10 +337,10 @@ def _load_packed(model, lazy: LazyWeights, pack: str, source: str) -> None:
             _empty(p)
     for p in params:
         if pack == "int8" and is_quantized_name(p.name):
-            model.int8_weights[p.name] = lazy.int8_rows(p.name)
+            model.int8_weights[p.name] = int8_rows(p.name)
             _empty(p)
         elif p.name not in model.packed_weights:
-            p.set_data(ms.Tensor(np.ascontiguousarray(np.asarray(lazy[p.name], np.float32))))
+            p.set_data(ms.Tensor(np.ascontiguousarray(np.asarray(state[p.name], np.float32))))
 
 
 def _pack_loaded(model, pack: str) -> None:

@@ -605,3 +605,30 @@ def test_rows_int8_compare_against_float32_and_llama_cpp_q8_0():
     rss = rows["server peak RSS (VmHWM), int8 vs float32"]
     assert rss.verdict == "yes"  # 1.9 <= 2.5 - 0.37 GB
     assert rows["default: perplexity, licences"].verdict.startswith("NO")  # 1.2% over
+
+
+def test_the_preset_suite_plans_every_row_the_larger_models_need(tmp_path):
+    # make bench-large: decode/prefill vs transformers, llama-bench, int8, serving vs llama-server, start; fewer
+    # slots and positions than the 124M suite, the same for both servers.
+    import argparse
+
+    args = argparse.Namespace(preset="gpt2-xl", quick=False, threads=2, llama_cpp=True, clients=None, server_args="",
+                              time_limit=100.0, timeout_scale=1.0)
+    model = run_all.model_dir(args)
+    assert model.name == "gpt2-xl-random"
+    jobs = {j.name: j.cmd for j in run_all.plan(args, model, tmp_path, tmp_path)}
+    assert list(jobs) == ["model", "llama-cpp-bench", "int8-model", "serving-ours", "serving-llama-cpp", "start"]
+    assert jobs["model"][jobs["model"].index("--preset") + 1] == "gpt2-xl"
+    for name in ("serving-ours", "serving-llama-cpp"):
+        cmd = jobs[name]
+        assert cmd[cmd.index("--max-total-tokens") + 1] == str(run_all.LARGE_POSITIONS)
+        assert cmd[cmd.index("--clients") + 1] == "1,4,16"
+    assert "--quantize" in jobs["int8-model"]
+
+
+def test_start_rows_hold_the_peak_rss_to_the_budget():
+    b = {"budget_bytes": 10e9, "weights_bytes": 6.2e9, "kv_bytes": 2.8e9, "slots": 16, "positions": 512}
+    rows = run_all.rows_start({"seconds": {"cold": 50.0, "warm": 20.0},
+                               "peak_rss_bytes": {"cold": 7.4e9, "warm": 11e9}, "budget": b})
+    rss = [r for r in rows if r.what.startswith("peak RSS")]
+    assert [r.verdict.split(",")[0] for r in rss] == ["yes", "NO"]
