@@ -2,6 +2,7 @@
 
     python bench/bench_train.py                       # GPT-2 124M shape and the default model's shape
     python bench/bench_train.py --shapes small --steps 5
+    python bench/bench_train.py --shapes gpt2-355m --steps 2   # GPT-2 355M, gradient accumulation, peak RSS
     python bench/bench_train.py --json out.json       # also write the numbers as JSON
 
 Both sides run the same model (Hugging Face GPT-2 architecture and init ranges), the same batch of random
@@ -25,10 +26,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
 
 SHAPES = {
-    # name: (GPT-2 config fields, batch, sequence length)
+    # name: (GPT-2 config fields, batch, sequence length[, micro-steps accumulated per optimizer step])
     "gpt2-124m": ({"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": 1024}, 1, 128),
     "small": ({"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 256}, 4, 256),
+    # GPT-2 355M with gradient accumulation: 4 micro-batches of 1 x 512 tokens per AdamW step
+    "gpt2-355m": ({"n_layer": 24, "n_head": 16, "n_embd": 1024, "n_positions": 1024}, 1, 512, 4),
 }
+
+
+def _shape(name: str) -> tuple[dict, int, int, int]:
+    fields, batch, seq, *accum = SHAPES[name]
+    return fields, batch, seq, (accum or [1])[0]
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
@@ -45,33 +59,39 @@ def run_mindspore(shape: str, steps: int, warmup: int) -> dict:
     from model.runtime import set_device
     from tools.training.step import AdamW, TrainStep
 
-    fields, batch, seq = SHAPES[shape]
+    fields, batch, seq, accum = _shape(shape)
     set_device("CPU")
     ms.set_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**fields, **NO_DROPOUT))
     model.set_train(True)
     opt = AdamW(model.trainable_params(), weight_decay=0.1, beta1=0.9, beta2=0.95)
-    step = TrainStep(model, opt, grad_clip=1.0)
+    step = TrainStep(model, opt, grad_clip=1.0, accum_steps=accum)
     x = ms.Tensor(_batch(batch, seq))
+
+    def one_step():
+        for _ in range(accum - 1):
+            step.micro(x)
+        loss, _, _ = step.last(x, 1e-4)
+        return float(loss.asnumpy())
+
     t0 = time.perf_counter()
     for _ in range(warmup):
-        loss, _, _ = step.last(x, 1e-4)
-        loss.asnumpy()
+        one_step()
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
-        loss, _, _ = step.last(x, 1e-4)
-        loss.asnumpy()
+        loss = one_step()
     dt = time.perf_counter() - t0
     params = sum(int(p.size) for p in model.trainable_params())
-    return {"tokens_per_s": batch * seq * steps / dt, "warmup_s": first, "loss": float(loss.asnumpy()), "params": params}
+    return {"tokens_per_s": batch * seq * accum * steps / dt, "warmup_s": first, "loss": loss, "params": params,
+            "peak_rss_bytes": _peak_rss_bytes()}
 
 
 def run_torch(shape: str, steps: int, warmup: int) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    fields, batch, seq = SHAPES[shape]
+    fields, batch, seq, accum = _shape(shape)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**fields, **NO_DROPOUT))
     model.train()
@@ -82,9 +102,10 @@ def run_torch(shape: str, steps: int, warmup: int) -> dict:
     x = torch.from_numpy(_batch(batch, seq)).long()
 
     def one_step() -> float:
-        logits = model(x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        loss.backward()
+        for _ in range(accum):
+            logits = model(x[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -99,8 +120,8 @@ def run_torch(shape: str, steps: int, warmup: int) -> dict:
         loss = one_step()
     dt = time.perf_counter() - t0
     params = sum(p.numel() for p in model.parameters())
-    return {"tokens_per_s": batch * seq * steps / dt, "warmup_s": first, "loss": loss, "params": params,
-            "threads": torch.get_num_threads()}
+    return {"tokens_per_s": batch * seq * accum * steps / dt, "warmup_s": first, "loss": loss, "params": params,
+            "threads": torch.get_num_threads(), "peak_rss_bytes": _peak_rss_bytes()}
 
 
 def _measure(framework: str, shape: str, steps: int, warmup: int) -> dict:
@@ -142,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     results: dict = {"steps": args.steps, "warmup": args.warmup, "shapes": [], "errors": []}
     for shape in shapes:
-        fields, batch, seq = SHAPES[shape]
+        fields, batch, seq, accum = _shape(shape)
         try:
             ms_r = _measure("mindspore", shape, args.steps, args.warmup)
             pt_r = _measure("torch", shape, args.steps, args.warmup)
@@ -151,12 +172,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape:<10} failed: {e}", flush=True)
             benchlib.write_json(args.json, results)
             continue
-        results["shapes"].append({"shape": shape, "batch": batch, "seq": seq, "n_layer": fields["n_layer"],
+        results["shapes"].append({"shape": shape, "batch": batch, "seq": seq, "accum": accum,
+                                  "n_layer": fields["n_layer"],
                                   "n_embd": fields["n_embd"], "mindspore": ms_r, "torch": pt_r})
         benchlib.write_json(args.json, results)
         print(f"{shape:<10} {ms_r['params'] / 1e6:>7.1f}M {f'{batch} x {seq}':>11} {ms_r['tokens_per_s']:>15.0f} "
               f"{pt_r['tokens_per_s']:>13.0f} {ms_r['tokens_per_s'] / pt_r['tokens_per_s']:>6.2f} "
-              f"{ms_r['warmup_s']:>12.1f} {pt_r['warmup_s']:>12.1f}", flush=True)
+              f"{ms_r['warmup_s']:>12.1f} {pt_r['warmup_s']:>12.1f}   x{accum} accumulated; peak RSS "
+              f"{ms_r['peak_rss_bytes'] / 1e9:.2f} / {pt_r['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
     return 1 if results["errors"] else 0
 
 

@@ -190,6 +190,8 @@ def plan_large(args: argparse.Namespace, model: Path, work: Path) -> list[Job]:
                "--time-limit", str(args.time_limit)]
     for server in ("ours",) + (("llama-cpp",) if args.llama_cpp else ()):
         add(f"serving-{server}", "bench_serving.py", ["--server", server, *serving], 3600)
+    if args.preset == "gpt2-medium":  # training GPT-2 355M within 24 GB, against PyTorch
+        add("train", "bench_train.py", ["--shapes", "gpt2-355m", "--steps", "2"], 3600)
     add("start", "bench_start.py", ["--model", str(model), "--max-batch-size", str(LARGE_SLOTS), "--max-total-tokens",
                                     str(LARGE_POSITIONS), "--runs", "cold,warm", f"--server-args={args.server_args}"],
         3600)
@@ -327,10 +329,16 @@ def rows_train(d: dict) -> list[Row]:
     for s in d["shapes"]:
         note = "" if s["shape"] == "gpt2-124m" or s["shape"] != with_target else "target meant for 124M"
         rows.append(Row("training (tokens/s, full AdamW step)",
-                        f"train {s['shape']} ({s['n_layer']}L, {s['batch']}x{s['seq']})",
+                        f"train {s['shape']} ({s['n_layer']}L, {s['batch']}x{s['seq']}"
+                        + (f", x{s['accum']} accumulated" if s.get("accum", 1) > 1 else "") + ")",
                         s["mindspore"]["tokens_per_s"], s["torch"]["tokens_per_s"],
                         ref_text=f"{fmt(s['torch']['tokens_per_s'])} PyTorch",
                         target=Target(">= 0.60x", ">=", 0.6) if s["shape"] == with_target else None, note=note))
+        ours, theirs = s["mindspore"].get("peak_rss_bytes"), s["torch"].get("peak_rss_bytes")
+        if ours and theirs:
+            rows.append(Row("training (tokens/s, full AdamW step)", f"train {s['shape']}: peak RSS (GB)", ours / 1e9,
+                            theirs / 1e9, ours_text=fmt(ours / 1e9, "GB"), ref_text=f"{fmt(theirs / 1e9, 'GB')} PyTorch",
+                            target=Target("<= 24 GB", "<=", 24.0, "ours") if s["shape"] == "gpt2-355m" else None))
     return rows
 
 

@@ -172,14 +172,19 @@ class AccumulateStep(nn.Cell):
 
 
 class UpdateStep(nn.Cell):
-    """The last micro-step: gradients (plus buffers) averaged, all-reduced, unscaled, clipped, applied.
+    """The last micro-step: gradients averaged, all-reduced, unscaled, clipped, applied. Without `loss_and_grad`
+    (gradient accumulation) the gradients are the buffers that every micro-step added to, the step's input is the
+    last micro-step's loss, and the buffers are zeroed after the update: the forward and backward pass then lives
+    in one compiled graph (AccumulateStep's) instead of two, and MindSpore gives each graph its own activation
+    memory (measured: GPT-2 124M, 1 x 512 tokens, accumulating 2: 9.6 GB peak with two such graphs, 5.9 GB
+    without accumulation).
 
     Returns (mean loss over processes, gradient norm before clipping, whether the update was applied).
     """
 
     def __init__(
         self,
-        loss_and_grad: _LossAndGrad,
+        loss_and_grad: _LossAndGrad | None,
         optimizer: AdamW,
         *,
         accum_steps: int,
@@ -201,11 +206,11 @@ class UpdateStep(nn.Cell):
             self.grad_reducer = nn.DistributedGradReducer(optimizer.params, mean=True, degree=world_size)
             self.all_reduce = ops.AllReduce()
 
-    def construct(self, input_ids, lr, scale):
-        loss, grads = self.loss_and_grad(input_ids, scale)
-        if self.buffers is not None:
-            grads = self.hyper_map(ops.add, grads, self.buffers)
-            grads = ops.depend(grads, self.hyper_map(_zero, self.buffers))
+    def construct(self, input_ids_or_loss, lr, scale):
+        if self.loss_and_grad is None:
+            loss, grads = input_ids_or_loss, self.buffers
+        else:
+            loss, grads = self.loss_and_grad(input_ids_or_loss, scale)
         if self.world_size > 1:
             grads = self.grad_reducer(grads)
             loss = self.all_reduce(loss) / self.world_size
@@ -221,6 +226,8 @@ class UpdateStep(nn.Cell):
             factor = unscale * self.grad_clip / ops.maximum(norm, self.grad_clip)
         if finite:
             self.optimizer(self.hyper_map(ops.partial(_scale, factor), grads), lr)
+        if self.loss_and_grad is None:
+            self.hyper_map(_zero, self.buffers)  # after the update reads them (side effects keep program order)
         return loss, norm, finite
 
 
@@ -243,7 +250,7 @@ class TrainStep:
         self.buffers = optimizer.params.clone(prefix="grad_accum", init="zeros") if accum_steps > 1 else None
         self.accumulate = AccumulateStep(loss_and_grad, self.buffers) if accum_steps > 1 else None
         self.update = UpdateStep(
-            loss_and_grad,
+            None if accum_steps > 1 else loss_and_grad,
             optimizer,
             accum_steps=accum_steps,
             grad_clip=grad_clip,
@@ -265,6 +272,8 @@ class TrainStep:
 
     def last(self, input_ids: Tensor, lr: float) -> tuple[Tensor, Tensor, Tensor]:
         self.update.set_train(True)
+        if self.accumulate is not None:  # the last micro-step accumulates too; the update reads the buffers
+            return self.update(self.micro(input_ids), Tensor(lr, ms.float32), self._scale())
         return self.update(input_ids, Tensor(lr, ms.float32), self._scale())
 
 
