@@ -92,7 +92,7 @@ def model_dir(args: argparse.Namespace) -> Path:
 
 def plan(args: argparse.Namespace, model: Path, work: Path, logs: Path) -> list[Job]:
     if args.preset != "gpt2":
-        return plan_large(args, model, work)
+        return plan_large(args, model, work, logs)
     py, q = sys.executable, args.quick
     threads = ["--threads", str(args.threads)] if args.threads else []
     jobs: list[Job] = []
@@ -164,7 +164,7 @@ def plan(args: argparse.Namespace, model: Path, work: Path, logs: Path) -> list[
     return jobs
 
 
-def plan_large(args: argparse.Namespace, model: Path, work: Path) -> list[Job]:
+def plan_large(args: argparse.Namespace, model: Path, work: Path, logs: Path) -> list[Job]:
     """The --preset suite: batch-1/4 decode and prefill against transformers, batch-1 decode and prefill against
     llama.cpp f32 and q8_0, int8 decode, serving at 1/4/16 clients against llama-server, start time and the peak
     RSS of loading."""
@@ -180,11 +180,11 @@ def plan_large(args: argparse.Namespace, model: Path, work: Path) -> list[Job]:
              "--repeat", "2", "--score", "", *threads]
     add("model", "bench_model.py", [*shape, "--batches", "1,4", "--prefill", "1x128,1x512,4x128"], 3600)
     if args.llama_cpp:
-        add("llama-cpp-bench", "llama_cpp.py", ["--model", str(model), "--log-dir", str(work), "--contexts", "128,512",
+        add("llama-cpp-bench", "llama_cpp.py", ["--model", str(model), "--log-dir", str(logs), "--contexts", "128,512",
                                                 "--gen", "32", "--prompts", "128,512", "--reps", "3", *threads], 3600)
     add("int8-model", "bench_model.py", [*shape, "--quantize", "int8", "--batches", "1", "--prefill", "1x128"], 3600)
     clients = args.clients or LARGE_CLIENTS
-    serving = ["--model", str(model), "--log-dir", str(work), f"--server-args={args.server_args}", *threads,
+    serving = ["--model", str(model), "--log-dir", str(logs), f"--server-args={args.server_args}", *threads,
                "--clients", clients, "--max-batch-size", str(LARGE_SLOTS), "--max-total-tokens", str(LARGE_POSITIONS),
                "--requests-per-client", "1", "--new-tokens", "64", "--prompt-max", "256",
                "--time-limit", str(args.time_limit)]
@@ -342,12 +342,13 @@ def rows_train(d: dict) -> list[Row]:
     return rows
 
 
-def rows_serving(data: dict[str, dict | None]) -> list[Row]:
+def rows_serving(data: dict[str, dict | None], targets: bool = True) -> list[Row]:
+    # targets: the 124M suite's (another preset's rows carry none: they were set for GPT-2 124M)
     ours, static, single, llama = (data.get(k) or {} for k in ("ours", "hf-static", "hf-single", "llama-cpp"))
     lv = {name: {lvl["clients"]: lvl for lvl in d.get("levels", [])} for name, d in
           (("ours", ours), ("static", static), ("single", single), ("llama", llama))}
     ns = sorted(set(lv["ours"]) | set(lv["static"]) | set(lv["single"]) | set(lv["llama"]))
-    target_n = 16 if 16 in ns else (max(ns) if ns else None)
+    target_n = (16 if 16 in ns else (max(ns) if ns else None)) if targets else None
     sec = SERVING
     mix = (ours or static or single or llama).get("prompt_mix", {})
     rows = []
@@ -736,13 +737,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"        {'FAILED: ' + err if err else 'done'} ({seconds:.0f} s)", flush=True)
 
     shutil.rmtree(work, ignore_errors=True)
-    rows = build_rows(raw, errors, ran)
+    rows = build_rows(raw, errors, ran, preset=args.preset)
     m = meta(args, model, started, load_start)
     m["interrupted"] = interrupted
     text = header(m) + "\n\n" + benchlib.format_table(rows)
     md = ("# Benchmark results\n\n" + "\n".join(f"- {ln}" for ln in header(m).splitlines()) + "\n\n"
-          + benchlib.format_markdown(rows) + "\n\nProduced by `make bench` (`python bench/run_all.py"
-          + (" --quick" if args.quick else "") + "`); raw numbers in the .json file next to this one.\n")
+          + benchlib.format_markdown(rows) + "\n\nProduced by `make bench" + ("-large" if args.preset != "gpt2" else "")
+          + "` (`python bench/run_all.py" + (" --quick" if args.quick else "")
+          + (f" --preset {args.preset}" if args.preset != "gpt2" else "") + "`); raw numbers in the .json file next "
+          "to this one.\n")
     benchlib.write_text(out.with_suffix(".md"), md)
     benchlib.write_json(out.with_suffix(".json"), {"meta": m, "rows": [r.to_dict() for r in rows], "raw": raw,
                                                    "errors": errors})
@@ -766,7 +769,8 @@ def llama_unavailable(raw: dict[str, dict | None]) -> str | None:
     return None
 
 
-def build_rows(raw: dict[str, dict | None], errors: dict[str, str], ran: list[str]) -> list[Row]:
+def build_rows(raw: dict[str, dict | None], errors: dict[str, str], ran: list[str], *,
+               preset: str = "gpt2") -> list[Row]:
     """Rows for every benchmark that ran (from its possibly partial JSON) plus an error row per failure."""
     rows: list[Row] = []
     if "model-dir" in errors:
@@ -797,7 +801,7 @@ def build_rows(raw: dict[str, dict | None], errors: dict[str, str], ran: list[st
     if serving:
         sec = SERVING
         if any(serving.values()):
-            guarded(sec, "serving", lambda: rows_serving(serving))
+            guarded(sec, "serving", lambda: rows_serving(serving, targets=preset == "gpt2"))
         for k in serving:
             if f"serving-{k}" in errors:
                 why = unavailable if k == "llama-cpp" and unavailable else errors[f"serving-{k}"]
