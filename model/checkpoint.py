@@ -217,13 +217,10 @@ class LazyWeights(Mapping):
     def int8_rows(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """A quantized tensor as (q [out, in] int8, scale (out,)): the file's own, or quantized now from its
         float values (model.kernels.quantize_int8, as InferenceSession quantizes a float model)."""
-        from . import kernels
-
         if self.quantized:
             self[name]  # checks the pair and records it
             return self.int8.pop(name)
-        a = np.asarray(self._read(name), np.float32)
-        return kernels.quantize_int8(a.T if is_transposed_weight(name) else a)
+        return _quantize_rows(name, np.asarray(self._read(name), np.float32))
 
     def __iter__(self):
         return iter(self.shapes)
@@ -285,23 +282,33 @@ def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2
         int8 = lazy.int8 if lazy.quantized else None
     else:
         state, int8 = _float_state(read_weights(weights), cfg, weights)
+        if pack is not None:  # a .ckpt file: read whole, then packed tensor by tensor all the same
+            load_packed(model, state, pack, source=weights, int8=int8)
+            return model
         load_state_dict(model, state, source=weights)
     # A quantized directory (model.quantize): the model holds the dequantized weights, and an int8 session
     # (InferenceSession(quantize="int8")) runs the stored int8 weights and scales as they are.
     model.int8_weights = int8
-    if pack is not None:  # a .ckpt file: read whole, then packed tensor by tensor all the same
-        _pack_loaded(model, pack)
     return model
+
+
+def _quantize_rows(name: str, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # A file's tensor (Hugging Face layout) quantized per output row of the model's layout, [out, in].
+    from . import kernels
+
+    return kernels.quantize_int8(a.T if is_transposed_weight(name) else a)
 
 
 def _empty(p) -> None:
     p.set_data(ms.Tensor(np.zeros((0,), np.float32)), slice_shape=True)
 
 
-def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: str = "state dict") -> None:
+def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: str = "state dict",
+                int8: dict | None = None) -> None:
     """Load `state` (Hugging Face layout and names: a LazyWeights or a dict of arrays) into `model` as
     load_model_dir(pack=) does: the weights a session packs in `pack` go straight to `model.packed_weights`
-    (panels, amx) or `model.int8_weights` (int8), their float parameters left empty; the rest as usual."""
+    (panels, amx) or `model.int8_weights` (int8), their float parameters left empty; the rest as usual. int8: a
+    dict state's stored int8 weights (name -> (q, scale), a quantized .ckpt's), used as they are."""
     from . import kernels
 
     if pack not in ("panels", "amx", "int8"):
@@ -320,8 +327,9 @@ def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: st
     def int8_rows(name: str) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(state, LazyWeights):
             return state.int8_rows(name)
-        a = read(name)
-        return kernels.quantize_int8(a.T if is_transposed_weight(name) else a)
+        if int8 and name in int8:
+            return int8[name]
+        return _quantize_rows(name, read(name))
 
     def packed(name: str):  # a projection: [in, out] in the file
         return kernels.packed_parameter(read(name), pack, f"{name}.{pack}", kn=True)
@@ -341,23 +349,6 @@ def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: st
             _empty(p)
         elif p.name not in model.packed_weights:
             p.set_data(ms.Tensor(np.ascontiguousarray(np.asarray(state[p.name], np.float32))))
-
-
-def _pack_loaded(model, pack: str) -> None:
-    from . import kernels
-
-    model.packed_form, model.packed_weights = pack, {}
-    for p in model.get_parameters():
-        if pack == "int8" and is_quantized_name(p.name):
-            if model.int8_weights is None:
-                model.int8_weights = {}
-            if p.name not in model.int8_weights:
-                model.int8_weights[p.name] = kernels.quantize_int8(p.asnumpy())
-        elif pack != "int8" and is_transposed_weight(p.name):
-            model.packed_weights[p.name] = kernels.packed_parameter(p.asnumpy(), pack, f"{p.name}.{pack}")
-        else:
-            continue
-        _empty(p)
 
 
 def _float_state(state: Mapping[str, np.ndarray], cfg: GPT2Config, source: str) -> tuple[Mapping, dict | None]:

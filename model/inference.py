@@ -252,12 +252,9 @@ class InferenceSession:
             # compiled dimension, so one graph serves every context length.
             self.context_buckets = (max_seq_len,)
         # The step path has no dropout, so the model's train/eval flag is left as the caller set it.
-        # A packed projection carries its own output width (a multiple of 32: the AMX tiles and the widest panels),
-        # and the AMX tiles take 32 k's at a time: every projection's N and K is a multiple of n_embd or inner_dim
-        # (kernels.packed_form decides alike).
-        aligned = cfg.n_embd % 32 == 0 and cfg.inner_dim % 32 == 0
-        form = "amx" if kernels.amx_available() else "panels"
-        self.packed_form = form if packed_weights and cpu_kernels and aligned else None
+        # kernels.packed_form: "amx" or "panels" where the kernels run and the widths allow packing (cpu_kernels
+        # is then true: asked-for kernels that are not available were refused above).
+        self.packed_form = kernels.packed_form(cfg, model.compute_dtype) if packed_weights and cpu_kernels else None
         kern = tuple(kernels.step_kernels()) if cpu_kernels else None
         if quantize == "int8":
             if not cpu_kernels:

@@ -64,7 +64,7 @@ def test_a_packed_load_gives_the_same_session_without_the_float_weights(dirs, sr
         _logits(load_model_dir(dirs / src, pack=form), quantize="int8")
 
 
-@pytest.mark.parametrize("src", ["float", "int8"])
+@pytest.mark.parametrize("src", ["float", "int8", "ckpt"])
 def test_an_int8_load_gives_the_same_session_without_the_float_weights(dirs, src):
     # Each weight quantized (or read int8) as it is read, its float parameter left empty.
     from model import kernels
