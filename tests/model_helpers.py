@@ -119,3 +119,27 @@ def aot_call(lib, name: str, *arrays: np.ndarray) -> int:
     shapes = (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in dims])
     names = (ctypes.c_char_p * n)(*[str(a.dtype).encode() for a in arrays])
     return getattr(lib, name)(n, params, ndims, shapes, names, None, None)
+
+
+def q8_reference(x: np.ndarray, q: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The Q8 ops' arithmetic before the bias, in numpy, bit for bit (cpu_kernels.c, "int8 weights: integer dot
+    products"): each row of x (M, K) quantized on its own to int16 (QMAX: the largest with K * 128 * QMAX < 2^31,
+    at most 32,767; sx = max|x| / QMAX, xq = rint(x * (QMAX / max|x|))), exact integer sums against q (N, K), then
+    (((float32)sum * sx) * ex) * s, all in float32 (ex is 1 but for rows below 2^-60). A row with a NaN or an
+    infinity gives NaN."""
+    x = np.asarray(x, np.float32)
+    k = x.shape[1]
+    qmax = np.float32(min(32767, (2**31 - 1) // (128 * k)))
+    bad = ~np.isfinite(x).all(axis=1)
+    x = np.where(bad[:, None], np.float32(0), x)
+    # rows whose largest value is below 2^-60 are taken times 2^100 first (exact) and their sums times 2^-100
+    tiny = np.abs(x).max(axis=1) < np.float32(2.0**-60)
+    up = np.where(tiny, np.float32(2.0**100), np.float32(1))
+    ex = np.where(tiny, np.float32(2.0**-100), np.float32(1))
+    x = x * up[:, None]
+    amax = np.abs(x).max(axis=1)
+    inv = np.where(amax > 0, qmax / np.where(amax > 0, amax, np.float32(1)), np.float32(0)).astype(np.float32)
+    xq = np.rint(x * inv[:, None]).astype(np.int64)
+    sx = np.where(bad, np.float32(np.nan), amax / qmax).astype(np.float32)
+    sums = xq @ np.asarray(q, np.int64).T
+    return ((sums.astype(np.float32) * sx[:, None]) * ex[:, None]) * np.asarray(s, np.float32)[None, :]

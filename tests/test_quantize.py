@@ -70,7 +70,8 @@ def test_an_int8_session_matches_transformers_on_the_dequantized_weights(dirs):
     out = np.concatenate([sess.step_flat(ids[a:a + 16], np.arange(a, min(a + 16, 30), dtype=np.int32),
                                          np.zeros(min(16, 30 - a), np.int32), None) for a in (0, 16)])
     ref = hf_logits(_dequantized_hf(hf, root / "int8"), ids[None])[0]
-    np.testing.assert_allclose(out, ref, atol=2e-5 * np.abs(ref).max())
+    # what is left is each projection's rounding of its input rows to int16 (half a step of max|row| / 32,767)
+    np.testing.assert_allclose(out, ref, atol=1e-4 * np.abs(ref).max())
     # ... and stays close to the float model itself (random weights: about 1% of the logits' scale)
     full = hf_logits(hf, ids[None])[0]
     assert np.abs(out - full).max() < 0.03 * np.abs(full).max()

@@ -28,10 +28,12 @@ updated when they change, so only sessions that ask for it have one; without it 
 (same arithmetic, slower for few rows). GPT2_AMX=0 turns the AMX form off.
 
 Int8 weights (`--quantize int8`): `quantize_int8` rounds each weight row (output channel) to int8 with one float32
-scale, max |w| / 127, and `pack_panels_int8` lays the int8 out as `pack_panels` does. The Q8 ops
-(`step_kernels_q8`) take those panels and scales in the weight's place and compute x @ (q s)^T with `Linear`'s
-float32 FMA chains, each int8 converted exactly as it streams and each sum times its column's scale before the bias:
-a quarter of the bytes per decode step, the same batch invariance. Activations stay float32.
+scale, max |w| / 127, and `pack_panels_int8` lays the int8 out in panels of 16 columns, k's in pairs. The Q8 ops
+(`step_kernels_q8`) take those panels and scales in the weight's place. They quantize each row of x on its own to
+int16 (one scale, max |x| / QMAX, QMAX 2,642-32,767 as K allows) and compute exact int32 sums (AVX2 `vpmaddwd`),
+then y = (sum * sx) * s[n] before the bias: a quarter of the bytes per decode step and about twice float32's
+multiply-adds per instruction. Integer sums are exact in any order, so a row's bits depend on nothing else in the
+call (batch invariance) and are the same on every machine.
 
 ARM: on aarch64 (Graviton, Kunpeng, Ampere) the kernels use NEON's 4-float vectors: an 8-row GEMM micro-kernel of
 FMAs by lane, the portable path's lane order in every vector sum (so NEON computes the portable build's bits), and
@@ -306,12 +308,23 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+Q8_PANEL = 16  # columns per int8 panel, on every machine (cpu_kernels.c's Q8_NR)
+
+
 def pack_panels_int8(q: np.ndarray) -> np.ndarray:
-    """A (N, K) int8 weight (quantize_int8's q) -> (P, K, NR) int8 for the Q8 ops: pack_panels' layout."""
+    """A (N, K) int8 weight (quantize_int8's q, K even) -> (P, K, 16) int8 for the Q8 ops: P = ceil(N / 16) panels
+    of 16 columns (zero past N), each laid out [K / 2][16][2]: for each pair of k's, every column's two weights
+    side by side (what one vpmaddwd multiplies against a broadcast pair of x)."""
     q = np.asarray(q)
-    if q.dtype != np.int8 or q.ndim != 2:
-        raise ValueError(f"pack_panels_int8 takes a (N, K) int8 array (quantize_int8's), got {q.dtype} {q.shape}")
-    return _panels(np.ascontiguousarray(q))
+    if q.dtype != np.int8 or q.ndim != 2 or q.shape[1] % 2:
+        raise ValueError(f"pack_panels_int8 takes a (N, K) int8 array with K even (quantize_int8's), got {q.dtype} "
+                         f"{q.shape}")
+    n, k = q.shape
+    p = -(-n // Q8_PANEL)
+    if n % Q8_PANEL:
+        q = np.concatenate([q, np.zeros((p * Q8_PANEL - n, k), np.int8)])
+    out = q.reshape(p, Q8_PANEL, k // 2, 2).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(out).reshape(p, k, Q8_PANEL)
 
 
 def _bf16_round(v: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@
  * in the call: how many rows, where the row sits, which thread takes it, and (attention) how its prompt was
  * chunked. So a request's logits are bitwise the same alone or under any load. Linear has one arithmetic per
  * session (float32 FMA chains, or AMX bf16x3 for every row count where the session packed for AMX; the Q8 ops'
- * int8 weights go through the same float32 chains); every thread runs with the caller's floating-point mode
+ * int8 weights: exact integer sums of each row quantized on its own); every thread runs with the caller's floating-point mode
  * (denormals flushed or not).
  *
  * Threads: a small pool of our own (not OpenMP). Workers spin briefly after a kernel, because the next one
@@ -51,11 +51,6 @@ static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
 static inline vec vmin(vec a, vec b) { return _mm512_min_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
-/* 2 VW int8 (an int8 panel's row) as two float vectors: sign-extended, then converted (exact). */
-static inline void vload2_i8(const int8_t *p, vec *lo, vec *hi) {
-    *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-    *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
-}
 /* The sum of a's lanes, always in this order (vsum4 below sums each of its inputs the same way):
  * y_i = (a_i + a_{8+i}) + (a_{4+i} + a_{12+i}), then (y_0 + y_1) + (y_2 + y_3). Not _mm512_reduce_add_ps, whose
  * last two steps pair the lanes differently. */
@@ -99,10 +94,6 @@ static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
-static inline void vload2_i8(const int8_t *p, vec *lo, vec *hi) {
-    *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-    *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))));
-}
 static inline float vsum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -140,11 +131,6 @@ static inline vec vfma(vec a, vec b, vec c) {
     for (int i = 0; i < 4; i++) r[i] = __builtin_fmaf(a[i], b[i], c[i]);
     return r;
 }
-static inline void vload2_i8(const int8_t *p, vec *lo, vec *hi) {
-    const int16x8_t h = vmovl_s8(vld1_s8(p));
-    *lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)));
-    *hi = vcvtq_f32_s32(vmovl_s16(vget_high_s16(h)));
-}
 /* (a_0 + a_1) + (a_2 + a_3), the portable path's order: two pairwise adds (FADDP). */
 static inline float vsum(vec a) {
     const float32x4_t p = vpaddq_f32(a, a);
@@ -178,9 +164,6 @@ static inline vec vfma(vec a, vec b, vec c) {
     return r;
 }
 static inline float vsum(vec a) { return (a[0] + a[1]) + (a[2] + a[3]); }
-static inline void vload2_i8(const int8_t *p, vec *lo, vec *hi) {
-    for (int i = 0; i < 4; i++) (*lo)[i] = (float)p[i], (*hi)[i] = (float)p[4 + i];
-}
 static inline vec vfloor(vec a) { vec r; for (int i = 0; i < 4; i++) r[i] = floorf(a[i]); return r; }
 static inline vec vpow2i(vec n) {
     vec r;
@@ -372,12 +355,7 @@ static int64_t rows_of(int nd, const int64_t *shape) {
  * into a per-thread buffer. Many rows (prefill, scoring) follow the usual packed GEMM (Goto/BLIS): per thread a range
  * of panels; per KC-deep block of K the W block stays in L1 while MC-row blocks of x, packed [k][MR], stream from
  * L2; partial sums are stored in y and reloaded exactly between K blocks, so the chain is the same as unblocked.
- *
- * Int8 weights (the Q8 ops, "--quantize int8"): W = q * s, q int8 in the same panels (pack_panels_int8) and s one
- * float32 scale per output column (per row of W). Each element is the same FMA chain with (float)q as the weight,
- * then y = sum * s[n] before the bias: converting int8 to float is exact, so the arithmetic is one for every row
- * count as above. Up to MR rows convert each panel row in registers as they stream it (a quarter of float32's
- * bytes); many rows convert each KC x NR block once into the float buffer and run the float micro-kernel on it. */
+ * Int8 weights take the integer path below (run_q8). */
 #if VW == 16
 #define MR 14 /* 14 x 2 accumulators + 2 W vectors + 1 broadcast = 31 of AVX-512's 32 registers */
 #elif VW == 8
@@ -398,8 +376,10 @@ typedef struct {
     const float *x, *w, *b, *r;
     const float *panels; /* W packed as panels [N / NR][K][NR] (pack_panels), or NULL: packed per call */
     const uint32_t *wp;  /* W packed for AMX (see amx_task), or NULL */
-    const int8_t *q8;    /* int8 panels (pack_panels_int8), or NULL */
+    const int8_t *q8;    /* int8 panels (pack_panels_int8), or NULL: the integer path (run_q8) */
     const float *scale;  /* with q8: (N,) each column's scale */
+    int16_t *xq;         /* with q8: x's rows quantized (M, K), their scales sx (M,) and ex (M,) (quantize_row) */
+    float *sx, *ex;
     float *y;
     int64_t M, K, N;
     int epi;
@@ -462,31 +442,18 @@ static float *grow(float **buf, size_t *cap, size_t n) {
 /* The calling thread's packing buffer. */
 static float *scratch(size_t n) { return grow(&tls_buf, &tls_cap, n); }
 
-/* The NR weights at element `at` of panels (a row of one) as two vectors: float32, or int8 (Q8) converted exactly. */
-static inline __attribute__((always_inline)) void panel_row(const int Q8, const void *restrict bp, int64_t at,
-                                                            vec *b0, vec *b1) {
-    if (Q8) {
-        vload2_i8((const int8_t *)bp + at, b0, b1);
-    } else {
-        *b0 = vload((const float *)bp + at);
-        *b1 = vload((const float *)bp + at + VW);
-    }
-}
-
-/* c[ROWS][NR] (row stride ldc) [+]= ap (kc x MR, the first ROWS used) . bp (kc x NR, float32 or Q8 int8); load:
- * continue the sums in c. Specialised per ROWS and Q8 (always_inline with constants) so that a decode step of one
- * row does one row's work. */
-static inline __attribute__((always_inline)) void micro_rows(const int ROWS, const int Q8, int64_t kc,
-                                                             const float *restrict ap, const void *restrict bp,
-                                                             float *c, int64_t ldc, int load) {
+/* c[ROWS][NR] (row stride ldc) [+]= ap (kc x MR, the first ROWS used) . bp (kc x NR); load: continue the sums in
+ * c. Specialised per ROWS (always_inline with a constant) so that a decode step of one row does one row's work. */
+static inline __attribute__((always_inline)) void micro_rows(const int ROWS, int64_t kc, const float *restrict ap,
+                                                             const float *restrict bp, float *c, int64_t ldc,
+                                                             int load) {
     vec acc[MR][2];
     for (int i = 0; i < ROWS; i++) {
         acc[i][0] = load ? vload(c + i * ldc) : vzero();
         acc[i][1] = load ? vload(c + i * ldc + VW) : vzero();
     }
     for (int64_t k = 0; k < kc; k++) {
-        vec b0, b1;
-        panel_row(Q8, bp, k * NR, &b0, &b1);
+        const vec b0 = vload(bp + k * NR), b1 = vload(bp + k * NR + VW);
 #pragma GCC unroll 16
         for (int i = 0; i < ROWS; i++) {
             const vec a = vset1(ap[k * MR + i]);
@@ -501,14 +468,10 @@ static inline __attribute__((always_inline)) void micro_rows(const int ROWS, con
 }
 
 _Static_assert(MR == 4 || MR == 6 || MR == 8 || MR == 14, "micro_kernel has a case for each row count up to MR");
-static void micro_kernel(int rows, int q8, int64_t kc, const float *ap, const void *bp, float *c, int64_t ldc,
-                         int load) {
+static void micro_kernel(int rows, int64_t kc, const float *ap, const float *bp, float *c, int64_t ldc, int load) {
     switch (rows) {
 #define ROWS_CASE(r) \
-    case r: \
-        if (q8) micro_rows(r, 1, kc, ap, bp, c, ldc, load); \
-        else micro_rows(r, 0, kc, ap, bp, c, ldc, load); \
-        break;
+    case r: micro_rows(r, kc, ap, bp, c, ldc, load); break;
         ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
 #if MR > 4
         ROWS_CASE(5) ROWS_CASE(6)
@@ -564,45 +527,33 @@ static void pack_x(const float *x, int64_t K, int64_t M, int64_t m0, int64_t k0,
         for (int64_t k = 0; k < kc; k++) ap[k * MR + i] = 0.f;
 }
 
-/* The KC-deep block at k0 of panel p as float32: the session's packing, its int8 panels converted into buf (once
- * for all the rows of a pass), or packed now into buf. */
+/* The KC-deep block at k0 of panel p: the session's packing, or packed now into buf. */
 static const float *panel_block(const linear_args *a, int64_t p, int64_t k0, int64_t kc, float *buf) {
     if (a->panels) return a->panels + (p * a->K + k0) * NR;
-    if (a->q8) {
-        const int8_t *q = a->q8 + (p * a->K + k0) * NR;
-        for (int64_t j = 0; j < kc * NR; j += NR) {
-            vec b0, b1;
-            vload2_i8(q + j, &b0, &b1);
-            vstore(buf + j, b0);
-            vstore(buf + j + VW, b1);
-        }
-        return buf;
-    }
     pack_w(a->w, a->K, a->N, p * NR, k0, kc, buf);
     return buf;
 }
 
-/* Rows [m0, m0 + mm) (mm <= MR) x panel p (bp: float32, or int8 where q8), its sums continued (load) or started;
- * an edge panel (fewer than NR columns left) goes through tile, so that the kernel is the same. */
-static void tile_op(const linear_args *a, int64_t mm, int64_t kc, const float *ap, const void *bp, int q8,
-                    int64_t m0, int64_t p, int load, float *tile) {
+/* Rows [m0, m0 + mm) (mm <= MR) x panel p (bp), its sums continued (load) or started; an edge panel (fewer than
+ * NR columns left) goes through tile, so that the kernel is the same. */
+static void tile_op(const linear_args *a, int64_t mm, int64_t kc, const float *ap, const float *bp, int64_t m0,
+                    int64_t p, int load, float *tile) {
     const int64_t n0 = p * NR, nn = a->N - n0 < NR ? a->N - n0 : NR;
     float *c = a->y + m0 * a->N + n0;
     if (nn == NR) {
-        micro_kernel((int)mm, q8, kc, ap, bp, c, a->N, load);
+        micro_kernel((int)mm, kc, ap, bp, c, a->N, load);
         return;
     }
     if (load)
         for (int64_t r = 0; r < mm; r++) memcpy(tile + r * NR, c + r * a->N, sizeof(float) * (size_t)nn);
-    micro_kernel((int)mm, q8, kc, ap, bp, tile, NR, load);
+    micro_kernel((int)mm, kc, ap, bp, tile, NR, load);
     for (int64_t r = 0; r < mm; r++) memcpy(c + r * a->N, tile + r * NR, sizeof(float) * (size_t)nn);
 }
 
-/* One row times four packed panels (float32, or int8 where Q8) at once (decode): eight independent FMA chains in
- * flight instead of two, so the weights stream at memory speed; each column is still one chain over k in order
- * from zero, exactly what micro_rows(1, ...) computes for it. */
-static inline __attribute__((always_inline)) void row_x4(const int Q8, int64_t K, const float *restrict ap,
-                                                         const void *restrict bp, float *c) {
+/* One row times four packed panels at once (decode): eight independent FMA chains in flight instead of two, so
+ * the weights stream at memory speed; each column is still one chain over k in order from zero, exactly what
+ * micro_rows(1, ...) computes for it. */
+static void row_x4(int64_t K, const float *restrict ap, const float *restrict bp, float *c) {
     const int64_t ps = K * NR; /* one panel, in elements */
     vec acc[8];
     for (int j = 0; j < 8; j++) acc[j] = vzero();
@@ -610,8 +561,7 @@ static inline __attribute__((always_inline)) void row_x4(const int Q8, int64_t K
         const vec a = vset1(ap[k * MR]);
 #pragma GCC unroll 4
         for (int q = 0; q < 4; q++) {
-            vec b0, b1;
-            panel_row(Q8, bp, q * ps + k * NR, &b0, &b1);
+            const vec b0 = vload(bp + q * ps + k * NR), b1 = vload(bp + q * ps + k * NR + VW);
             acc[2 * q] = vfma(a, b0, acc[2 * q]);
             acc[2 * q + 1] = vfma(a, b1, acc[2 * q + 1]);
         }
@@ -623,22 +573,19 @@ static inline __attribute__((always_inline)) void row_x4(const int Q8, int64_t K
  * stream from memory once, contiguously. */
 static void few_rows_task(linear_args *a, int nt, float *buf) {
     const int64_t M = a->M, K = a->K, N = a->N, P = (N + NR - 1) / NR;
-    const int packed = a->panels || a->q8;
+    const int packed = a->panels != NULL;
     float *ap = buf, *bp = buf + MR * K, *tile = bp + (packed ? 0 : K * NR);
     pack_x(a->x, K, M, 0, 0, K, ap);
     int64_t lo, hi;
     while (claim(&a->next, P, nt, 4, &lo, &hi))
         for (int64_t p = lo; p < hi; p++) {
             if (M == 1 && packed && p + 4 <= hi && (p + 4) * NR <= N) {
-                if (a->q8) row_x4(1, K, ap, a->q8 + p * K * NR, a->y + p * NR);
-                else row_x4(0, K, ap, a->panels + p * K * NR, a->y + p * NR);
+                row_x4(K, ap, a->panels + p * K * NR, a->y + p * NR);
                 epilogue(a, 0, 1, p * NR, 4 * NR);
                 p += 3;
                 continue;
             }
-            /* int8 panels go to the micro-kernel as they are, read once */
-            if (a->q8) tile_op(a, M, K, ap, a->q8 + p * K * NR, 1, 0, p, 0, tile);
-            else tile_op(a, M, K, ap, panel_block(a, p, 0, K, bp), 0, 0, p, 0, tile);
+            tile_op(a, M, K, ap, panel_block(a, p, 0, K, bp), 0, p, 0, tile);
             const int64_t n0 = p * NR;
             epilogue(a, 0, M, n0, N - n0 < NR ? N - n0 : NR);
         }
@@ -683,7 +630,7 @@ static void linear_task(void *p, int tid, int nt) {
                 for (int64_t q = 0; q < np; q++)
                     for (int64_t i = 0; i < mc; i += MR) {
                         const int64_t mm = mc - i < MR ? mc - i : MR;
-                        tile_op(a, mm, kc, ap + i * K, bps[q], 0, m0 + i, p0 + q, !first, tile);
+                        tile_op(a, mm, kc, ap + i * K, bps[q], m0 + i, p0 + q, !first, tile);
                         if (last) {
                             const int64_t n0 = (p0 + q) * NR;
                             epilogue(a, m0 + i, mm, n0, N - n0 < NR ? N - n0 : NR);
@@ -692,6 +639,193 @@ static void linear_task(void *p, int tid, int nt) {
             }
         }
     }
+}
+
+/* ---- int8 weights: integer dot products ----------------------------------------------------------------------
+ * The Q8 ops ("--quantize int8"): W = q * s, q int8 (N, K), s one float32 scale per output column. Each row of x
+ * is quantized on its own to int16 with one scale (dynamic, per row: sx = max|x| / QMAX, xq = rint(x / sx)), and
+ * each output is an exact int32 sum of xq * q over all of K, then y = ((float)sum * sx) * s[n] before the bias.
+ * Integer sums are exact in any order, so a row's bits depend only on that row and the weights: the same for every
+ * row count, tiling and thread (batch invariance), and the same on every machine (AVX2 and the portable C give
+ * identical bits). QMAX is as large as int32 sums allow for this K (|q| <= 127): 12 to 15 bits of the row's range,
+ * far finer than the weights' 8, so the error stays the weights' (measured in bench/quality.py).
+ * Why int16 and not int8 activations: AVX2 has no int8 x int8 multiply without vpmaddubsw's unsigned operand and
+ * its saturating pair sums; vpmaddwd (int16 pairs into int32) does the same multiply-adds per instruction as
+ * vpmaddubsw + vpmaddwd, exactly, and keeps 4-8 more bits of x.
+ * Panels (pack_panels_int8): [P][K / 2][16][2] (16 columns per panel on every machine), each column's k-pair side by side, so that one vpmaddwd of a
+ * broadcast (x[k], x[k+1]) against 8 columns' pairs adds both products into each column's int32 sum. */
+#define Q8_NR 16 /* columns per int8 panel, on every machine */
+#define Q8_MR 6 /* rows per register tile: AVX2's 12 accumulators (16 columns), 2 weight vectors, 1 broadcast */
+#define Q8_RB 48 /* rows per block: their int16 x (K = 3,072: 288 KB) stays in L2 across a chunk of panels */
+
+/* The int16 range for rows of K: the largest q with K * 128 * q < 2^31 (|weights| <= 127, so no int32 sum can
+ * overflow), at most 32,767. */
+static int32_t q8_qmax(int64_t K) {
+    const int64_t q = INT32_MAX / (128 * K);
+    return (int32_t)(q > 32767 ? 32767 : q);
+}
+
+/* xq[0, K) = rint(x * (qmax / max|x|)); returns sx = max|x| / qmax (0 for a row of zeros; NaN if x has a NaN or
+ * an infinity, so that the row's outputs are NaN as the float32 path's would be) and sets *ex to 1. A row whose
+ * largest value is below 2^-60 (where qmax / max|x| could overflow: denormals) is taken times 2^100 first, exactly,
+ * and *ex = 2^-100 scales its sums back: (sum * sx) * ex. */
+static float quantize_row(const float *x, int64_t K, int32_t qmax, int16_t *xq, float *ex) {
+    *ex = 1.f;
+    float amax = 0.f;
+    int bad = 0;
+    int64_t k = 0;
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 vmx = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k));
+        vbad = _mm256_or_ps(vbad, _mm256_cmp_ps(v, _mm256_set1_ps(FLT_MAX), _CMP_NLE_UQ)); /* NaN or inf */
+        vmx = _mm256_max_ps(vmx, v);
+    }
+    bad = _mm256_movemask_ps(vbad) != 0;
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmx);
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+#endif
+    for (; k < K; k++) {
+        const float v = fabsf(x[k]);
+        if (!(v <= FLT_MAX)) bad = 1;
+        else if (v > amax) amax = v;
+    }
+    if (bad) {
+        memset(xq, 0, sizeof(int16_t) * (size_t)K);
+        return NAN;
+    }
+    if (amax == 0.f) {
+        memset(xq, 0, sizeof(int16_t) * (size_t)K);
+        return 0.f;
+    }
+    float up = 1.f;
+    if (amax < 0x1p-60f) {
+        up = 0x1p100f;
+        amax *= up;
+        *ex = 0x1p-100f;
+    }
+    /* |x| * inv <= qmax (amax * (qmax / amax) rounds to within an ulp of qmax), so rint stays in range */
+    const float inv = (float)qmax / amax;
+    k = 0;
+#if defined(__AVX2__)
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k), _mm256_set1_ps(up));
+        const __m256i i32 = _mm256_cvtps_epi32(_mm256_mul_ps(v, vinv)); /* nearest even */
+        const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storeu_si128((__m128i *)(xq + k), i16);
+    }
+#endif
+    for (; k < K; k++) xq[k] = (int16_t)nearbyintf(x[k] * up * inv); /* the caller's rounding mode: nearest even */
+    return amax / (float)qmax;
+}
+
+/* c[ROWS][16] = the int32 sums of rows xq (row stride ldx) against an int8 panel (bp) over K2 k-pairs. */
+static inline __attribute__((always_inline)) void q8_rows(const int ROWS, int64_t K2, const int16_t *restrict xq,
+                                                          int64_t ldx, const int8_t *restrict bp, int32_t *restrict c) {
+#if defined(__AVX2__)
+    /* Named accumulators, not an array: GCC then keeps all twelve in registers (with an array it spilled some). */
+    __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+            c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#define Q8_ROW(i) \
+    if (ROWS > i) { \
+        int32_t pair; \
+        memcpy(&pair, xq + i * ldx + 2 * kp, sizeof pair); \
+        const __m256i a = _mm256_set1_epi32(pair); \
+        c##i##0 = _mm256_add_epi32(c##i##0, _mm256_madd_epi16(a, w0)); \
+        c##i##1 = _mm256_add_epi32(c##i##1, _mm256_madd_epi16(a, w1)); \
+    }
+#define Q8_STORE(i) \
+    if (ROWS > i) { \
+        _mm256_storeu_si256((__m256i *)(c + i * 16), c##i##0); \
+        _mm256_storeu_si256((__m256i *)(c + i * 16 + 8), c##i##1); \
+    }
+    for (int64_t kp = 0; kp < K2; kp++) {
+        const int8_t *w = bp + kp * 2 * Q8_NR;
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
+        Q8_ROW(0) Q8_ROW(1) Q8_ROW(2) Q8_ROW(3) Q8_ROW(4) Q8_ROW(5)
+    }
+    Q8_STORE(0) Q8_STORE(1) Q8_STORE(2) Q8_STORE(3) Q8_STORE(4) Q8_STORE(5)
+#undef Q8_ROW
+#undef Q8_STORE
+#else
+    /* Portable (and NEON, which GCC vectorises into widening multiply-adds): the same exact sums. */
+    int32_t acc[Q8_MR][16];
+    memset(acc, 0, sizeof acc);
+    for (int64_t kp = 0; kp < K2; kp++) {
+        const int8_t *w = bp + kp * 2 * Q8_NR;
+        for (int i = 0; i < ROWS; i++) {
+            const int32_t x0 = xq[i * ldx + 2 * kp], x1 = xq[i * ldx + 2 * kp + 1];
+            for (int j = 0; j < 16; j++) acc[i][j] += x0 * w[2 * j] + x1 * w[2 * j + 1];
+        }
+    }
+    for (int i = 0; i < ROWS; i++) memcpy(c + i * 16, acc[i], sizeof acc[i]);
+#endif
+}
+
+static void q8_tile(int rows, int64_t K2, const int16_t *xq, int64_t ldx, const int8_t *bp, int32_t *c) {
+    switch (rows) {
+#define Q8_CASE(r) \
+    case r: q8_rows(r, K2, xq, ldx, bp, c); break;
+        Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4) Q8_CASE(5) Q8_CASE(6)
+#undef Q8_CASE
+        default: break;
+    }
+}
+_Static_assert(Q8_MR == 6, "q8_tile has a case for each row count up to Q8_MR");
+
+/* Rows [m0, m0 + mm) (mm <= Q8_MR) x panel p: the int32 sums, each times its row's scale, then y. */
+static void q8_block(const linear_args *a, int64_t m0, int64_t mm, int64_t p) {
+    const int64_t K = a->K, n0 = p * Q8_NR, nn = a->N - n0 < Q8_NR ? a->N - n0 : Q8_NR;
+    int32_t c[Q8_MR * Q8_NR];
+    float t[Q8_MR * Q8_NR];
+    q8_tile((int)mm, K / 2, a->xq + m0 * K, K, a->q8 + p * K * Q8_NR, c);
+    for (int64_t i = 0; i < mm; i++)
+        for (int64_t j = 0; j < Q8_NR; j++) t[i * Q8_NR + j] = (float)c[i * Q8_NR + j] * a->sx[m0 + i] * a->ex[m0 + i];
+    epilogue_from(a, t, Q8_NR, m0, mm, n0, nn); /* times s[n], then the bias, GELU or residual */
+}
+
+/* Each thread claims chunks of panels; per block of Q8_RB rows, the chunk's panels (in L2) against the block's
+ * rows, Q8_MR at a time. */
+static void q8_task(void *p, int tid, int nt) {
+    linear_args *a = p;
+    const int64_t P = (a->N + Q8_NR - 1) / Q8_NR;
+    (void)tid;
+    int64_t lo, hi;
+    while (claim(&a->next, P, nt, 1, &lo, &hi))
+        for (int64_t r0 = 0; r0 < a->M; r0 += Q8_RB) {
+            const int64_t r1 = a->M - r0 < Q8_RB ? a->M : r0 + Q8_RB;
+            for (int64_t q = lo; q < hi; q++)
+                for (int64_t m0 = r0; m0 < r1; m0 += Q8_MR) q8_block(a, m0, r1 - m0 < Q8_MR ? r1 - m0 : Q8_MR, q);
+        }
+}
+
+static void q8_quantize_task(void *p, int tid, int nt) {
+    linear_args *a = p;
+    const int32_t qmax = q8_qmax(a->K);
+    int64_t lo, hi;
+    split(a->M, tid, nt, &lo, &hi);
+    for (int64_t i = lo; i < hi; i++)
+        a->sx[i] = quantize_row(a->x + i * a->K, a->K, qmax, a->xq + i * a->K, a->ex + i);
+}
+
+/* x quantized into the caller's buffer (rows split between the threads), then the panels. */
+static int run_q8(linear_args *a) {
+    static __thread float *xbuf;
+    static __thread size_t xcap;
+    const size_t n16 = (size_t)(a->M * a->K), nf = (n16 + 1) / 2 + 2 * (size_t)a->M;
+    float *buf = grow(&xbuf, &xcap, nf);
+    if (!buf) return 1;
+    a->sx = buf;
+    a->ex = buf + a->M;
+    a->xq = (int16_t *)(buf + 2 * a->M);
+    if (a->M <= Q8_MR) q8_quantize_task(a, 0, 1); /* decode: not worth waking the workers */
+    else run_parallel(q8_quantize_task, a);
+    run_parallel(q8_task, a);
+    return atomic_load(&a->failed);
 }
 
 /* ---- AMX (bf16 tiles) -----------------------------------------------------------------------------------------
@@ -870,6 +1004,7 @@ int AmxAvailable(void) {
 static int run_linear(linear_args *a) {
     atomic_store(&a->failed, 0);
     atomic_store(&a->next, 0);
+    if (a->q8) return run_q8(a);
     if (a->wp) {
         run_parallel(amx_task, a);
     } else if (a->M <= MR) {
@@ -938,7 +1073,7 @@ static int linear_q8(int nparam, void **params, int *ndims, int64_t **shapes, co
     linear_args a = {.x = params[0], .q8 = params[1], .scale = params[2], .b = nparam > 4 ? params[3] : NULL,
                      .r = epi == EPI_ADD ? params[4] : NULL, .y = params[nparam - 1],
                      .M = rows_of(ndims[0], shapes[0]), .K = shapes[0][ndims[0] - 1], .N = N, .epi = epi};
-    if (a.K % VW || ws[0] != (N + NR - 1) / NR || ws[1] != a.K || ws[2] != NR) return 1;
+    if (a.K % VW || ws[0] != (N + Q8_NR - 1) / Q8_NR || ws[1] != a.K || ws[2] != Q8_NR) return 1;
     return run_linear(&a);
 }
 
@@ -962,7 +1097,7 @@ int LinearAdd(int nparam, void **params, int *ndims, int64_t **shapes, const cha
     return linear(nparam, params, ndims, shapes, EPI_ADD);
 }
 
-/* LinearQ8: (x (..., K), wq (P, K, NR) int8, s (N,)[, b (N,)]) -> x @ (q * s)^T [+ b] (..., N); LinearQ8Gelu and
+/* LinearQ8: (x (..., K), wq (P, K, 16) int8, s (N,)[, b (N,)]) -> x @ (q * s)^T [+ b] (..., N); LinearQ8Gelu and
  * LinearQ8Add (with b, and r (..., N)) as LinearGelu and LinearAdd. */
 int LinearQ8(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
              void *extra) {
@@ -1295,7 +1430,7 @@ int CachedAttention(int nparam, void **params, int *ndims, int64_t **shapes, con
  *   attn.c_proj's W, bias (D,); ln_2's g, b, eps; mlp.c_fc's W, bias (F,); mlp.c_proj's W, bias (D,).
  * Each W is one tensor (22 inputs): w (N, K) float32 (packed per call), or alone its panels (P, K, NR) float32
  * (pack_panels) or its AMX packing (2, Np / 16, K / 2, 16) int32 (pack_weight_amx), by its ndim; or two tensors
- * (26 inputs): int8 panels (P, K, NR) and scales (N,), the Q8 ops' form. Output: y (B, T, D), x's shape.
+ * (26 inputs): int8 panels (P, K, 16) and scales (N,), the Q8 ops' form. Output: y (B, T, D), x's shape.
  * The intermediates (c_attn's and c_fc's outputs, the normed rows, attention's output, the residual stream between
  * the halves) live in the calling thread's buffer. */
 
@@ -1307,7 +1442,7 @@ static int block_weight(linear_args *a, int q8, void **params, const int *ndims,
     const int64_t *ws = shapes[i];
     if (q8) {
         if (ndims[i] != 3 || (dtypes && strcmp(dtypes[i], "int8") != 0) || ndims[i + 1] != 1 ||
-            shapes[i + 1][0] != N || ws[0] != (N + NR - 1) / NR || ws[1] != K || ws[2] != NR)
+            shapes[i + 1][0] != N || ws[0] != (N + Q8_NR - 1) / Q8_NR || ws[1] != K || ws[2] != Q8_NR)
             return 1;
         a->q8 = params[i];
         a->scale = params[i + 1];
