@@ -217,7 +217,8 @@ class InferenceSession:
         change of the model's weights.
         quantize: "int8" keeps the projections, the LM head and the token embedding as int8 with a float32 scale
         per output row (a quantized model directory's own, `model.int8_weights`, or quantized here) and runs the
-        kernels' Q8 ops (activations stay float32); needs the CPU kernels; implies packed weights."""
+        kernels' Q8 ops (each input row quantized on the fly to int16, integer sums); needs the CPU kernels; implies
+        packed weights."""
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         cfg = model.config

@@ -1,11 +1,11 @@
-"""Int8 weight-only quantization of a GPT-2 state dict, and the quantized model directory's format.
+"""Int8 quantization of a GPT-2 state dict's weights, and the quantized model directory's format.
 
 What is quantized: the four projections of every block and the token embedding (which is also the tied LM head),
 each as int8 with a float32 scale per output row (model.kernels.quantize_int8: symmetric, scale = max|row| / 127).
-Layer norms, biases and the position embedding stay float32, and so do the activations: the kernels compute
-x @ (q * scale)^T in float32 (see model/kernels). Per output row rather than per group of 32/64 along K: one scale
-per row keeps the kernels' inner loop a plain convert-and-FMA, and the measured quality loss (bench/quality.py)
-is within the issue's 1% of perplexity.
+Layer norms, biases and the position embedding stay float32; the kernels quantize each projection's input rows on
+the fly to int16 and sum integers (see model/kernels). Per output row rather than per group of 32/64 along K: one
+scale per row keeps the kernels' inner loop a plain integer multiply-add over all of K, and the measured quality
+loss (bench/quality.py) is within the issue's 1% of perplexity.
 
 A quantized directory's `model.safetensors` holds each quantized weight as int8 under its usual name and in its
 usual (Hugging Face) layout, plus `<name>_scale` (out,) float32, as vLLM's int8/fp8 checkpoints name their scales;

@@ -1,4 +1,4 @@
-"""Int8 weight-only quantization end to end: the quantized directory format (tools/convert_weight.py --quantize
+"""Int8 quantization end to end: the quantized directory format (tools/convert_weight.py --quantize
 int8), an int8 InferenceSession against transformers running the same dequantized weights, the stored int8 weights
 used as they are, batch invariance, the export back to transformers, and the Python API."""
 

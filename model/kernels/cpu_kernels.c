@@ -777,6 +777,43 @@ static void q8_tile(int rows, int64_t K2, const int16_t *xq, int64_t ldx, const 
 }
 _Static_assert(Q8_MR == 6, "q8_tile has a case for each row count up to Q8_MR");
 
+/* One row against four consecutive panels (bp, the next at + ps bytes) at once (decode): four weight streams in
+ * flight instead of one, so that they come at memory speed (one stream left the loads waiting); c[4][16]. The
+ * same exact sums as q8_rows(1, ...) per panel. */
+static void q8_row_x4(int64_t K2, const int16_t *restrict xq, const int8_t *restrict bp, int64_t ps,
+                      int32_t *restrict c) {
+#if defined(__AVX2__)
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+#define Q8_PANEL(q, lo, hi) \
+    { \
+        const int8_t *w = bp + q * ps + kp * 2 * Q8_NR; \
+        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(x, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w)))); \
+        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(x, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16))))); \
+    }
+    for (int64_t kp = 0; kp < K2; kp++) {
+        int32_t pair;
+        memcpy(&pair, xq + 2 * kp, sizeof pair);
+        const __m256i x = _mm256_set1_epi32(pair);
+        Q8_PANEL(0, a0, a1) Q8_PANEL(1, a2, a3) Q8_PANEL(2, a4, a5) Q8_PANEL(3, a6, a7)
+    }
+#undef Q8_PANEL
+    const __m256i acc[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+    for (int j = 0; j < 8; j++) _mm256_storeu_si256((__m256i *)(c + 8 * j), acc[j]);
+#else
+    for (int q = 0; q < 4; q++) q8_rows(1, K2, xq, 0, bp + q * ps, c + q * Q8_NR);
+#endif
+}
+
+/* Row 0 x panels [p, p + 4) (decode), as q8_block does it one panel at a time. */
+static void q8_row_block_x4(const linear_args *a, int64_t p) {
+    const int64_t K = a->K, n0 = p * Q8_NR, nn = a->N - n0 < 4 * Q8_NR ? a->N - n0 : 4 * Q8_NR;
+    int32_t c[4 * Q8_NR];
+    float t[4 * Q8_NR];
+    q8_row_x4(K / 2, a->xq, a->q8 + p * K * Q8_NR, K * Q8_NR, c);
+    for (int64_t j = 0; j < 4 * Q8_NR; j++) t[j] = (float)c[j] * a->sx[0] * a->ex[0];
+    epilogue_from(a, t, 4 * Q8_NR, 0, 1, n0, nn);
+}
+
 /* Rows [m0, m0 + mm) (mm <= Q8_MR) x panel p: the int32 sums, each times its row's scale, then y. */
 static void q8_block(const linear_args *a, int64_t m0, int64_t mm, int64_t p) {
     const int64_t K = a->K, n0 = p * Q8_NR, nn = a->N - n0 < Q8_NR ? a->N - n0 : Q8_NR;
@@ -795,11 +832,17 @@ static void q8_task(void *p, int tid, int nt) {
     const int64_t P = (a->N + Q8_NR - 1) / Q8_NR;
     (void)tid;
     int64_t lo, hi;
-    while (claim(&a->next, P, nt, 1, &lo, &hi))
+    while (claim(&a->next, P, nt, a->M == 1 ? 4 : 1, &lo, &hi))
         for (int64_t r0 = 0; r0 < a->M; r0 += Q8_RB) {
             const int64_t r1 = a->M - r0 < Q8_RB ? a->M : r0 + Q8_RB;
-            for (int64_t q = lo; q < hi; q++)
+            for (int64_t q = lo; q < hi; q++) {
+                if (a->M == 1 && q + 4 <= hi) {
+                    q8_row_block_x4(a, q);
+                    q += 3;
+                    continue;
+                }
                 for (int64_t m0 = r0; m0 < r1; m0 += Q8_MR) q8_block(a, m0, r1 - m0 < Q8_MR ? r1 - m0 : Q8_MR, q);
+            }
         }
 }
 
