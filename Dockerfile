@@ -7,7 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     GPT2_COMPILE_CACHE=/var/cache/gpt2-ms/graphs \
-    GPT2_KERNEL_CACHE=/var/cache/gpt2-ms/kernels
+    GPT2_KERNEL_CACHE=/var/cache/gpt2-ms/kernels \
+    GPT2_PACKED_CACHE=/var/cache/gpt2-ms/packed
 
 # gcc + libc6-dev: some wheels compile at install time, and model/kernels builds its CPU kernels on first use
 # (g++: with the ops' shape functions, so that one graph serves every step size);

@@ -4,9 +4,12 @@
     python bench/bench_start.py --model DIR
 
 Three starts of `python -m serving`, one after the other:
-  cold      --compile-cache pointing at a fresh, empty directory (compiles and fills the cache)
-  warm      the same --compile-cache directory again (the compiled graphs are read back)
-  no cache  --no-compile-cache (compiles at every start)
+  cold      --compile-cache pointing at a fresh, empty directory (compiles and fills the cache), and the packed
+            weights' cache (GPT2_PACKED_CACHE, model/packed_cache.py) at another: the server writes the packed
+            projections there in the background; the benchmark waits for the file before it stops the server
+  warm      the same directories again (the compiled graphs are read back, the packed weights mapped)
+  warm-unpacked  (not by default) the compile cache again, GPT2_PACKED_CACHE=0: what the packed cache saves
+  no cache  --no-compile-cache and GPT2_PACKED_CACHE=0 (compiles and packs at every start)
 The clock starts just before the process is created and /health is polled every 0.1 s. Each start also records
 the server's peak RSS (VmHWM) when /health turns 200: the peak of loading and compiling, against the budget of
 weights + KV cache + 1 GB.
@@ -29,22 +32,29 @@ import benchlib  # noqa: E402
 import procs  # noqa: E402
 from bench_serving import DEFAULT_MODEL, ensure_model, model_budget  # noqa: E402
 
-RUNS = ("cold", "warm", "no-cache")
+RUNS = ("cold", "warm", "warm-unpacked", "no-cache")
 
 
-def start_once(model: Path, cache: str | None, args: argparse.Namespace, log: Path) -> tuple[float, int | None]:
+def start_once(model: Path, cache: str | None, args: argparse.Namespace, log: Path,
+               packed: Path | None) -> tuple[float, int | None]:
     port = procs.free_port()
     cmd = [sys.executable, "-m", "serving", "--model", str(model), "--port", str(port),
            "--max-batch-size", str(args.max_batch_size), "--log-level", "warning", *shlex.split(args.server_args)]
     if args.max_total_tokens:
         cmd += ["--max-total-tokens", str(args.max_total_tokens)]
     cmd += ["--compile-cache", cache] if cache else ["--no-compile-cache"]
+    env = {**os.environ, "GPT2_PACKED_CACHE": str(packed) if packed else "0"}
     t0 = time.perf_counter()
-    proc = procs.spawn(cmd, log=log)
+    proc = procs.spawn(cmd, log=log, env=env)
     try:
         seconds = procs.wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=args.timeout, t0=t0)
         # the peak while loading and compiling: nothing has been served yet
-        return seconds, procs.peak_rss_bytes(proc.pid)
+        rss = procs.peak_rss_bytes(proc.pid)
+        # a server that packed the weights writes them for the next start in the background: let it finish
+        deadline = time.monotonic() + args.timeout
+        while packed and not any(packed.glob("*.packed")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        return seconds, rss
     except (RuntimeError, TimeoutError) as e:
         print(f"server log {log}:\n{procs.tail(log)}", flush=True)
         raise RuntimeError(f"{e}: {procs.last_line(log)}") from None
@@ -59,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-total-tokens", type=int, help="positions per slot (default: the model's context window)")
     p.add_argument("--server-args", default="",
                    help='extra flags for `python -m serving`, one string: --server-args="--prefill-chunk 128"')
-    p.add_argument("--runs", default=",".join(RUNS), help=f"which starts, from {', '.join(RUNS)}")
+    p.add_argument("--runs", default="cold,warm,no-cache", help=f"which starts, from {', '.join(RUNS)}")
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds per start")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -79,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for run in runs:
             try:
-                s, rss = start_once(model, None if run == "no-cache" else cache, args, work / f"server-{run}.log")
+                s, rss = start_once(model, None if run == "no-cache" else cache, args, work / f"server-{run}.log",
+                                    None if run in ("no-cache", "warm-unpacked") else work / "packed-cache")
             except Exception as e:  # noqa: BLE001 - the other starts still run
                 result["errors"].append(f"{run}: {e}")
                 print(f"  {run:<9} failed: {str(e).splitlines()[0]}", flush=True)

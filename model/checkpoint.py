@@ -27,6 +27,7 @@ import numpy as np
 
 from .atomic_write import write_atomically
 from .config import GPT2Config
+from . import packed_cache
 from .gpt2 import GPT2LMHeadModel, is_transposed_weight, weights_loaded_later
 from .quantize import SCALE_SUFFIX, dequantize_state, is_quantized, is_quantized_name
 
@@ -336,13 +337,28 @@ def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: st
 
     params = list(model.get_parameters())
     projections = [p for p in params if pack != "int8" and is_transposed_weight(p.name)]
-    # Two threads: most of the time goes to the first touch of the packed weights' new pages, which the kernel
-    # serves for two threads at once (measured on a 2-core VM: 0.85 against 0.50 GB/s); numpy's copies and the
-    # reads release the GIL.
-    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-        for p, param in zip(projections, pool.map(packed, [p.name for p in projections])):
-            model.packed_weights[p.name] = param
+    # A safetensors file's packed projections from an earlier start (model.packed_cache), mapped in place.
+    key = cached = None
+    if projections and isinstance(state, LazyWeights) and packed_cache.cache_dir() is not None:
+        key = packed_cache.cache_key(state.path, pack, kernels.panel_width())
+        cached = packed_cache.load(key, {f"{p.name}.{pack}": kernels.packed_shape(*state.shapes[p.name], pack)
+                                         for p in projections})
+    if cached is not None:
+        for p in projections:
+            model.packed_weights[p.name] = kernels.parameter_over(cached[f"{p.name}.{pack}"], f"{p.name}.{pack}")
             _empty(p)
+    else:
+        # Two threads: most of the time goes to the first touch of the packed weights' new pages, which the kernel
+        # serves for two threads at once (measured on a 2-core VM: 0.85 against 0.50 GB/s); numpy's copies and
+        # the reads release the GIL.
+        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+            for p, param in zip(projections, pool.map(packed, [p.name for p in projections])):
+                model.packed_weights[p.name] = param
+                _empty(p)
+        if key is not None:  # for the next start, when asked (packed_cache.write_pending: the server, once warm)
+            model.packed_cache_pending = packed_cache.Pending(
+                key, {f"{name}.{pack}": w.asnumpy() for name, w in model.packed_weights.items()},
+                list(model.packed_weights.values()))
     for p in params:
         if pack == "int8" and is_quantized_name(p.name):
             model.int8_weights[p.name] = int8_rows(p.name)

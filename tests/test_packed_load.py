@@ -80,3 +80,146 @@ def test_an_int8_load_gives_the_same_session_without_the_float_weights(dirs, src
     np.testing.assert_array_equal(_logits(lean, quantize="int8"), _logits(full, quantize="int8"))
     with pytest.raises(ValueError, match="loaded packed"):
         _logits(load_model_dir(dirs / src, pack="int8"))
+
+
+# ---- the packed cache (model.packed_cache): a later load maps the packed projections from a file -------------
+
+
+def _model_copy(dirs, tmp_path):
+    # (a copy of the float model directory, its float model, the packed form here); skips without the kernels
+    import shutil
+
+    from model import kernels
+    from model.checkpoint import load_model_dir
+
+    set_device("CPU")
+    model_dir = tmp_path / "model"
+    shutil.copytree(dirs / "float", model_dir)
+    full = load_model_dir(model_dir)
+    form = kernels.packed_form(full.config, full.compute_dtype)
+    if form is None:
+        pytest.skip("the CPU kernels do not build here")
+    return model_dir, full, form
+
+
+def _mapped_from(path) -> list[tuple[int, int]]:
+    # (start, end) of this process's mappings of `path` (/proc/self/maps)
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith(str(path)):
+                a, b = line.split()[0].split("-")
+                out.append((int(a, 16), int(b, 16)))
+    return out
+
+
+def test_a_second_load_maps_the_packed_projections_from_the_cache(dirs, tmp_path, monkeypatch):
+    import os
+
+    from model import packed_cache
+    from model.checkpoint import load_model_dir
+
+    monkeypatch.setenv(packed_cache.ENV, str(tmp_path / "cache"))
+    model_dir, full, form = _model_copy(dirs, tmp_path)
+    first = load_model_dir(model_dir, pack=form)
+    assert not list((tmp_path / "cache").glob("*.packed"))  # written only when asked (the server: once warm)
+    packed_cache.write_pending(first).join()
+    assert packed_cache.write_pending(first) is None  # once
+    files = list((tmp_path / "cache").glob("*.packed"))
+    assert len(files) == 1 and not list((tmp_path / "cache").glob(".*tmp*"))
+    second = load_model_dir(model_dir, pack=form)
+    assert packed_cache.write_pending(second) is None  # nothing to write: it came from the file
+    # the second load's packed projections are the file's pages, not a copy
+    spans = _mapped_from(files[0])
+    for name, param in second.packed_weights.items():
+        addr = param.asnumpy().ctypes.data
+        assert any(a <= addr < b for a, b in spans), name
+        np.testing.assert_array_equal(param.asnumpy(), first.packed_weights[name].asnumpy())
+    got = _logits(second)  # (a model's packed weights go to one session)
+    np.testing.assert_array_equal(got, _logits(first))
+    np.testing.assert_array_equal(got, _logits(full))
+
+    # A changed model file is another key: packed again (and written again), never the stale file.
+    weights = model_dir / "model.safetensors"
+    os.utime(weights, (weights.stat().st_atime, weights.stat().st_mtime + 5))
+    third = load_model_dir(model_dir, pack=form)
+    addr = next(iter(third.packed_weights.values())).asnumpy().ctypes.data
+    assert not any(a <= addr < b for a, b in _mapped_from(files[0]))
+    packed_cache.write_pending(third).join()
+    assert len(list((tmp_path / "cache").glob("*.packed"))) == 2
+
+
+def test_a_damaged_or_switched_off_cache_is_not_used(dirs, tmp_path, monkeypatch):
+    from model import packed_cache
+    from model.checkpoint import load_model_dir
+
+    model_dir, full, form = _model_copy(dirs, tmp_path)
+    want = _logits(full)
+    monkeypatch.setenv(packed_cache.ENV, "0")
+    assert packed_cache.write_pending(load_model_dir(model_dir, pack=form)) is None
+    assert packed_cache.cache_dir() is None
+    monkeypatch.setenv(packed_cache.ENV, str(tmp_path / "cache"))
+    packed_cache.write_pending(load_model_dir(model_dir, pack=form)).join()
+    (path,) = (tmp_path / "cache").glob("*.packed")
+    with open(path, "r+b") as f:  # cut short: its tensors run past the end
+        f.truncate(path.stat().st_size // 2)
+    model = load_model_dir(model_dir, pack=form)
+    assert not any(_mapped_from(path))
+    np.testing.assert_array_equal(_logits(model), want)
+
+
+def test_the_cache_keeps_the_most_recently_used_files(tmp_path, monkeypatch):
+    import os
+
+    from model import packed_cache
+
+    monkeypatch.setenv(packed_cache.ENV, str(tmp_path))
+    a = {"w": np.arange(10, dtype=np.float32).reshape(2, 5)}
+    for i in range(packed_cache.MAX_FILES + 2):
+        path = packed_cache.write(f"key{i}", a)
+        os.utime(path, (i, i))  # older first
+    kept = sorted(p.name for p in tmp_path.glob("*.packed"))
+    assert kept == [f"key{i}.packed" for i in range(2, packed_cache.MAX_FILES + 2)]
+    got = packed_cache.load("key3", {"w": (2, 5)})
+    np.testing.assert_array_equal(got["w"], a["w"])
+    assert packed_cache.load("key3", {"w": (5, 2)}) is None and packed_cache.load("nokey", {"w": (2, 5)}) is None
+    # a temporary file of a process that is gone is removed; the file of a live one (this process) is not
+    import socket
+
+    dead = tmp_path / f".key9.packed.tmp-{socket.gethostname()}-999999999-1"
+    live = tmp_path / f".key8.packed.tmp-{socket.gethostname()}-{os.getpid()}-1"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")
+    packed_cache.write("key10", a)
+    assert not dead.exists() and live.exists()
+
+
+def test_the_servers_loader_writes_the_packed_cache_after_warming_up(dirs, tmp_path, monkeypatch):
+    # The server's load (serving.engine.loader) leaves the packed weights to a background writer once its graphs
+    # are compiled; a second server load maps them.
+    import shutil
+    import threading
+
+    from model import packed_cache
+    from serving.config import EngineConfig, Settings
+    from serving.engine.loader import model_dir_loader
+
+    set_device("CPU")
+    monkeypatch.setenv(packed_cache.ENV, str(tmp_path / "cache"))
+    model_dir = tmp_path / "model"
+    shutil.copytree(dirs / "float", model_dir)
+    settings = Settings(model=str(model_dir), warmup=False, compile_cache="")
+    config = EngineConfig(max_batch_size=2, max_total_tokens=64, max_batched_tokens=16, prefill_chunk=16)
+    parts = model_dir_loader(settings, config)()
+    if parts.runner.session.packed_form not in ("panels", "amx"):
+        pytest.skip("the CPU kernels do not build here")
+    for t in threading.enumerate():
+        if t.name == "packed-cache-writer":
+            t.join(60)
+    (path,) = (tmp_path / "cache").glob("*.packed")
+    assert not _mapped_from(path)
+    again = model_dir_loader(settings, config)()
+    assert _mapped_from(path)  # the second server's packed projections are the file's pages
+    ids = np.array([5, 6, 7], np.int32)
+    args = (ids, np.arange(3, dtype=np.int32), np.zeros(3, np.int32), None)
+    np.testing.assert_array_equal(again.runner.session.step_flat(*args), parts.runner.session.step_flat(*args))

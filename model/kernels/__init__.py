@@ -265,6 +265,29 @@ def packed_parameter(w: np.ndarray, form: str, name: str, *, kn: bool = False):
     return Parameter(ms.Tensor(pack_weight(w, form, kn=kn)), name=name, requires_grad=False)
 
 
+def packed_shape(k: int, n: int, form: str) -> tuple[int, ...]:
+    """The shape pack_weight(w, form) gives a weight of n outputs and k inputs."""
+    if form == "panels":
+        nr = panel_width()
+        return (-(-n // nr), k, nr)
+    if form == "amx":
+        return (2, -(-n // 32) * 2, k // 2, 16)
+    raise ValueError(f"unknown packed form {form!r}")
+
+
+def parameter_over(a: np.ndarray, name: str):
+    """A MindSpore Parameter `name` whose memory is `a`'s (a memory-mapped packed weight: model.packed_cache), not
+    a copy: the step graph reads it in place."""
+    import mindspore as ms
+    from mindspore import Parameter
+    from mindspore.common.initializer import Zero, initializer
+
+    dtype = {np.dtype(np.float32): ms.float32, np.dtype(np.int32): ms.int32}[a.dtype]
+    param = Parameter(initializer(Zero(), a.shape, dtype), name=name, requires_grad=False)
+    param.set_data(ms.Tensor.from_numpy(a))
+    return param
+
+
 def packed_form(config, compute_dtype) -> str | None:
     """How a session packs the projections' and the LM head's float weights for `Linear` on this machine: "amx"
     (pack_weight_amx), "panels" (pack_panels), or None when the kernels are not used or the widths do not allow

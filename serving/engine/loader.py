@@ -9,6 +9,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from model import packed_cache
+
 from ..config import EngineConfig, Settings
 from .engine import EngineParts
 from .model_runner import ModelRunner, load_session, warmup
@@ -39,6 +41,8 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
             t0 = time.monotonic()
             n = warmup(session)
             log.info("compiled %d step shapes in %.1f s", n, time.monotonic() - t0)
+        # the packed weights for the next start (model/packed_cache.py), written in the background
+        packed_cache.write_pending(session.model)
         return EngineParts(runner, tok)
 
     return load
