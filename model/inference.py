@@ -487,8 +487,11 @@ class InferenceSession:
         keep = real[wanted]
         out = self._run_flat(ids.reshape(-1)[real], pos.reshape(-1)[real], np.repeat(slots, t)[real],
                              flat_index[wanted[keep]])
-        full = np.zeros((wanted.size, out.shape[-1]), np.float32)
-        full[keep] = out
+        if keep.all():  # no padding asked for (decode): the logits as they are, not copied (0.2 MB a row)
+            full = out
+        else:
+            full = np.zeros((wanted.size, out.shape[-1]), np.float32)
+            full[keep] = out
         return full if lidx is not None else full.reshape(b, t, -1)
 
     def _flat_as_rows(self, ids, pos, slots, lidx) -> np.ndarray:
