@@ -51,7 +51,7 @@ def start_once(model: Path, cache: str | None, args: argparse.Namespace, log: Pa
         # the peak while loading and compiling: nothing has been served yet
         rss = procs.peak_rss_bytes(proc.pid)
         # a server that packed the weights writes them for the next start in the background: let it finish
-        deadline = time.monotonic() + args.timeout
+        deadline = time.monotonic() + min(args.timeout, 600.0)
         while packed and not any(packed.glob("*.packed")) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
         return seconds, rss

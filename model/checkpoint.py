@@ -15,6 +15,7 @@ into place at the end. An existing destination is replaced only when it is empty
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -25,11 +26,13 @@ from functools import partial
 import mindspore as ms
 import numpy as np
 
+from . import packed_cache
 from .atomic_write import write_atomically
 from .config import GPT2Config
-from . import packed_cache
 from .gpt2 import GPT2LMHeadModel, is_transposed_weight, weights_loaded_later
 from .quantize import SCALE_SUFFIX, dequantize_state, is_quantized, is_quantized_name
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -201,6 +204,20 @@ class LazyWeights(Mapping):
                 raise CheckpointError(f"cannot read {name} from {self.path}: the file is shorter than its header says")
         return a.view(np.float32).reshape(e["shape"])
 
+    def read_rows(self, name: str, n: int) -> np.ndarray:
+        """The first n rows of a float tensor as float32 (only their bytes read, for a float32 file)."""
+        e = self._entries.get(name)
+        if e is None or e["dtype"] != "F32" or len(e["shape"]) != 2 or (self.quantized and is_quantized_name(name)):
+            return np.asarray(self[name][:n], np.float32)
+        start, end = e["data_offsets"]
+        n = min(n, e["shape"][0])
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            a = np.fromfile(f, dtype=np.float32, count=n * e["shape"][1])
+        if a.size != n * e["shape"][1]:
+            raise CheckpointError(f"cannot read {name} from {self.path}: the file is shorter than its header says")
+        return a.reshape(n, e["shape"][1])
+
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.shapes:
             raise KeyError(name)
@@ -340,9 +357,13 @@ def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: st
     # A safetensors file's packed projections from an earlier start (model.packed_cache), mapped in place.
     key = cached = None
     if projections and isinstance(state, LazyWeights) and packed_cache.cache_dir() is not None:
-        key = packed_cache.cache_key(state.path, pack, kernels.panel_width())
+        key = packed_cache.cache_key(state.path, pack, kernels.panel_width(), kernels.library_path())
         cached = packed_cache.load(key, {f"{p.name}.{pack}": kernels.packed_shape(*state.shapes[p.name], pack)
                                          for p in projections})
+        if cached is not None and not _matches_file(cached, state, [p.name for p in projections], pack):
+            log.warning("packed cache for %s does not match the weights file: packing the weights", state.path)
+            packed_cache.release(key, cached)
+            cached = None
     if cached is not None:
         for p in projections:
             model.packed_weights[p.name] = kernels.parameter_over(cached[f"{p.name}.{pack}"], f"{p.name}.{pack}")
@@ -365,6 +386,21 @@ def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: st
             _empty(p)
         elif p.name not in model.packed_weights:
             p.set_data(ms.Tensor(np.ascontiguousarray(np.asarray(state[p.name], np.float32))))
+
+
+def _matches_file(cached: dict, state: LazyWeights, names: list[str], pack: str) -> bool:
+    # Each cached projection's first 32 k's against those rows of the weights file packed now: a cache file that
+    # the key failed to tell apart from another model's would differ there.
+    from . import kernels
+
+    for name in names:
+        rows = state.read_rows(name, 32)
+        got = cached[f"{name}.{pack}"]
+        want = kernels.pack_weight(rows, pack, kn=True)
+        part = got[:, : rows.shape[0]] if pack == "panels" else got[:, :, : rows.shape[0] // 2]
+        if not np.array_equal(part, want):
+            return False
+    return True
 
 
 def _float_state(state: Mapping[str, np.ndarray], cfg: GPT2Config, source: str) -> tuple[Mapping, dict | None]:

@@ -8,10 +8,15 @@ array's memory (`Parameter(Tensor(array))` would copy it). The mapping is privat
 process does can change the file.
 
 The file is written after a load that packed the weights itself (`write_pending`: the server calls it once its
-graphs are compiled), by a background thread, under a temporary name that is renamed once complete. Its name is a hash of the model file
-(path, size, modification time, and its safetensors header), the packed form, the panel width and this format's
-version: a changed model file, another form or another machine's vector width gets another file. At most
-MAX_FILES are kept, the least recently used removed first (only files of this cache). GPT2_PACKED_CACHE names the
+graphs are compiled), by a background thread, under a temporary name, then linked to its name once complete
+(never replacing a file another process may have mapped). Its name is a hash of the weights file (path, inode,
+size, modification and change times: copying a file, even with its times kept, gives it a new change time; and
+its first 1 MB, the safetensors header), the packed form, the panel width, the kernel library (its source and
+build flags) and this format's version. A load also packs the first 32 rows of every projection from the weights
+file and compares them with the mapped bytes before using the file. At most MAX_FILES are kept, the least
+recently used removed first; a process holds a shared lock on each file it maps and on the temporary file it
+writes, so that another never removes a file in use (and removes a temporary file whose writer died). Put the
+directory on a local filesystem (or one volume per host): a mapping is read lazily. GPT2_PACKED_CACHE names the
 directory (default ~/.cache/gpt2-mindspore/packed); GPT2_PACKED_CACHE=0 turns it off. It costs disk: as much as
 the float32 projections (GPT-2 124M: 0.34 GB, 1.5B: 5.9 GB).
 
@@ -21,13 +26,12 @@ Layout: an 8-byte little-endian header length, a JSON header {"key", "tensors": 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
-import socket
 import threading
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,7 +43,8 @@ ENV = "GPT2_PACKED_CACHE"
 VERSION = 1
 MAX_FILES = 4
 _ALIGN = 4096
-_DTYPES = ("float32", "int32", "uint32")
+_DTYPES = ("float32", "int32")  # the panels' and the AMX packing's
+_held: dict[str, object] = {}  # path -> open file this process holds a shared lock on (a file it maps)
 
 
 def cache_dir() -> Path | None:
@@ -50,12 +55,13 @@ def cache_dir() -> Path | None:
     return Path(env) if env else Path.home() / ".cache" / "gpt2-mindspore" / "packed"
 
 
-def cache_key(weights: str, form: str, panel_width: int) -> str:
-    """What the packed file depends on: the weights file (path, size, mtime, its first 1 MB: a safetensors header
-    names every tensor with its shape and offsets), the packed form and the panel width."""
+def cache_key(weights: str, form: str, panel_width: int, library: str | None) -> str:
+    """What the packed file depends on: the weights file (path, inode, size, mtime, ctime, its first 1 MB: a
+    safetensors header names every tensor with its shape and offsets), the packed form, the panel width and the
+    kernel library's file name (a hash of its source, flags and the CPU's features)."""
     st = os.stat(weights)
-    h = hashlib.sha256(f"v{VERSION} {os.path.realpath(weights)} {st.st_size} {st.st_mtime_ns} {form} "
-                       f"{panel_width}".encode())
+    h = hashlib.sha256(f"v{VERSION} {os.path.realpath(weights)} {st.st_ino} {st.st_size} {st.st_mtime_ns} "
+                       f"{st.st_ctime_ns} {form} {panel_width} {os.path.basename(library or '')}".encode())
     with open(weights, "rb") as f:
         h.update(f.read(1 << 20))
     return h.hexdigest()[:24]
@@ -88,13 +94,37 @@ def load(key: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] 
                 return None
             if offset + np.dtype(t["dtype"]).itemsize * int(np.prod(shape)) > size:
                 raise ValueError(f"{name} runs past the end of the file")
+        held = open(path, "rb")  # noqa: SIM115 - held for the process's lifetime (see _trim)
+        fcntl.flock(held, fcntl.LOCK_SH)
         out = {name: np.memmap(path, dtype=np.dtype(t["dtype"]), mode="c", offset=int(t["offset"]),
                                shape=tuple(t["shape"])) for name, t in tensors.items()}
-        os.utime(path)  # most recently used
-        return out
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("packed cache %s unreadable (%s): packing the weights instead", path, e)
         return None
+    if str(path) in _held:
+        held.close()  # mapped before: already held
+    else:
+        _held[str(path)] = held
+    try:
+        os.utime(path)  # most recently used (a read-only cache is used all the same)
+    except OSError:
+        pass
+    return out
+
+
+def release(key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Give up a load's arrays that will not be used (they failed the check against the weights file): unmap them
+    and drop this process's lock on the file."""
+    for a in arrays.values():
+        mm = getattr(a, "_mmap", None)
+        if mm is not None:
+            try:
+                mm.close()
+            except (BufferError, ValueError):
+                pass
+    held = _held.pop(str(path_for(key)), None)
+    if held is not None:
+        held.close()
 
 
 def write(key: str, arrays: dict[str, np.ndarray]) -> Path | None:
@@ -103,10 +133,11 @@ def write(key: str, arrays: dict[str, np.ndarray]) -> Path | None:
     path = path_for(key)
     if path is None:
         return None
-    # replicas may share the directory (a volume): the host name keeps their temporary files apart
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.urandom(8).hex()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # another process wrote it meanwhile
+            return path
         tensors, offset = {}, 0
         for name, a in arrays.items():
             tensors[name] = {"dtype": str(a.dtype), "shape": list(a.shape), "offset": offset}
@@ -123,6 +154,7 @@ def write(key: str, arrays: dict[str, np.ndarray]) -> Path | None:
             base += _ALIGN
             header = json.dumps({"key": key, "tensors": tensors}).encode()
         with open(tmp, "wb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)  # in use: _trim leaves it alone
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
             for name, a in arrays.items():
@@ -130,7 +162,11 @@ def write(key: str, arrays: dict[str, np.ndarray]) -> Path | None:
                 f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            try:  # a new name, never over a file that another process may have mapped
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        tmp.unlink()
         _trim(path.parent)
         return path
     except OSError as e:
@@ -166,20 +202,19 @@ def write_pending(model) -> threading.Thread | None:
 
 
 def _trim(d: Path) -> None:
-    # Keep the MAX_FILES most recently used files; remove temporary files that no live process is writing (this
-    # host's, by process id; another host's once untouched for an hour).
-    files = sorted(d.glob("*.packed"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in files[MAX_FILES:]:
-        p.unlink(missing_ok=True)
-    host = socket.gethostname()
-    for p in d.glob(".*.packed.tmp-*"):
+    # Keep the MAX_FILES most recently used files and remove the temporary files of writers that are gone: only
+    # files that no process holds a lock on (a process holds one on each file it maps or is writing).
+    def mtime(p: Path) -> float:
         try:
-            writer_host, pid = p.name.rsplit(".tmp-", 1)[1].rsplit("-", 2)[:2]
-            if writer_host == host:
-                os.kill(int(pid), 0)
-            elif time.time() - p.stat().st_mtime > 3600:  # another host's, untouched for an hour
-                p.unlink(missing_ok=True)
-        except ProcessLookupError:
-            p.unlink(missing_ok=True)
-        except (ValueError, PermissionError, OSError):
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    files = sorted(d.glob("*.packed"), key=mtime, reverse=True)
+    for p in files[MAX_FILES:] + list(d.glob(".*.packed.tmp-*")):
+        try:
+            with open(p, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                p.unlink()
+        except OSError:  # locked (in use), or gone already
             pass

@@ -215,7 +215,7 @@ def test_q8_is_its_integer_definition_bit_for_bit(lib, m, n, k):
 
 
 def test_q8_rows_at_the_edges(lib):
-    # The largest sums an int32 holds for GPT-2 1.5B's widest K (6,400: QMAX 2,642) with every weight at 127 and
+    # The largest sums an int32 holds for GPT-2 1.5B's widest K (6,400: QMAX 2,621) with every weight at 127 and
     # every x at its row's maximum; a row of zeros; a row of tiny and of huge values; a row with a NaN or an
     # infinity (NaN outputs, as the float32 path gives, and no harm to the other rows).
     k, n = 6400, 16
@@ -248,6 +248,15 @@ def test_q8_ops_refuse_inputs_that_do_not_fit(lib):
     fp = kernels.pack_panels(c.q.astype(np.float32))
     assert _call(lib, "LinearQ8", c.x, fp, c.s, c.b, y) != 0
     assert _call(lib, "LinearQ8Add", c.x, c.wq, c.s, c.b, y) != 0  # no residual
+    # no rows: nothing to do, on a thread's first call as on any other (no buffer needed)
+    import threading
+
+    rc = []
+    empty = (np.zeros((0, 48), np.float32), c.wq, c.s, c.b, np.zeros((0, 100), np.float32))
+    t = threading.Thread(target=lambda: rc.append(_call(lib, "LinearQ8", *empty)))
+    t.start()
+    t.join()
+    assert rc == [0]
     assert _call(lib, "LnLinearQ8", c.x, c.g, c.beta, c.eps, fp, c.s, y) != 0
 
 

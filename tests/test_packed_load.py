@@ -166,6 +166,14 @@ def test_a_damaged_or_switched_off_cache_is_not_used(dirs, tmp_path, monkeypatch
     model = load_model_dir(model_dir, pack=form)
     assert not any(_mapped_from(path))
     np.testing.assert_array_equal(_logits(model), want)
+    # A file under the right key with other weights in it (what a key that missed a change would find): the
+    # first rows of each projection, packed from the weights file, tell them apart.
+    key = path.stem
+    path.unlink()
+    packed_cache.write(key, {f"{n}.{form}": np.zeros_like(w.asnumpy()) for n, w in model.packed_weights.items()})
+    other = load_model_dir(model_dir, pack=form)
+    assert not any(_mapped_from(path))
+    np.testing.assert_array_equal(_logits(other), want)
 
 
 def test_the_cache_keeps_the_most_recently_used_files(tmp_path, monkeypatch):
@@ -183,14 +191,16 @@ def test_the_cache_keeps_the_most_recently_used_files(tmp_path, monkeypatch):
     got = packed_cache.load("key3", {"w": (2, 5)})
     np.testing.assert_array_equal(got["w"], a["w"])
     assert packed_cache.load("key3", {"w": (5, 2)}) is None and packed_cache.load("nokey", {"w": (2, 5)}) is None
-    # a temporary file of a process that is gone is removed; the file of a live one (this process) is not
-    import socket
+    # a temporary file whose writer is gone (no lock on it) is removed; one a live writer holds is not
+    import fcntl
 
-    dead = tmp_path / f".key9.packed.tmp-{socket.gethostname()}-999999999-1"
-    live = tmp_path / f".key8.packed.tmp-{socket.gethostname()}-{os.getpid()}-1"
+    dead = tmp_path / ".key9.packed.tmp-0123"
+    live = tmp_path / ".key8.packed.tmp-4567"
     dead.write_bytes(b"x")
     live.write_bytes(b"x")
-    packed_cache.write("key10", a)
+    with open(live, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_SH)
+        packed_cache.write("key10", a)
     assert not dead.exists() and live.exists()
 
 

@@ -11,8 +11,8 @@
  * in the call: how many rows, where the row sits, which thread takes it, and (attention) how its prompt was
  * chunked. So a request's logits are bitwise the same alone or under any load. Linear has one arithmetic per
  * session (float32 FMA chains, or AMX bf16x3 for every row count where the session packed for AMX; the Q8 ops'
- * int8 weights: exact integer sums of each row quantized on its own); every thread runs with the caller's floating-point mode
- * (denormals flushed or not).
+ * int8 weights: exact integer sums of each row quantized on its own); every thread runs with the caller's
+ * floating-point mode (denormals flushed or not).
  *
  * Threads: a small pool of our own (not OpenMP). Workers spin briefly after a kernel, because the next one
  * usually follows within tens of microseconds, then sleep on a futex, so they do not compete with MindSpore's
@@ -647,13 +647,16 @@ static void linear_task(void *p, int tid, int nt) {
  * each output is an exact int32 sum of xq * q over all of K, then y = ((float)sum * sx) * s[n] before the bias.
  * Integer sums are exact in any order, so a row's bits depend only on that row and the weights: the same for every
  * row count, tiling and thread (batch invariance), and the same on every machine (AVX2 and the portable C give
- * identical bits). QMAX is as large as int32 sums allow for this K (|q| <= 127): 12 to 15 bits of the row's range,
- * far finer than the weights' 8, so the error stays the weights' (measured in bench/quality.py).
+ * identical bits). QMAX is as large as int32 sums allow for this K (|q| <= 127): 11 to 15 bits of the row's range,
+ * finer than the weights' 8: on the default model and random weights the error stayed the weights' (bench/quality.py;
+ * a pretrained GPT-2's outlier activations, which cost a per-row scale bits, could not be measured here).
+ * Denormals: where the caller flushes them (DAZ/FTZ), a row whose largest value is denormal reads as zeros.
  * Why int16 and not int8 activations: AVX2 has no int8 x int8 multiply without vpmaddubsw's unsigned operand and
  * its saturating pair sums; vpmaddwd (int16 pairs into int32) does the same multiply-adds per instruction as
  * vpmaddubsw + vpmaddwd, exactly, and keeps 4-8 more bits of x.
- * Panels (pack_panels_int8): [P][K / 2][16][2] (16 columns per panel on every machine), each column's k-pair side by side, so that one vpmaddwd of a
- * broadcast (x[k], x[k+1]) against 8 columns' pairs adds both products into each column's int32 sum. */
+ * Panels (pack_panels_int8): [P][K / 2][16][2] (16 columns per panel on every machine), each column's k-pair
+ * side by side, so that one vpmaddwd of a broadcast (x[k], x[k+1]) against 8 columns' pairs adds both products into
+ * each column's int32 sum. */
 #define Q8_NR 16 /* columns per int8 panel, on every machine */
 #define Q8_MR 6 /* rows per register tile: AVX2's 12 accumulators (16 columns), 2 weight vectors, 1 broadcast */
 #define Q8_RB 48 /* rows per block: their int16 x (K = 3,072: 288 KB) stays in L2 across a chunk of panels */
@@ -787,8 +790,10 @@ static void q8_row_x4(int64_t K2, const int16_t *restrict xq, const int8_t *rest
 #define Q8_PANEL(q, lo, hi) \
     { \
         const int8_t *w = bp + q * ps + kp * 2 * Q8_NR; \
-        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(x, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w)))); \
-        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(x, _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16))))); \
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w)); \
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16))); \
+        lo = _mm256_add_epi32(lo, _mm256_madd_epi16(x, w0)); \
+        hi = _mm256_add_epi32(hi, _mm256_madd_epi16(x, w1)); \
     }
     for (int64_t kp = 0; kp < K2; kp++) {
         int32_t pair;
@@ -859,6 +864,7 @@ static void q8_quantize_task(void *p, int tid, int nt) {
 static int run_q8(linear_args *a) {
     static __thread float *xbuf;
     static __thread size_t xcap;
+    if (a->M == 0) return 0;
     const size_t n16 = (size_t)(a->M * a->K), nf = (n16 + 1) / 2 + 2 * (size_t)a->M;
     float *buf = grow(&xbuf, &xcap, nf);
     if (!buf) return 1;
