@@ -20,8 +20,9 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m serving --model $(MODEL) --host $(HOST) --port $(PORT)
 
+# The servers the tests start write their packed weights (model/packed_cache.py) here, not into the user's cache.
 test: $(STAMP) browser deploy-tools cross-tools
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	GPT2_PACKED_CACHE=$${GPT2_PACKED_CACHE:-$(CURDIR)/.cache/test-packed} $(PY) -m pytest -q $(PYTEST_ARGS)
 
 # tests/test_ui.py drives the web playground in headless Chromium. Missing, it is installed with apt-get when we are
 # root (CI's fresh machine); otherwise this says what to install (the test fails without it, it is never skipped).
