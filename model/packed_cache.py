@@ -128,8 +128,9 @@ def release(key: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def write(key: str, arrays: dict[str, np.ndarray]) -> Path | None:
-    """Write `arrays` as the file for `key` (temporary name, then renamed); older files beyond MAX_FILES are
-    removed. Returns the path, or None when the cache is off or the write failed (logged, not raised)."""
+    """Write `arrays` as the file for `key` (under a temporary name, then linked to its own; a file already there
+    is kept); unlocked files beyond MAX_FILES are removed. Returns the path, or None when the cache is off or the
+    write failed (logged, not raised)."""
     path = path_for(key)
     if path is None:
         return None
