@@ -174,18 +174,22 @@ class LazyWeights(Mapping):
         self.shapes = {k: v for k, v in self._raw_shapes.items()
                        if not (quantized and k.endswith(SCALE_SUFFIX) and is_quantized_name(k[: -len(SCALE_SUFFIX)]))}
 
-    def _read(self, name: str) -> np.ndarray:
+    def _read(self, name: str, rows: int | None = None) -> np.ndarray:
+        # The tensor, or only its first `rows` rows (only their bytes read).
         e = self._entries[name]
         dtype = self._DTYPES[e["dtype"]]
-        start, end = e["data_offsets"]
+        shape = list(e["shape"])
+        if rows is not None and shape:
+            shape[0] = min(rows, shape[0])
+        count = int(np.prod(shape, dtype=np.int64))
         with open(self.path, "rb") as f:
-            f.seek(self._base + start)
-            a = np.fromfile(f, dtype=dtype, count=(end - start) // np.dtype(dtype).itemsize)
-        if len(a) * a.itemsize != end - start:
+            f.seek(self._base + e["data_offsets"][0])
+            a = np.fromfile(f, dtype=dtype, count=count)
+        if len(a) != count:
             raise CheckpointError(f"cannot read {name} from {self.path}: the file is shorter than its header says")
         if e["dtype"] == "BF16":  # bfloat16: the high half of a float32
             a = (a.astype(np.uint32) << 16).view(np.float32)
-        return a.reshape(e["shape"])
+        return a.reshape(shape)
 
     def read_transient(self, name: str) -> np.ndarray:
         """self[name] as float32, read into a buffer that this thread's next call reuses (valid until then): no fresh
@@ -205,18 +209,10 @@ class LazyWeights(Mapping):
         return a.view(np.float32).reshape(e["shape"])
 
     def read_rows(self, name: str, n: int) -> np.ndarray:
-        """The first n rows of a float tensor as float32 (only their bytes read, for a float32 file)."""
-        e = self._entries.get(name)
-        if e is None or e["dtype"] != "F32" or len(e["shape"]) != 2 or (self.quantized and is_quantized_name(name)):
+        """The first n rows of a tensor as float32 (only their bytes read, but for a quantized one)."""
+        if self.quantized and is_quantized_name(name):
             return np.asarray(self[name][:n], np.float32)
-        start, end = e["data_offsets"]
-        n = min(n, e["shape"][0])
-        with open(self.path, "rb") as f:
-            f.seek(self._base + start)
-            a = np.fromfile(f, dtype=np.float32, count=n * e["shape"][1])
-        if a.size != n * e["shape"][1]:
-            raise CheckpointError(f"cannot read {name} from {self.path}: the file is shorter than its header says")
-        return a.reshape(n, e["shape"][1])
+        return np.asarray(self._read(name, rows=n), np.float32)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.shapes:

@@ -143,17 +143,12 @@ def write(key: str, arrays: dict[str, np.ndarray]) -> Path | None:
         for name, a in arrays.items():
             tensors[name] = {"dtype": str(a.dtype), "shape": list(a.shape), "offset": offset}
             offset += -(-a.nbytes // _ALIGN) * _ALIGN
-        header = json.dumps({"key": key, "tensors": tensors}).encode()
-        # the data starts at a page boundary after the header; offsets count from there
-        base = -(-(8 + len(header)) // _ALIGN) * _ALIGN
+        # the data starts at a page boundary after the header, with room for each offset to grow by 20 digits
+        size = len(json.dumps({"key": key, "tensors": tensors})) + 20 * len(tensors)
+        base = -(-(8 + size) // _ALIGN) * _ALIGN
         for t in tensors.values():
             t["offset"] += base
         header = json.dumps({"key": key, "tensors": tensors}).encode()
-        if 8 + len(header) > base:  # the offsets' digits grew past the page: one more page
-            for t in tensors.values():
-                t["offset"] += _ALIGN
-            base += _ALIGN
-            header = json.dumps({"key": key, "tensors": tensors}).encode()
         with open(tmp, "wb") as f:
             fcntl.flock(f, fcntl.LOCK_SH)  # in use: _trim leaves it alone
             f.write(len(header).to_bytes(8, "little"))
