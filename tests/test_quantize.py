@@ -13,6 +13,17 @@ from model_helpers import SESSION_KW, hf_logits, hf_model, our_model_from_hf, sa
 pytest.importorskip("torch")
 
 
+def _kernels_on() -> bool:
+    from model import kernels
+
+    return kernels.enabled_by_env() and kernels.library_path() is not None
+
+
+# An int8 session runs the kernels' Q8 ops: with the kernels switched off (GPT2_CPU_KERNELS=0) it is refused with a
+# ValueError that says so (test_int8_without_the_kernels_is_refused_by_name).
+needs_kernels = pytest.mark.skipif(not _kernels_on(), reason="int8 sessions need the CPU kernels")
+
+
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     from tools.convert_weight import convert
@@ -57,6 +68,7 @@ def test_the_quantized_directory_records_int8_weights_and_scales(dirs):
     assert "transformer.wte.weight_scale" in state and "transformer.wpe.weight_scale" not in state
 
 
+@needs_kernels
 def test_an_int8_session_matches_transformers_on_the_dequantized_weights(dirs):
     from model import InferenceSession
     from model.checkpoint import load_model_dir
@@ -80,6 +92,7 @@ def test_an_int8_session_matches_transformers_on_the_dequantized_weights(dirs):
     np.testing.assert_array_equal(alone[0], out[0])
 
 
+@needs_kernels
 def test_stored_int8_weights_are_used_as_they_are(dirs):
     # Quantizing a float model at load and loading the directory quantized from it give the same bits.
     from model import InferenceSession
@@ -95,6 +108,7 @@ def test_stored_int8_weights_are_used_as_they_are(dirs):
     assert stored.packed_form == "int8"
 
 
+@needs_kernels
 def test_release_frees_the_float_tables_and_the_session_still_runs(dirs):
     from model import InferenceSession
     from model.checkpoint import load_model_dir
@@ -148,6 +162,7 @@ def test_refusals(dirs, tmp_path):
         load_model_dir(tmp_path / "x")
 
 
+@needs_kernels
 def test_textgen_quantize_runs_the_int8_session(dirs):
     from textgen import GPT2LMHeadModel, pipeline
 
@@ -163,6 +178,7 @@ def test_textgen_quantize_runs_the_int8_session(dirs):
     assert gen._get_session().quantize == "int8"
 
 
+@needs_kernels
 def test_the_server_serves_int8_and_its_tokens_are_the_python_apis(tmp_path):
     import httpx
 
@@ -186,3 +202,14 @@ def test_the_server_serves_int8_and_its_tokens_are_the_python_apis(tmp_path):
     set_device("CPU")
     assert GPT2LMHeadModel.from_pretrained(model, quantize="int8").generate(prompt, 8) == served
 
+
+
+def test_int8_without_the_kernels_is_refused_by_name(dirs, monkeypatch):
+    from model import InferenceSession
+    from model.checkpoint import load_model_dir
+
+    _, root = dirs
+    set_device("CPU")
+    monkeypatch.setenv("GPT2_CPU_KERNELS", "0")
+    with pytest.raises(ValueError, match="quantize='int8' needs the CPU kernels"):
+        InferenceSession(load_model_dir(root / "int8"), **SESSION_KW, quantize="int8")
