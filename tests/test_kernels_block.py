@@ -178,6 +178,47 @@ def test_block_computes_the_five_ops_bits(block, form, flat, tokens):
     assert not np.array_equal(k, before)  # the step's keys were written
 
 
+def _padded(pos, write, read, n: int, flat: bool):
+    """The step arrays with n padding tokens after the real ones, as a session pads a pass to its bucket: flat, n
+    more tokens in the one row; rows (T = 1), n more rows. Padding has position -1 and writes scratch rows."""
+    scratch = SLOTS * STRIDE + np.arange(n) % L
+    pos = np.concatenate([pos.reshape(-1), np.full(n, -1)]).reshape((1, -1) if flat else (-1, 1))
+    read = np.concatenate([read, np.full(n, SLOTS * STRIDE)])
+    return pos.astype(np.int32), np.concatenate([write, scratch]).astype(np.int32), read.astype(np.int32)
+
+
+@pytest.mark.parametrize("form", ["panels", "int8"])
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "rows"])
+def test_trailing_padding_is_not_computed(block, form, flat):
+    # The Block op skips a pass's trailing padding: the real tokens get the unpadded pass's bits (outputs and the
+    # K/V they write), the padding zeros, and no cache row changes for it (not even the scratch slot's).
+    from mindspore import Tensor
+
+    seqs, n = (FLAT[37], 11) if flat else (ROWS[1], 5)
+    rng = np.random.default_rng(7)
+    kc = rng.standard_normal(((SLOTS + 1) * STRIDE, HS)).astype(np.float32)
+    vc = rng.standard_normal(kc.shape).astype(np.float32)
+    pos, write, read = _step_arrays(seqs, True)
+    if not flat:
+        pos = pos.reshape(-1, 1)
+    x = rng.standard_normal((*pos.shape, D)).astype(np.float32)
+    ppos, pwrite, pread = _padded(pos, write, read, n, flat)
+    px = np.concatenate([x, rng.standard_normal((*((1, n) if flat else (n, 1)), D)).astype(np.float32)],
+                        axis=1 if flat else 0)
+    consts = (np.array([L, NH], np.int32), np.array([HS**-0.5], np.float32))
+    packed, per = _packings(block, form), 2 if form == "int8" else 1
+    out = []
+    for arrays in ((x, pos, write, read), (px, ppos, pwrite, pread)):
+        cell = _layer_step(block, _block_only(form), packed, per, kc, vc)
+        y = cell(*[Tensor(a) for a in (*arrays, *consts)]).asnumpy()
+        out.append((y.reshape(-1, D), cell.k_cache.asnumpy(), cell.v_cache.asnumpy()))
+    (y, k, v), (py, pk, pv) = out
+    m = y.shape[0]
+    assert np.abs(y).max() > 0 and np.array_equal(py[:m], y)
+    assert not py[m:].any()
+    assert np.array_equal(pk, k) and np.array_equal(pv, v)
+
+
 def test_block_runs_with_python_shape_functions(monkeypatch, block):
     # Without a C++ compiler the ops are registered with Python shape functions (fixed shapes): the same bits.
     caches = (kernels.step_kernels, kernels.step_kernels_q8, kernels.block_kernels)

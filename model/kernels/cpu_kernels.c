@@ -1536,8 +1536,17 @@ int Block(int nparam, void **params, int *ndims, int64_t **shapes, const char **
         !is_vector(ndims, shapes, ln2, D) || !is_vector(ndims, shapes, ln2 + 1, D) || D % VW || F % VW ||
         ndims[att] != 2)
         return 1;
-    linear_args c_attn = {.M = M, .epi = EPI_NONE}, c_proj = {.M = M, .epi = EPI_ADD};
-    linear_args c_fc = {.M = M, .epi = EPI_GELU}, mlp_proj = {.M = M, .epi = EPI_ADD};
+    /* A pass padded to its bucket ends in padding tokens (position -1): they are not computed (their outputs are
+     * zeros), so a pass costs its real tokens. Every kernel gives a row the same bits whatever the row count. */
+    const int32_t *pos = params[att + 4];
+    int64_t Mr = M;
+    if (B == 1 || T == 1)
+        while (Mr > 0 && pos[Mr - 1] < 0) Mr--;
+    float *y = params[nparam - 1];
+    if (Mr < M) memset(y + Mr * D, 0, sizeof(float) * (size_t)((M - Mr) * D));
+    if (Mr == 0) return 0;
+    linear_args c_attn = {.M = Mr, .epi = EPI_NONE}, c_proj = {.M = Mr, .epi = EPI_ADD};
+    linear_args c_fc = {.M = Mr, .epi = EPI_GELU}, mlp_proj = {.M = Mr, .epi = EPI_ADD};
     int at = 4;
     if (block_weight(&c_attn, q8, params, ndims, shapes, dtypes, &at, D, 3 * D)) return 1;
     at += 7; /* the attention's inputs */
@@ -1552,25 +1561,25 @@ int Block(int nparam, void **params, int *ndims, int64_t **shapes, const char **
     static __thread float *buf;
     static __thread size_t cap;
     const int64_t wn = F > 3 * D ? F : 3 * D;
-    float *wide = grow(&buf, &cap, (size_t)(M * (wn + 2 * D)));
+    float *wide = grow(&buf, &cap, (size_t)(Mr * (wn + 2 * D)));
     if (!wide) return 1;
-    float *narrow = wide + M * wn, *x2 = narrow + M * D;
+    float *narrow = wide + Mr * wn, *x2 = narrow + Mr * D;
     const float *x = params[0];
     const int32_t *meta = params[att + 5];
     attn_args a = {.qkv = wide, .kc = params[att], .vc = params[att + 1], .write_base = params[att + 2],
-                   .read_base = params[att + 3], .pos = params[att + 4], .scale = ((const float *)params[att + 6])[0],
-                   .y = narrow, .B = B, .T = T, .D = D, .hs = shapes[att][1], .L = meta[0], .nh = meta[1],
-                   .per_token = shapes[att + 3][0] == M && T > 1};
+                   .read_base = params[att + 3], .pos = pos, .scale = ((const float *)params[att + 6])[0],
+                   .y = narrow, .B = T == 1 ? Mr : B, .T = T == 1 ? 1 : B == 1 ? Mr : T, .D = D, .hs = shapes[att][1],
+                   .L = meta[0], .nh = meta[1], .per_token = shapes[att + 3][0] == M && T > 1};
 
-    layer_norm_rows(x, params[ln1], params[ln1 + 1], ((const float *)params[ln1 + 2])[0], M, D, narrow);
+    layer_norm_rows(x, params[ln1], params[ln1 + 1], ((const float *)params[ln1 + 2])[0], Mr, D, narrow);
     c_attn.x = narrow, c_attn.y = wide;
     if (run_linear(&c_attn) || cached_attention(&a)) return 1;
     c_proj.x = narrow, c_proj.r = x, c_proj.y = x2;
     if (run_linear(&c_proj)) return 1;
-    layer_norm_rows(x2, params[ln2], params[ln2 + 1], ((const float *)params[ln2 + 2])[0], M, D, narrow);
+    layer_norm_rows(x2, params[ln2], params[ln2 + 1], ((const float *)params[ln2 + 2])[0], Mr, D, narrow);
     c_fc.x = narrow, c_fc.y = wide;
     if (run_linear(&c_fc)) return 1;
-    mlp_proj.x = wide, mlp_proj.r = x2, mlp_proj.y = params[nparam - 1];
+    mlp_proj.x = wide, mlp_proj.r = x2, mlp_proj.y = y;
     return run_linear(&mlp_proj);
 }
 

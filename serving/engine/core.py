@@ -146,6 +146,10 @@ class EngineCore:
         if sched.cache_queries:
             self.stats.on_prefix_cache(sched.cache_queries, sched.cache_hits)
         if not sched.is_empty:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("step: %d prompt chunks (%d tokens, %d cached), %d decode rows, %d copies, pass %.1f ms",
+                          len(sched.prefill), sum(c.end - c.start for c in sched.prefill), sched.cache_hits,
+                          len(sched.decode), len(sched.copies), res.time * 1e3)
             self.stats.on_step(
                 prefill_rows=len(sched.prefill),
                 prefill_tokens=sum(c.end - c.start for c in sched.prefill),
