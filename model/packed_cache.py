@@ -191,10 +191,21 @@ def write_pending(model) -> threading.Thread | None:
     if pending is None:
         return None
     model.packed_cache_pending = None
-    t = threading.Thread(target=write, args=(pending.key, pending.arrays), name="packed-cache-writer", daemon=True)
+    t = threading.Thread(target=_write_in_background, args=(pending.key, pending.arrays), name="packed-cache-writer",
+                         daemon=True)
     t.keep_alive = pending.keep_alive  # the arrays' memory lives as long as the thread object
     t.start()
     return t
+
+
+def _write_in_background(key: str, arrays: dict[str, np.ndarray]) -> None:
+    # At the lowest CPU priority (Linux gives each thread its own nice value): the copy into the page cache, and on
+    # a VM the host's backing of those pages, would otherwise take CPU time from the requests served meanwhile.
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux: the write runs at the process's priority
+        pass
+    write(key, arrays)
 
 
 def _trim(d: Path) -> None:

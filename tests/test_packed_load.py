@@ -113,6 +113,28 @@ def _mapped_from(path) -> list[tuple[int, int]]:
     return out
 
 
+def test_the_cache_writer_runs_at_the_lowest_cpu_priority(monkeypatch):
+    # The background write must not take CPU time from requests: its thread runs at nice 19, the rest of the
+    # process at its own priority.
+    import os
+    import threading
+    import types
+
+    from model import packed_cache
+
+    seen = {}
+
+    def record(key, arrays):
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    monkeypatch.setattr(packed_cache, "write", record)
+    model = types.SimpleNamespace(packed_cache_pending=packed_cache.Pending("k", {}, []))
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    packed_cache.write_pending(model).join()
+    assert seen["nice"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
 def test_a_second_load_maps_the_packed_projections_from_the_cache(dirs, tmp_path, monkeypatch):
     import os
 
