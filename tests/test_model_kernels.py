@@ -207,7 +207,7 @@ def test_panels_hold_the_transposed_weight_in_column_blocks():
 
 
 def test_attention_gives_a_token_the_same_bits_in_any_chunking():
-    # Prefill in one chunk (tokens attend in groups of four where the CPU has AVX-512), chunk by chunk of 3, and
+    # Prefill in one chunk (tokens attend in groups of four where the CPU has AVX2 or AVX-512), chunk by chunk of 3, and
     # token by token must give bitwise the same outputs: chunking never changes a token's arithmetic.
     import ctypes
 

@@ -94,11 +94,23 @@ static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
 static inline vec vmin(vec a, vec b) { return _mm256_min_ps(a, b); }
 static inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+/* The sum of a's lanes: ((a_0 + a_4) + (a_2 + a_6)) + ((a_1 + a_5) + (a_3 + a_7)). */
 static inline float vsum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
+}
+/* The lane sums of a, b, c, d as one 4-float vector, each summed exactly as vsum sums it (the same additions of
+ * the same operands; IEEE addition is commutative, so hadd's operand order does not matter). */
+static inline __m128 vsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 ab = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    const __m256 cd = _mm256_add_ps(_mm256_permute2f128_ps(c, d, 0x20), _mm256_permute2f128_ps(c, d, 0x31));
+    /* per 128-bit lane: [x0 + x2, x1 + x3, y0 + y2, y1 + y3] for (x, y) = (a, c) low, (b, d) high */
+    const __m256 w = _mm256_add_ps(_mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm256_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m256 h = _mm256_hadd_ps(w, w); /* [a, c, a, c | b, d, b, d] */
+    return _mm_unpacklo_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 static inline vec vfloor(vec a) { return _mm256_floor_ps(a); }
 static inline vec vpow2i(vec n) {
@@ -1281,6 +1293,8 @@ static void write_task(void *p, int tid, int nt) {
     }
 }
 
+#define GROUP_HS 64 /* the head size of the paths below that keep a head's vectors in registers: every GPT-2's */
+
 /* Attention of one (token, head) over n cached keys: scores s_j = (q . k_j) scale, each dot product one FMA chain
  * over the head's vectors then vsum; p = exp(s - max) with vexp, summed in key order; y = sum_j (p_j / sum) v_j as
  * one FMA chain per output vector in key order. attend_group below computes four tokens at once with exactly these
@@ -1294,14 +1308,14 @@ static inline __attribute__((always_inline)) void attend_one(const int64_t HS, c
     vec qv[MAXV], yv[MAXV];
     for (int64_t c = 0; c < nv; c++) qv[c] = vload(q + c * VW);
     int64_t j = 0;
-#if VW == 16
-    if (HS == 4 * VW) /* four keys' dot products reduced together: a quarter of the shuffles, the same sums */
+#if VW == 16 || VW == 8
+    if (HS == GROUP_HS) /* four keys' dot products reduced together: a quarter of the shuffles, the same sums */
         for (; j + 4 <= n; j += 4) {
             vec acc[4];
             for (int u = 0; u < 4; u++) {
                 const float *k = k0 + (j + u) * HS;
-                acc[u] = vfma(qv[3], vload(k + 3 * VW), vfma(qv[2], vload(k + 2 * VW),
-                              vfma(qv[1], vload(k + VW), vmul(qv[0], vload(k)))));
+                acc[u] = vmul(qv[0], vload(k));
+                for (int64_t c = 1; c < nv; c++) acc[u] = vfma(qv[c], vload(k + c * VW), acc[u]);
             }
             _mm_storeu_ps(pr + j, _mm_mul_ps(vsum4(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
         }
@@ -1328,13 +1342,13 @@ static inline __attribute__((always_inline)) void attend_one(const int64_t HS, c
     for (int64_t c = 0; c < nv; c++) vstore(y + c * VW, yv[c]);
 }
 
-#if VW == 16
+#if VW == 16 || VW == 8
 /* Prompt tokens attend in groups of four: a sequence's tokens at positions 4g .. 4g+3, adjacent in the step and
  * all in it, share every key and value load. Each computes exactly what attend_one computes for it: the keys past
  * a token's own position get a score of -FLT_MAX, an exp of exactly 0, and add exact zeros to its sums. */
 static int group_leader(const attn_args *a, int64_t bt) {
     const int32_t p = a->pos[bt];
-    if (p < 0 || p % 4 != 0 || a->hs != 4 * VW) return 0;
+    if (p < 0 || p % 4 != 0 || a->hs != GROUP_HS) return 0;
     const int64_t end = a->per_token ? a->B * a->T : (bt / a->T + 1) * a->T; /* the end of bt's row */
     if (bt + 3 >= end || (int64_t)p + 4 > a->L) return 0;
     for (int u = 1; u < 4; u++)
@@ -1350,21 +1364,10 @@ static int in_group(const attn_args *a, int64_t bt) {
     return r > 0 && bt - r >= start && group_leader(a, bt - r);
 }
 
-/* Head h of tokens bt .. bt+3 (a group_leader's group); pr holds 4 * L floats (plus a vector), query u's score of
- * key j at 4j+u. */
-static void attend_group(const attn_args *a, int64_t bt, int64_t h, const float *k0, const float *v0, float *pr) {
-    const int64_t hs = a->hs, D = a->D, n0 = (int64_t)a->pos[bt] + 1, n = n0 + 3;
-    vec q[4][4];
-    for (int u = 0; u < 4; u++)
-        for (int c = 0; c < 4; c++) q[u][c] = vload(a->qkv + (bt + u) * 3 * D + h * hs + c * VW);
-    const __m128 scale = _mm_set1_ps(a->scale);
-    for (int64_t j = 0; j < n; j++) {
-        const float *k = k0 + j * hs;
-        const vec c0 = vload(k), c1 = vload(k + VW), c2 = vload(k + 2 * VW), c3 = vload(k + 3 * VW);
-        vec acc[4];
-        for (int u = 0; u < 4; u++) acc[u] = vfma(q[u][3], c3, vfma(q[u][2], c2, vfma(q[u][1], c1, vmul(q[u][0], c0))));
-        _mm_storeu_ps(pr + 4 * j, _mm_mul_ps(vsum4(acc[0], acc[1], acc[2], acc[3]), scale));
-    }
+/* The group's softmax over pr (query u's score of key j at 4j+u; the first query sees n0 keys, the last n0 + 3),
+ * each query's as attend_one's: the max, exp(s - max), the sum in key order, then p / sum. */
+static void group_softmax(float *pr, int64_t n0) {
+    const int64_t n = n0 + 3;
     for (int u = 0; u < 3; u++) /* keys past a query's own position */
         for (int64_t j = n0 + u; j < n; j++) pr[4 * j + u] = -FLT_MAX;
     __m128 mx = _mm_set1_ps(-FLT_MAX);
@@ -1375,22 +1378,56 @@ static void attend_group(const attn_args *a, int64_t bt, int64_t h, const float 
     for (int64_t j = 0; j < n; j++) sum = _mm_add_ps(sum, _mm_loadu_ps(pr + 4 * j));
     const __m128 inv = _mm_div_ps(_mm_set1_ps(1.f), sum);
     for (int64_t j = 0; j < n; j++) _mm_storeu_ps(pr + 4 * j, _mm_mul_ps(_mm_loadu_ps(pr + 4 * j), inv));
-    vec y[4][4];
+}
+
+/* Head h of tokens bt .. bt+3 (a group_leader's group); pr holds 4 * L floats (plus a vector), query u's score of
+ * key j at 4j+u. */
+static void attend_group(const attn_args *a, int64_t bt, int64_t h, const float *k0, const float *v0, float *pr) {
+    enum { NV = GROUP_HS / VW };
+    const int64_t D = a->D, n0 = (int64_t)a->pos[bt] + 1, n = n0 + 3;
+    const float *qp[4];
+    for (int u = 0; u < 4; u++) qp[u] = a->qkv + (bt + u) * 3 * D + h * GROUP_HS;
+    const __m128 scale = _mm_set1_ps(a->scale);
+#if VW == 16
+    vec q[4][NV]; /* AVX-512: the four queries in 16 of the 32 registers */
     for (int u = 0; u < 4; u++)
-        for (int c = 0; c < 4; c++) y[u][c] = vzero();
+        for (int c = 0; c < NV; c++) q[u][c] = vload(qp[u] + c * VW);
+#endif
     for (int64_t j = 0; j < n; j++) {
-        const float *v = v0 + j * hs;
-        const vec c0 = vload(v), c1 = vload(v + VW), c2 = vload(v + 2 * VW), c3 = vload(v + 3 * VW);
+        const float *k = k0 + j * GROUP_HS;
+        vec kv[NV], acc[4];
+        for (int c = 0; c < NV; c++) kv[c] = vload(k + c * VW);
         for (int u = 0; u < 4; u++) {
-            const vec pj = vset1(pr[4 * j + u]);
-            y[u][0] = vfma(pj, c0, y[u][0]);
-            y[u][1] = vfma(pj, c1, y[u][1]);
-            y[u][2] = vfma(pj, c2, y[u][2]);
-            y[u][3] = vfma(pj, c3, y[u][3]);
+#if VW == 16
+            acc[u] = vmul(q[u][0], kv[0]);
+            for (int c = 1; c < NV; c++) acc[u] = vfma(q[u][c], kv[c], acc[u]);
+#else /* AVX2's 16 registers hold the key: the queries are read from L1 */
+            acc[u] = vmul(vload(qp[u]), kv[0]);
+            for (int c = 1; c < NV; c++) acc[u] = vfma(vload(qp[u] + c * VW), kv[c], acc[u]);
+#endif
         }
+        _mm_storeu_ps(pr + 4 * j, _mm_mul_ps(vsum4(acc[0], acc[1], acc[2], acc[3]), scale));
     }
-    for (int u = 0; u < 4; u++)
-        for (int c = 0; c < 4; c++) vstore(a->y + (bt + u) * D + h * hs + c * VW, y[u][c]);
+    group_softmax(pr, n0);
+    /* y_u = sum_j p_uj v_j, NY output vectors of the four queries at a time (as many accumulators as registers
+     * allow), each one FMA chain in key order */
+    enum { NY = VW == 16 ? NV : 2 };
+    for (int c0 = 0; c0 < NV; c0 += NY) {
+        vec y[4][NY];
+        for (int u = 0; u < 4; u++)
+            for (int c = 0; c < NY; c++) y[u][c] = vzero();
+        for (int64_t j = 0; j < n; j++) {
+            const float *v = v0 + j * GROUP_HS + c0 * VW;
+            vec vv[NY];
+            for (int c = 0; c < NY; c++) vv[c] = vload(v + c * VW);
+            for (int u = 0; u < 4; u++) {
+                const vec pj = vset1(pr[4 * j + u]);
+                for (int c = 0; c < NY; c++) y[u][c] = vfma(pj, vv[c], y[u][c]);
+            }
+        }
+        for (int u = 0; u < 4; u++)
+            for (int c = 0; c < NY; c++) vstore(a->y + (bt + u) * D + h * GROUP_HS + (c0 + c) * VW, y[u][c]);
+    }
 }
 #endif
 
@@ -1420,7 +1457,7 @@ static void attend_task(void *p, int tid, int nt) {
         }
         const float *k0 = a->kc + ((int64_t)a->read_base[b] + h * L) * hs;
         const float *v0 = a->vc + ((int64_t)a->read_base[b] + h * L) * hs;
-#if VW == 16
+#if VW == 16 || VW == 8
         if (group_leader(a, bt)) {
             attend_group(a, bt, h, k0, v0, pr);
             continue;
