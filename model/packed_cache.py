@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 ENV = "GPT2_PACKED_CACHE"
 VERSION = 1
 MAX_FILES = 4
+# Bytes written between two calls of write's pause: a request that arrives meanwhile waits for one piece at most.
+PIECE = 16 << 20
 _ALIGN = 4096
 _DTYPES = ("float32", "int32")  # the panels' and the AMX packing's
 _held: dict[str, object] = {}  # path -> open file this process holds a shared lock on (a file it maps)
@@ -127,10 +130,11 @@ def release(key: str, arrays: dict[str, np.ndarray]) -> None:
         held.close()
 
 
-def write(key: str, arrays: dict[str, np.ndarray]) -> Path | None:
+def write(key: str, arrays: dict[str, np.ndarray], pause: Callable[[], None] | None = None) -> Path | None:
     """Write `arrays` as the file for `key` (under a temporary name, then linked to its own; a file already there
-    is kept); unlocked files beyond MAX_FILES are removed. Returns the path, or None when the cache is off or the
-    write failed (logged, not raised)."""
+    is kept); unlocked files beyond MAX_FILES are removed. pause, if given, is called before each piece of at most
+    PIECE bytes (a server's: it returns once no request is running). Returns the path, or None when the cache is
+    off or the write failed (logged, not raised)."""
     path = path_for(key)
     if path is None:
         return None
@@ -155,7 +159,11 @@ def write(key: str, arrays: dict[str, np.ndarray]) -> Path | None:
             f.write(header)
             for name, a in arrays.items():
                 f.seek(tensors[name]["offset"])
-                f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+                data = memoryview(np.ascontiguousarray(a)).cast("B")
+                for i in range(0, len(data), PIECE):
+                    if pause is not None:
+                        pause()
+                    f.write(data[i : i + PIECE])
             f.flush()
             os.fsync(f.fileno())
             try:  # a new name, never over a file that another process may have mapped
@@ -183,29 +191,30 @@ class Pending(NamedTuple):
     keep_alive: list
 
 
-def write_pending(model) -> threading.Thread | None:
+def write_pending(model, pause: Callable[[], None] | None = None) -> threading.Thread | None:
     """Write the packed arrays that `model`'s load left for the cache (load_model_dir(pack=) with the cache on and
-    no file yet) on a daemon thread, once: the server calls this when its graphs are compiled, so that the writing
-    does not compete with compiling for the CPUs. None when there is nothing to write."""
+    no file yet) on a daemon thread, once, pausing before each piece with `pause` (see write): the server calls
+    this once it serves, with a pause that waits for it to be idle, so that the writing neither competes with
+    compiling nor slows requests. None when there is nothing to write."""
     pending = getattr(model, "packed_cache_pending", None)
     if pending is None:
         return None
     model.packed_cache_pending = None
-    t = threading.Thread(target=_write_in_background, args=(pending.key, pending.arrays), name="packed-cache-writer",
-                         daemon=True)
+    t = threading.Thread(target=_write_in_background, args=(pending.key, pending.arrays, pause),
+                         name="packed-cache-writer", daemon=True)
     t.keep_alive = pending.keep_alive  # the arrays' memory lives as long as the thread object
     t.start()
     return t
 
 
-def _write_in_background(key: str, arrays: dict[str, np.ndarray]) -> None:
+def _write_in_background(key: str, arrays: dict[str, np.ndarray], pause: Callable[[], None] | None) -> None:
     # At the lowest CPU priority (Linux gives each thread its own nice value): the copy into the page cache, and on
     # a VM the host's backing of those pages, would otherwise take CPU time from the requests served meanwhile.
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):  # not Linux: the write runs at the process's priority
         pass
-    write(key, arrays)
+    write(key, arrays, pause)
 
 
 def _trim(d: Path) -> None:

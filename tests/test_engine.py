@@ -354,3 +354,50 @@ def test_step_shapes_cover_every_token_and_row_bucket():
     assert (8, 16) in shapes  # 5-8 rows (one token each) pad to 16 logits rows
     assert (4, 16) not in shapes and (32, 16) in shapes
     assert all((t, None) in shapes for t in Session.chunk_buckets)  # prompt logprobs: every position
+
+
+def test_background_work_waits_for_the_engine_to_be_idle():
+    # The loader's background work (the packed-weights cache's writing) starts once the engine serves and gets a
+    # function that returns at once while nothing runs, and waits while a request runs (until it ends, or the
+    # timeout).
+    import threading
+    import time
+
+    async def main():
+        loader, _ = fake_parts(CONFIG, delay=0.02)
+        got = {}
+
+        def load():
+            parts = loader()
+            parts.background = lambda idle: got.setdefault("idle", idle)
+            return parts
+
+        engine = AsyncEngine(load, CONFIG)
+        engine.start()
+        await engine.wait_ready(5)
+        idle = got["idle"]
+        t0 = time.monotonic()
+        idle()
+        assert time.monotonic() - t0 < 0.5  # nothing runs
+        stream = engine.add_request(TOK.encode("keep the engine busy"), greedy(30))  # ~30 passes of 20 ms
+        waited = {}
+
+        def wait():
+            t = time.monotonic()
+            idle()
+            waited["s"], waited["busy"] = time.monotonic() - t, engine.num_waiting_and_running() != (0, 0)
+
+        th = threading.Thread(target=wait)
+        th.start()
+        outs = await stream.collect()
+        await asyncio.to_thread(th.join, 10)
+        assert outs[-1].final.generated_tokens == 30
+        assert waited["s"] > 0.2 and not waited["busy"]  # returned once the request had ended
+        t0 = time.monotonic()
+        engine.add_request(TOK.encode("busy again"), greedy(100))  # ~2 s of passes
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(engine.wait_idle, 0.3)  # a timeout bounds the wait under constant load
+        assert 0.3 <= time.monotonic() - t0 < 2
+        await engine.shutdown(0.1)
+
+    asyncio.run(main())

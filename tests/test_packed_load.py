@@ -124,7 +124,7 @@ def test_the_cache_writer_runs_at_the_lowest_cpu_priority(monkeypatch):
 
     seen = {}
 
-    def record(key, arrays):
+    def record(key, arrays, pause=None):
         seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     monkeypatch.setattr(packed_cache, "write", record)
@@ -133,6 +133,23 @@ def test_the_cache_writer_runs_at_the_lowest_cpu_priority(monkeypatch):
     packed_cache.write_pending(model).join()
     assert seen["nice"] == 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+def test_the_cache_is_written_in_pieces_with_a_pause_before_each(tmp_path, monkeypatch):
+    # The server's pause (wait for no request to run) comes before every piece: the file is the same as one
+    # written in one go.
+    from model import packed_cache
+
+    monkeypatch.setenv(packed_cache.ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(packed_cache, "PIECE", 4096)
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((3, 1000)).astype(np.float32), "b": np.arange(5000, dtype=np.int32)}
+    calls = []
+    path = packed_cache.write("key-1", arrays, pause=lambda: calls.append(1))
+    assert len(calls) == 3 + 5  # 12,000 and 20,000 bytes in pieces of 4,096
+    got = packed_cache.load("key-1", {"a": (3, 1000), "b": (5000,)})
+    assert got is not None and path is not None
+    assert np.array_equal(got["a"], arrays["a"]) and np.array_equal(got["b"], arrays["b"])
 
 
 def test_a_second_load_maps_the_packed_projections_from_the_cache(dirs, tmp_path, monkeypatch):
@@ -226,11 +243,10 @@ def test_the_cache_keeps_the_most_recently_used_files(tmp_path, monkeypatch):
     assert not dead.exists() and live.exists()
 
 
-def test_the_servers_loader_writes_the_packed_cache_after_warming_up(dirs, tmp_path, monkeypatch):
-    # The server's load (serving.engine.loader) leaves the packed weights to a background writer once its graphs
-    # are compiled; a second server load maps them.
+def test_the_servers_loader_leaves_the_packed_cache_to_background_work(dirs, tmp_path, monkeypatch):
+    # The server's load (serving.engine.loader) leaves the packed weights to background work that the engine
+    # starts once it serves (writing between requests); a second server load maps them.
     import shutil
-    import threading
 
     from model import packed_cache
     from serving.config import EngineConfig, Settings
@@ -245,9 +261,10 @@ def test_the_servers_loader_writes_the_packed_cache_after_warming_up(dirs, tmp_p
     parts = model_dir_loader(settings, config)()
     if parts.runner.session.packed_form not in ("panels", "amx"):
         pytest.skip("the CPU kernels do not build here")
-    for t in threading.enumerate():
-        if t.name == "packed-cache-writer":
-            t.join(60)
+    assert not list((tmp_path / "cache").glob("*.packed"))  # nothing written before the engine serves
+    pauses = []
+    parts.background(lambda: pauses.append(1)).join(60)
+    assert pauses  # the writer paused (for the engine to be idle) before its pieces
     (path,) = (tmp_path / "cache").glob("*.packed")
     assert not _mapped_from(path)
     again = model_dir_loader(settings, config)()

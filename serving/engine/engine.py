@@ -35,6 +35,9 @@ from .stream import RequestStream
 
 log = logging.getLogger("serving.engine")
 
+# Seconds background work waits for the engine to be idle before it does a piece anyway.
+IDLE_WAIT = 5.0
+
 
 class EngineState(str, enum.Enum):
     LOADING = "loading"
@@ -45,10 +48,13 @@ class EngineState(str, enum.Enum):
 
 @dataclass
 class EngineParts:
-    """What the loader returns: the runner (with its session) and the tokenizer."""
+    """What the loader returns: the runner (with its session), the tokenizer and any background work."""
 
     runner: ModelRunner
     tokenizer: Any  # encode / decode / token_bytes / eos_token_id / vocab_size
+    # Work for once the engine serves (the packed-weights cache's writing): called once, with a function that
+    # returns when no request is running (or after IDLE_WAIT s: under constant load the work still advances).
+    background: Callable[[Callable[[], None]], Any] | None = None
 
 
 class AsyncEngine:
@@ -211,6 +217,16 @@ class AsyncEngine:
         with self._cv:
             return self._core.scheduler.num_waiting, self._core.scheduler.num_running
 
+    def wait_idle(self, timeout: float = IDLE_WAIT) -> None:
+        """Block until no request is queued or running, the engine stops, or `timeout` s pass (for background
+        work: a cache written between requests, not during them)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cv:
+                if self._stop or self._core is None or not self._core.has_work():
+                    return
+            time.sleep(0.05)
+
     # ---- the engine thread ---------------------------------------------------------------------------------
 
     def _main(self) -> None:
@@ -239,6 +255,8 @@ class AsyncEngine:
                 return
             self.state = EngineState.READY
         log.info("engine ready")
+        if parts.background is not None:
+            parts.background(self.wait_idle)
         try:
             self._serve()
         except BaseException as e:  # noqa: BLE001

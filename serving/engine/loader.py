@@ -41,8 +41,8 @@ def model_dir_loader(settings: Settings, config: EngineConfig) -> Callable[[], E
             t0 = time.monotonic()
             n = warmup(session)
             log.info("compiled %d step shapes in %.1f s", n, time.monotonic() - t0)
-        # the packed weights for the next start (model/packed_cache.py), written in the background
-        packed_cache.write_pending(session.model)
-        return EngineParts(runner, tok)
+        # the packed weights for the next start (model/packed_cache.py), written in the background between
+        # requests once the server serves
+        return EngineParts(runner, tok, background=lambda idle: packed_cache.write_pending(session.model, idle))
 
     return load
