@@ -44,7 +44,7 @@ ENV = "GPT2_PACKED_CACHE"
 VERSION = 1
 MAX_FILES = 4
 # Bytes written between two calls of write's pause: a request that arrives meanwhile waits for one piece at most.
-PIECE = 16 << 20
+PIECE = 8 << 20
 _ALIGN = 4096
 _DTYPES = ("float32", "int32")  # the panels' and the AMX packing's
 _held: dict[str, object] = {}  # path -> open file this process holds a shared lock on (a file it maps)

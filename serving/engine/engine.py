@@ -35,7 +35,9 @@ from .stream import RequestStream
 
 log = logging.getLogger("serving.engine")
 
-# Seconds background work waits for the engine to be idle before it does a piece anyway.
+# Background work runs once the engine has been idle QUIET s (a closed-loop client's next request comes within
+# milliseconds), or after waiting IDLE_WAIT s whatever the engine does.
+QUIET = 0.5
 IDLE_WAIT = 5.0
 
 
@@ -73,6 +75,7 @@ class AsyncEngine:
         self._core: EngineCore | None = None
         self._cv = threading.Condition()
         self._stop = False
+        self._idle_since: float | None = None  # when the engine thread last found no work (None: it has work)
         self._streams: dict[str, RequestStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -217,13 +220,14 @@ class AsyncEngine:
         with self._cv:
             return self._core.scheduler.num_waiting, self._core.scheduler.num_running
 
-    def wait_idle(self, timeout: float = IDLE_WAIT) -> None:
-        """Block until no request is queued or running, the engine stops, or `timeout` s pass (for background
-        work: a cache written between requests, not during them)."""
+    def wait_idle(self, timeout: float = IDLE_WAIT, quiet: float = QUIET) -> None:
+        """Block until no request has been queued or running for `quiet` s, the engine stops, or `timeout` s pass
+        (for background work: a cache written between requests, not during them)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._cv:
-                if self._stop or self._core is None or not self._core.has_work():
+                since = self._idle_since
+                if self._stop or (since is not None and time.monotonic() - since >= quiet):
                     return
             time.sleep(0.05)
 
@@ -269,7 +273,10 @@ class AsyncEngine:
         while True:
             with self._cv:
                 while not self._stop and not core.has_work():
+                    if self._idle_since is None:
+                        self._idle_since = time.monotonic()
                     self._cv.wait()
+                self._idle_since = None
                 if self._stop:
                     self._deliver_threadsafe(core.fail_all(EngineUnavailableError("The server is shutting down")))
                     return
