@@ -260,7 +260,10 @@ class AsyncEngine:
             self.state = EngineState.READY
         log.info("engine ready")
         if parts.background is not None:
-            parts.background(self.wait_idle)
+            try:
+                parts.background(self.wait_idle)
+            except Exception:  # noqa: BLE001 - optional work (a cache for the next start): serve without it
+                log.exception("background work failed to start")
         try:
             self._serve()
         except BaseException as e:  # noqa: BLE001
