@@ -7,8 +7,9 @@ memory. The step graph reads such Parameters in place: `Parameter.set_data(Tenso
 array's memory (`Parameter(Tensor(array))` would copy it). The mapping is private (copy-on-write), so nothing the
 process does can change the file.
 
-The file is written after a load that packed the weights itself (`write_pending`: the server calls it once its
-graphs are compiled), by a background thread, under a temporary name, then linked to its name once complete
+The file is written after a load that packed the weights itself (`write_pending`: the server starts it once it
+serves, with a pause that lets a piece go only while no request runs), by a background thread, under a temporary
+name, then linked to its name once complete
 (never replacing a file another process may have mapped). Its name is a hash of the weights file (path, inode,
 size, modification and change times: copying a file, even with its times kept, gives it a new change time; and
 its first 1 MB, the safetensors header), the packed form, the panel width, the kernel library (its source and
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 ENV = "GPT2_PACKED_CACHE"
 VERSION = 1
 MAX_FILES = 4
-# Bytes written between two calls of write's pause: a request that arrives meanwhile waits for one piece at most.
+# Bytes written between two calls of write's pause (a server's waits for it to be idle): how much writing a request
+# that arrives meanwhile runs beside.
 PIECE = 8 << 20
 _ALIGN = 4096
 _DTYPES = ("float32", "int32")  # the panels' and the AMX packing's
@@ -200,21 +202,13 @@ def write_pending(model, pause: Callable[[], None] | None = None) -> threading.T
     if pending is None:
         return None
     model.packed_cache_pending = None
-    t = threading.Thread(target=_write_in_background, args=(pending.key, pending.arrays, pause),
-                         name="packed-cache-writer", daemon=True)
+    # At the process's CPU priority, not lower: a thread at nice 19 that the kernel preempts while it holds the GIL
+    # (a nice-0 thread waking up preempts it at once) stalls every Python thread until it runs again.
+    t = threading.Thread(target=write, args=(pending.key, pending.arrays, pause), name="packed-cache-writer",
+                         daemon=True)
     t.keep_alive = pending.keep_alive  # the arrays' memory lives as long as the thread object
     t.start()
     return t
-
-
-def _write_in_background(key: str, arrays: dict[str, np.ndarray], pause: Callable[[], None] | None) -> None:
-    # At the lowest CPU priority (Linux gives each thread its own nice value): the copy into the page cache, and on
-    # a VM the host's backing of those pages, would otherwise take CPU time from the requests served meanwhile.
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux: the write runs at the process's priority
-        pass
-    write(key, arrays, pause)
 
 
 def _trim(d: Path) -> None:

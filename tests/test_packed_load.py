@@ -113,28 +113,6 @@ def _mapped_from(path) -> list[tuple[int, int]]:
     return out
 
 
-def test_the_cache_writer_runs_at_the_lowest_cpu_priority(monkeypatch):
-    # The background write must not take CPU time from requests: its thread runs at nice 19, the rest of the
-    # process at its own priority.
-    import os
-    import threading
-    import types
-
-    from model import packed_cache
-
-    seen = {}
-
-    def record(key, arrays, pause=None):
-        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    monkeypatch.setattr(packed_cache, "write", record)
-    model = types.SimpleNamespace(packed_cache_pending=packed_cache.Pending("k", {}, []))
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    packed_cache.write_pending(model).join()
-    assert seen["nice"] == 19
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
-
-
 def test_the_cache_is_written_in_pieces_with_a_pause_before_each(tmp_path, monkeypatch):
     # The server's pause (wait for no request to run) comes before every piece: the file is the same as one
     # written in one go.

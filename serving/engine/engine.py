@@ -226,8 +226,10 @@ class AsyncEngine:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._cv:
+                # has_work too: a request queued since the engine thread last looked makes it busy already
                 since = self._idle_since
-                if self._stop or (since is not None and time.monotonic() - since >= quiet):
+                if self._stop or (since is not None and time.monotonic() - since >= quiet
+                                  and not (self._core is not None and self._core.has_work())):
                     return
             time.sleep(0.05)
 
