@@ -267,6 +267,8 @@ def run_config(name: str, model: Path, args: argparse.Namespace, prompts: list[s
             out["startup_s"] = procs.wait_healthy(url, proc, timeout=args.start_timeout, t0=t0, poll=0.5)
         except (RuntimeError, TimeoutError) as e:
             raise RuntimeError(f"{e}: {procs.last_line(log)}") from None
+        if kind == "ours":
+            out["cache_write_s"] = procs.wait_cache_written(proc)
         loop = dict(clients=args.clients, api=client.api, extra=extra, keepalive=client.keepalive)
         t1 = time.perf_counter()
         warm, _ = asyncio.run(closed_loop(url, warm_prompts, per_client=1, new_tokens=WARM_TOKENS,

@@ -222,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"server log {log}:\n{procs.tail(log)}", flush=True)
             raise RuntimeError(f"{e}: {procs.last_line(log)}") from None
         print(f"  ready after {result['startup_s']:.1f} s", flush=True)
+        if args.server == "ours":
+            result["cache_write_s"] = procs.wait_cache_written(proc)
+            if result["cache_write_s"] > 0:
+                print(f"  waited {result['cache_write_s']:.1f} s for the packed-weights cache to be written", flush=True)
         if args.warm:
             result["warm_s"] = asyncio.run(warm(url, prompts, client))
             print(f"  warm-up (every prompt once, 1 token): {result['warm_s']:.1f} s", flush=True)

@@ -145,6 +145,38 @@ def wait_healthy(url: str, proc: subprocess.Popen, *, timeout: float, t0: float 
             time.sleep(poll)
 
 
+def wait_cache_written(proc: subprocess.Popen, *, timeout: float = 600.0, grace: float = 1.0) -> float:
+    """Seconds waited, once our server is healthy, while it writes its packed-weights cache (model/packed_cache.py:
+    a temporary file that a live writer holds a lock on, in GPT2_PACKED_CACHE's directory): a benchmark then
+    measures a server in its steady state, not one copying GBs in its first minutes (that cost is measured on
+    its own: bench/results/packed-cache-writer-*.md). 0 (after `grace` s) when nothing is being written."""
+    import fcntl
+    import sys
+
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from model import packed_cache
+
+    d = packed_cache.cache_dir()
+    t0 = time.perf_counter()
+    time.sleep(grace)  # the writer starts once the server is ready
+
+    def writing() -> bool:
+        for p in d.glob(".*.packed.tmp-*") if d is not None and d.is_dir() else ():
+            try:
+                with open(p, "rb") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a writer holds a shared lock
+            except BlockingIOError:
+                return True
+            except OSError:  # gone meanwhile
+                pass
+        return False
+
+    while writing() and proc.poll() is None and time.perf_counter() - t0 < timeout:
+        time.sleep(0.5)
+    return time.perf_counter() - t0 - grace
+
+
 def peak_rss_bytes(pid: int) -> int | None:
     """The process's peak resident set size (VmHWM), None if it cannot be read (process gone, not Linux)."""
     try:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -632,3 +633,36 @@ def test_start_rows_hold_the_peak_rss_to_the_budget():
                                "peak_rss_bytes": {"cold": 7.4e9, "warm": 11e9}, "budget": b})
     rss = [r for r in rows if r.what.startswith("peak RSS")]
     assert [r.verdict.split(",")[0] for r in rss] == ["yes", "NO"]
+
+
+def test_wait_cache_written_waits_for_a_live_writer_only(tmp_path, monkeypatch):
+    # A benchmark waits while our server writes its packed cache (a temporary file a live writer holds a lock on),
+    # not for a dead writer's leftover temporary file.
+    import fcntl
+    import threading
+    import types
+
+    import procs  # noqa: E402 - bench/, on sys.path above
+
+    monkeypatch.setenv("GPT2_PACKED_CACHE", str(tmp_path))
+    proc = types.SimpleNamespace(poll=lambda: None)
+    stale = tmp_path / ".abc.packed.tmp-0001"
+    stale.write_bytes(b"left by a writer that died")
+    assert procs.wait_cache_written(proc, grace=0.0) < 0.5
+
+    live = tmp_path / ".abc.packed.tmp-0002"
+    locked = threading.Event()
+
+    def writer():
+        with open(live, "wb") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            locked.set()
+            time.sleep(1.5)
+        live.unlink()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    locked.wait(5)
+    waited = procs.wait_cache_written(proc, grace=0.0)
+    t.join()
+    assert 0.8 < waited < 10
