@@ -17,6 +17,14 @@ SESSION_KW = dict(num_slots=4, max_seq_len=128, batch_buckets=(1, 4), chunk_buck
                   context_buckets=(64, 128))
 
 
+def session_kernels_on() -> bool:
+    """Whether an InferenceSession can run the CPU kernels here (not switched off by GPT2_CPU_KERNELS=0, and they
+    build): tests of sessions with cpu_kernels=True skip otherwise."""
+    from model import kernels
+
+    return kernels.enabled_by_env() and kernels.library_path() is not None
+
+
 def hf_model(seed: int = 0, **overrides):
     """A seeded random transformers.GPT2LMHeadModel in eval mode, with non-trivial biases and norms."""
     import torch

@@ -5,7 +5,7 @@ import pytest
 
 from model.runtime import set_device
 from model.inference import generate
-from model_helpers import SESSION_KW, TINY, hf_greedy, hf_logits, hf_model, our_model_from_hf, prompts
+from model_helpers import SESSION_KW, TINY, hf_greedy, hf_logits, hf_model, our_model_from_hf, prompts, session_kernels_on
 
 pytest.importorskip("torch")
 TOL = 1e-4
@@ -14,9 +14,9 @@ TOL = 1e-4
 @pytest.fixture(scope="module", params=[True, False], ids=["cpu-kernels", "mindspore-ops"])
 def model_env(request):
     # Every test runs on both step paths: model.kernels' CPU kernels and MindSpore's own ops.
-    from model import InferenceSession, kernels
+    from model import InferenceSession
 
-    if request.param and not (kernels.enabled_by_env() and kernels.library_path()):
+    if request.param and not session_kernels_on():
         pytest.skip("the CPU kernels are switched off (GPT2_CPU_KERNELS=0) or do not build here")
     set_device("CPU")
     hf = hf_model()

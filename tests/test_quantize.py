@@ -8,20 +8,14 @@ import numpy as np
 import pytest
 
 from model.runtime import set_device
-from model_helpers import SESSION_KW, hf_logits, hf_model, our_model_from_hf, save_hf_dir
+from model_helpers import SESSION_KW, hf_logits, hf_model, our_model_from_hf, save_hf_dir, session_kernels_on
 
 pytest.importorskip("torch")
 
 
-def _kernels_on() -> bool:
-    from model import kernels
-
-    return kernels.enabled_by_env() and kernels.library_path() is not None
-
-
 # An int8 session runs the kernels' Q8 ops: with the kernels switched off (GPT2_CPU_KERNELS=0) it is refused with a
 # ValueError that says so (test_int8_without_the_kernels_is_refused_by_name).
-needs_kernels = pytest.mark.skipif(not _kernels_on(), reason="int8 sessions need the CPU kernels")
+needs_kernels = pytest.mark.skipif(not session_kernels_on(), reason="int8 sessions need the CPU kernels")
 
 
 @pytest.fixture(scope="module")
