@@ -51,9 +51,8 @@ def start_once(model: Path, cache: str | None, args: argparse.Namespace, log: Pa
         # the peak while loading and compiling: nothing has been served yet
         rss = procs.peak_rss_bytes(proc.pid)
         # a server that packed the weights writes them for the next start in the background: let it finish
-        deadline = time.monotonic() + min(args.timeout, 600.0)
-        while packed and not any(packed.glob("*.packed")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
+        if packed:
+            procs.wait_cache_written(proc, timeout=min(args.timeout, 600.0), directory=packed)
         return seconds, rss
     except (RuntimeError, TimeoutError) as e:
         print(f"server log {log}:\n{procs.tail(log)}", flush=True)

@@ -145,10 +145,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, *, timeout: float, t0: float 
             time.sleep(poll)
 
 
-def wait_cache_written(proc: subprocess.Popen, *, timeout: float = 600.0, grace: float = 1.0) -> float:
+def wait_cache_written(proc: subprocess.Popen, *, timeout: float = 600.0, grace: float = 1.0,
+                       directory: Path | None = None) -> float:
     """Seconds waited, once our server is healthy, while it writes its packed-weights cache (model/packed_cache.py:
-    a temporary file that a live writer holds a lock on, in GPT2_PACKED_CACHE's directory): a benchmark then
-    measures a server in its steady state, not one copying GBs in its first minutes (that cost is measured on
+    a temporary file that a live writer holds a lock on, in `directory`, default GPT2_PACKED_CACHE's): a benchmark
+    then measures a server in its steady state, not one copying GBs in its first minutes (that cost is measured on
     its own: bench/results/packed-cache-writer-*.md). 0 (after `grace` s) when nothing is being written."""
     import fcntl
     import sys
@@ -157,7 +158,7 @@ def wait_cache_written(proc: subprocess.Popen, *, timeout: float = 600.0, grace:
         sys.path.insert(0, str(REPO))
     from model import packed_cache
 
-    d = packed_cache.cache_dir()
+    d = directory if directory is not None else packed_cache.cache_dir()
     t0 = time.perf_counter()
     time.sleep(grace)  # the writer starts once the server is ready
 

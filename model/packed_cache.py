@@ -83,6 +83,7 @@ def load(key: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] 
     path = path_for(key)
     if path is None or not path.is_file():
         return None
+    held = None
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -105,6 +106,8 @@ def load(key: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray] 
                                shape=tuple(t["shape"])) for name, t in tensors.items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("packed cache %s unreadable (%s): packing the weights instead", path, e)
+        if held is not None:
+            held.close()  # not mapped: its lock must not keep the file from being trimmed
         return None
     if str(path) in _held:
         held.close()  # mapped before: already held

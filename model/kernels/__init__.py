@@ -257,9 +257,8 @@ def packed_parameter(w: np.ndarray, form: str, name: str, *, kn: bool = False):
     from mindspore.common.initializer import Zero, initializer
 
     if form == "panels" and kn:
-        k, n = np.shape(w)
-        shape = (-(-n // panel_width()), k, panel_width())
-        param = Parameter(initializer(Zero(), shape, ms.float32), name=name, requires_grad=False)
+        param = Parameter(initializer(Zero(), packed_shape(*np.shape(w), "panels"), ms.float32), name=name,
+                          requires_grad=False)
         pack_panels_kn(w, out=param.asnumpy())  # CPU tensors' asnumpy is a view of their memory
         return param
     return Parameter(ms.Tensor(pack_weight(w, form, kn=kn)), name=name, requires_grad=False)

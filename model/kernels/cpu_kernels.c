@@ -1573,8 +1573,9 @@ int Block(int nparam, void **params, int *ndims, int64_t **shapes, const char **
         !is_vector(ndims, shapes, ln2, D) || !is_vector(ndims, shapes, ln2 + 1, D) || D % VW || F % VW ||
         ndims[att] != 2)
         return 1;
-    /* A pass padded to its bucket ends in padding tokens (position -1): they are not computed (their outputs are
-     * zeros), so a pass costs its real tokens. Every kernel gives a row the same bits whatever the row count. */
+    /* A pass padded to its bucket (fixed-shape graphs: a library built without the C++ shape functions) ends in
+     * padding tokens (position -1): they are not computed (their outputs are zeros), so a pass costs its real
+     * tokens. Every kernel gives a row the same bits whatever the row count. */
     const int32_t *pos = params[att + 4];
     int64_t Mr = M;
     if (B == 1 || T == 1)
