@@ -37,6 +37,10 @@ class Settings:
     max_batched_tokens: int = 256
     # Most prompt tokens of one request per step: a longer prompt is prefilled in chunks over several steps.
     prefill_chunk: int = 256
+    # A step starts waiting requests only while it holds fewer prompt tokens than this (0: as many as the budget
+    # allows): requests that start together finish together and closed-loop clients come back together, so short
+    # prompts are staggered over steps (serving/engine/scheduler.py; docs/PERFORMANCE.md).
+    stagger_tokens: int = 32
     warmup: bool = True  # compile the common step shapes before reporting healthy
     # Automatic prefix caching: a prompt that begins with tokens whose K/V some slot still holds starts after them
     # (serving/engine/prefix_cache.py); --no-prefix-caching computes every prompt in full.
@@ -80,8 +84,9 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        for name in ("max_queue", "stagger_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_total_tokens is not None and self.max_total_tokens < 2:
             raise ValueError(f"max_total_tokens must be >= 2, got {self.max_total_tokens}")
         if self.queue_timeout is not None and self.queue_timeout <= 0:
@@ -166,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-batched-tokens", type=int,
       help="tokens per step, running requests' next tokens and waiting prompts' tokens together (default 256)")
     a("--prefill-chunk", type=int, help="most prompt tokens of one request per step (default 256)")
+    a("--stagger-tokens", type=int,
+      help="a step starts waiting requests only while it holds fewer prompt tokens than this, so requests that "
+      "arrive together do not all decode and finish together (default 32; 0: as many as --max-batched-tokens allows)")
     a("--warmup", action=argparse.BooleanOptionalAction, default=None, help="compile common shapes at start")
     a("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,
       help="reuse the K/V of prompt prefixes still in the cache (default on; --no-prefix-caching turns it off)")
@@ -233,6 +241,7 @@ class EngineConfig:
     max_total_tokens: int = 1024
     max_batched_tokens: int = 256
     prefill_chunk: int = 256
+    stagger_tokens: int = 32
     prefix_caching: bool = True
     quantize: str | None = None  # the weights' form: Settings.quantize, or "int8" for a quantized directory
     prefix_block: int = 16  # tokens per prefix-cache block (vLLM's default block size)
@@ -285,6 +294,7 @@ class EngineConfig:
             max_total_tokens=total,
             max_batched_tokens=batched,
             prefill_chunk=min(s.prefill_chunk, batched),
+            stagger_tokens=s.stagger_tokens,
             prefix_caching=s.prefix_caching,
             quantize=s.quantize or ("int8" if info.quantized else None),
         )

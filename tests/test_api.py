@@ -73,6 +73,7 @@ def test_health_is_503_while_loading_then_200():
 def test_info_and_models(client):
     info = client.get("/info").json()
     assert info["model_id"] == "fake-gpt2" and info["max_total_tokens"] == 128 and info["max_input_tokens"] == 127
+    assert info["stagger_tokens"] == 32 and info["max_batched_tokens"] == 128
     models = client.get("/v1/models").json()
     assert models["data"][0]["id"] == "fake-gpt2"
 

@@ -19,9 +19,9 @@ def score_seq(rid, n_prompt):
     return Sequence(rid, [1] * n_prompt, SamplingParams(max_new_tokens=0, prompt_logprobs=0))
 
 
-def sched(num_slots=4, budget=64, chunk=16, max_waiting=100, queue_timeout=None) -> Scheduler:
+def sched(num_slots=4, budget=64, chunk=16, max_waiting=100, queue_timeout=None, stagger=0) -> Scheduler:
     return Scheduler(SchedulerConfig(num_slots=num_slots, max_waiting=max_waiting, max_step_tokens=budget,
-                                     prefill_chunk=chunk, queue_timeout=queue_timeout))
+                                     prefill_chunk=chunk, queue_timeout=queue_timeout, stagger_tokens=stagger))
 
 
 def finish_if_done(s: Scheduler, q: Sequence, now: float) -> None:
@@ -69,6 +69,7 @@ def step_tokens(out) -> int:
     dict(num_slots=0, max_step_tokens=8),
     dict(num_slots=2, max_step_tokens=8, prefill_chunk=0),
     dict(num_slots=2, max_step_tokens=8, max_waiting=-1),
+    dict(num_slots=2, max_step_tokens=8, stagger_tokens=-1),
 ])
 def test_invalid_config_is_refused(kw):
     args = dict(num_slots=2, max_waiting=4, max_step_tokens=8, prefill_chunk=4) | kw
@@ -348,6 +349,56 @@ def test_first_tokens_come_in_arrival_order_when_chunks_hold_whole_prompts():
     assert first == {"a": 0, "b": 1, "c": 1, "d": 1}
 
 
+# ---- staggered starts -------------------------------------------------------------------------------------------
+
+
+def test_requests_arriving_together_start_a_few_per_step_and_finish_apart():
+    s = sched(num_slots=8, budget=64, stagger=8)
+    qs = [seq(r, n_prompt=4, max_new=3) for r in "abcde"]
+    for q in qs:
+        s.add([q])  # five requests, each its own add (as five clients' requests are)
+    out = run_step(s, now=0.0)
+    assert chunks(out) == [("a", 0, 4), ("b", 0, 4)]  # 8 prompt tokens: nothing more starts
+    out = run_step(s, now=1.0)
+    assert chunks(out) == [("c", 0, 4), ("d", 0, 4)] and ids(out.decode) == ["a", "b"]
+    out = run_step(s, now=2.0)
+    assert chunks(out) == [("e", 0, 4)] and ids(out.decode) == ["a", "b", "c", "d"]
+    for now in range(3, 10):
+        run_step(s, now=float(now))
+    # Started in three steps, they finished in three: their clients come back apart.
+    assert [q.finish_time for q in qs] == [2.0, 2.0, 3.0, 3.0, 4.0]
+
+
+def test_a_prompt_over_the_stagger_starts_alone_and_gets_its_whole_chunk():
+    s = sched(num_slots=4, budget=64, chunk=16, stagger=8)
+    s.add([seq("long", n_prompt=38)])
+    s.add([seq("short", n_prompt=2)])
+    out = run_step(s)
+    assert chunks(out) == [("long", 0, 16)]
+    out = run_step(s)  # a prompt in progress counts: its chunk holds 16 >= 8 prompt tokens
+    assert chunks(out) == [("long", 16, 32)]
+    out = run_step(s)
+    assert chunks(out) == [("long", 32, 38), ("short", 0, 2)]  # 6 < 8: one more starts
+
+
+def test_the_sequences_of_one_add_start_together_whatever_the_stagger():
+    """A request's n completions (or /score's texts) are one add: they start in the same step."""
+    s = sched(num_slots=8, budget=64, stagger=4)
+    s.add([seq(f"n{i}", n_prompt=5) for i in range(3)])
+    s.add([seq("other", n_prompt=1)])
+    out = run_step(s)
+    assert chunks(out) == [("n0", 0, 5), ("n1", 0, 5), ("n2", 0, 5)]
+    out = run_step(s)
+    assert chunks(out) == [("other", 0, 1)]
+
+
+def test_stagger_zero_starts_as_many_as_the_budget_allows():
+    s = sched(num_slots=8, budget=64, stagger=0)
+    for r in "abcde":
+        s.add([seq(r, n_prompt=4)])
+    assert len(run_step(s).prefill) == 5
+
+
 # ---- random workloads -------------------------------------------------------------------------------------------
 
 
@@ -357,15 +408,18 @@ def test_first_tokens_come_in_arrival_order_when_chunks_hold_whole_prompts():
     extra=st.integers(1, 80),
     chunk=st.integers(1, 64),
     timeout=st.sampled_from([None, 3.0, 40.0]),
+    stagger=st.sampled_from([0, 1, 8, 32]),
     reqs=st.lists(
         st.tuples(st.integers(1, 120), st.integers(0, 6), st.integers(0, 15), st.one_of(st.none(), st.integers(0, 30))),
         min_size=1, max_size=14,
     ),
 )
-def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, timeout, reqs):
-    """reqs: (prompt tokens, max new tokens (0: score-only), arrival step, abort at step or None)."""
+def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, timeout, stagger, reqs):
+    """reqs: (prompt tokens, max new tokens (0: score-only), arrival step, abort at step or None). The requests
+    arriving in one step are one add (one group)."""
     budget = num_slots + extra
-    s = sched(num_slots=num_slots, budget=budget, chunk=chunk, max_waiting=100, queue_timeout=timeout)
+    s = sched(num_slots=num_slots, budget=budget, chunk=chunk, max_waiting=100, queue_timeout=timeout,
+              stagger=stagger)
     seqs = [Sequence(str(i), [1] * n, SamplingParams(max_new_tokens=m), arrival_time=float(t))
             for i, (n, m, t, _) in enumerate(reqs)]
     # Requests arrive in id order (arrival order = id order).
@@ -415,13 +469,26 @@ def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, ti
         if out.prefill and out.prefill[-1].end - out.prefill[-1].start < min(
                 chunk, out.prefill[-1].seq.num_prompt - out.prefill[-1].start):
             assert step_tokens(out) == budget
+        started = [q for q in served if q in still_waiting]
+        prompt = sum(c.end - c.start for c in out.prefill)
         if len(served) < len(eligible):
-            assert step_tokens(out) == budget
+            nxt = eligible[len(served)]
+            staggered = (stagger and nxt in still_waiting and prompt >= stagger
+                         and (not started or nxt.group != started[-1].group))
+            assert step_tokens(out) == budget or staggered
+        # A waiting sequence starts only while the step holds fewer than `stagger` prompt tokens, or with the
+        # sequences of its own add.
+        if stagger:
+            held, group = 0, None
+            for c in out.prefill:
+                if c.seq in started:
+                    assert held < stagger or c.seq.group == group
+                    group = c.seq.group
+                held += c.end - c.start
         # A prompt in progress always advances (the budget exceeds the slots).
         if prefilling:
             assert served[:1] == prefilling[:1]
         # Newly started sequences are the oldest waiting ones and take the least recently freed slots.
-        started = [q for q in served if q in still_waiting]
         assert started == still_waiting[: len(started)]
         assert [q.slot for q in started] == free[: len(started)]
         # No waiting sequence started while an older one waits.

@@ -37,6 +37,16 @@ def test_max_batched_tokens_from_environment_then_command_line():
         Settings.from_sources([], environ={"GPT2_MAX_BATCHED_TOKENS": "lots"})
 
 
+def test_stagger_tokens_default_environment_command_line_and_engine_config():
+    assert Settings.from_sources([], environ={}).stagger_tokens == 32
+    s = Settings.from_sources([], environ={"GPT2_STAGGER_TOKENS": "0"})
+    assert s.stagger_tokens == 0 and EngineConfig.from_settings(s, GPT2).stagger_tokens == 0
+    s = Settings.from_sources(["--stagger-tokens", "64"], environ={"GPT2_STAGGER_TOKENS": "0"})
+    assert EngineConfig.from_settings(s, GPT2).stagger_tokens == 64
+    with pytest.raises(ValueError, match="stagger_tokens must be >= 0"):
+        Settings(stagger_tokens=-1)
+
+
 def test_max_batched_tokens_must_exceed_max_batch_size():
     with pytest.raises(ValueError, match="max_batched_tokens .* must exceed max_batch_size"):
         Settings(max_batch_size=16, max_batched_tokens=16)
@@ -66,6 +76,8 @@ def test_removed_options_are_rejected_by_the_command_line(flag, capsys):
     (["--prefill-chunk", "0"], {}),
     (["--max-batched-tokens", "many"], {}),
     (["--queue-timeout", "0"], {}),
+    (["--stagger-tokens", "-1"], {}),
+    ([], {"GPT2_STAGGER_TOKENS": "1e9"}),
 ])
 def test_invalid_settings_are_refused(argv, env):
     with pytest.raises((ValueError, SystemExit)):

@@ -58,6 +58,7 @@ async def info(engine: AsyncEngine = Depends(get_engine), s: Settings = Depends(
         "max_client_batch_size": s.max_score_texts,
         "prefill_chunk": c.prefill_chunk,
         "max_batched_tokens": c.max_batched_tokens,
+        "stagger_tokens": c.stagger_tokens,
         "quantize": c.quantize,
         "prefix_caching": c.prefix_caching,
         "queue_timeout": c.queue_timeout,

@@ -247,6 +247,7 @@ class AsyncEngine:
                 max_waiting=c.max_queue,
                 max_step_tokens=c.max_step_tokens,
                 prefill_chunk=c.prefill_chunk,
+                stagger_tokens=c.stagger_tokens,
                 queue_timeout=c.queue_timeout,
                 prefix_block=c.prefix_block if c.prefix_caching else 0,
                 prefix_copy=parts.runner.can_copy_prefix,

@@ -8,6 +8,8 @@ Policy, per step (the runner computes the whole step as one flat pass):
 - prompts in progress, then waiting ones in arrival order, fill the rest of the budget (`max_step_tokens`) in
   chunks of at most `prefill_chunk` tokens each: the oldest prompt first, so it gets its first token first, and a
   long prompt goes in over several steps, each delaying the running sequences' next token by one pass at most;
+- a step starts waiting requests only while its prompt tokens are fewer than `stagger_tokens` (the sequences one
+  `add` queued, e.g. a request's `n` completions or /score's texts, start together): see below;
 - waiting sequences get a KV slot in arrival order when they are given their first chunk; a finished or aborted
   sequence frees its slot at once;
 - automatic prefix caching (`prefix_block` > 0, see prefix_cache.py): a sequence starts past the longest prefix
@@ -22,6 +24,13 @@ Why running sequences decode in every step, rather than vLLM's prefill-first (pr
 closed-loop clients prefill-first keeps them in lockstep. A wave of prompts is prefilled before anyone decodes, so
 the wave decodes and finishes together and its clients come back together: a much higher steady-state TTFT p99
 for the same throughput in bench/sim_scheduler.py (`--prefill-first`; docs/PERFORMANCE.md).
+
+Why new requests are staggered: requests that start in one step decode in lockstep, finish in one step, and
+closed-loop clients send their next requests together, so a burst stays a burst. Short prompts (a cached few-shot
+prefix with a short question of its own, a chat turn) would otherwise all start in the pass after they arrive, and
+each waits for all of the burst's prompt tokens. Starting a few per step spreads their finishes over steps and the
+burst does not come back; the running sequences' steps happen anyway, so it costs little throughput
+(bench/sim_scheduler.py `--stagger`; docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -43,11 +52,13 @@ class SchedulerConfig:
     queue_timeout: float | None = None  # seconds a request may wait for a slot; None waits forever
     prefix_block: int = 0  # prefix caching's block of tokens; 0: off
     prefix_copy: bool = False  # the session can copy rows between slots (else a hit must take the slot itself)
+    # A step starts waiting requests only while it holds fewer prompt tokens than this (0: as the budget allows).
+    stagger_tokens: int = 0
 
     def __post_init__(self) -> None:
         # The budget must leave room for a prompt token after every running sequence's decode token.
         if (self.num_slots < 1 or self.max_waiting < 0 or self.prefill_chunk < 1
-                or self.max_step_tokens <= self.num_slots or self.prefix_block < 0):
+                or self.max_step_tokens <= self.num_slots or self.prefix_block < 0 or self.stagger_tokens < 0):
             raise ValueError(f"invalid scheduler config {self}")
 
 
@@ -86,6 +97,7 @@ class Scheduler:
         self._free_slots: OrderedDict[int, None] = OrderedDict.fromkeys(range(config.num_slots))
         self.prefix_cache = PrefixCache(config.num_slots, config.prefix_block) if config.prefix_block else None
         self._by_id: dict[str, Sequence] = {}
+        self._groups = 0  # `add` calls so far: the sequences of one call start together
 
     # ---- queries -------------------------------------------------------------------------------------------
 
@@ -120,9 +132,11 @@ class Scheduler:
         waiting once every free slot is taken."""
         if len(self.waiting) + len(seqs) > self.config.max_waiting + len(self._free_slots):
             raise OverloadedError()
+        self._groups += 1
         for s in seqs:
             assert s.request_id not in self._by_id, f"duplicate request id {s.request_id}"
             assert s.status is SequenceStatus.WAITING
+            s.group = self._groups
             self._by_id[s.request_id] = s
             self.waiting.append(s)
 
@@ -170,14 +184,20 @@ class Scheduler:
                 self.finish(s, FinishReason.TIMEOUT, now)
         out.decode = list(self.running)
         budget = self.config.max_step_tokens - len(out.decode)
+        stagger = self.config.stagger_tokens
+        prompt, group = 0, None  # prompt tokens in this step; the group last started
         for s in self.prefilling + list(self.waiting)[: len(self._free_slots)]:
             if budget <= 0:
                 break
             if s.status is SequenceStatus.WAITING:
+                if stagger and prompt >= stagger and s.group != group:
+                    break
                 self._start(s, now, out)
+                group = s.group
             n = min(s.prefill_remaining, self.config.prefill_chunk, budget)
             out.prefill.append(PrefillChunk(s, s.num_cached, s.num_cached + n))
             budget -= n
+            prompt += n
         return out
 
     def _start(self, s: Sequence, now: float, out: SchedulerOutput) -> None:

@@ -45,6 +45,7 @@ class Sequence:
     # Prompt tokens found in the prefix cache (their K/V copied or reused, not computed).
     num_cached_prompt: int = 0
     finish_reason: FinishReason | None = None
+    group: int = 0  # the scheduler's `add` call that queued it: a request's sequences start together
     # Sampling state: the seed actually used (reported to clients) and this request's own generator.
     seed: int | None = None
     rng: np.random.Generator | None = None
