@@ -8,7 +8,8 @@ flat pass pads prompt chunks plus the decode tokens riding along to a token buck
 
 It answers scheduling questions in seconds rather than a 3-minute serving run each, e.g. which prefill budget
 (`--budgets`) gives the lowest TTFT p99, and how much of it is the first wave (all clients start at once: its
-last first token waits for every prompt of the wave, whatever the order, since the passes are work-conserving).
+last first token waits for every prompt of the wave, whatever the order, since the passes are work-conserving;
+--stagger holds short prompts back a step or two).
 
 With --prefix-tokens every prompt is a shared prefix and then its own --lo..--hi tokens (bench_prefix.py's
 few-shot workload), with prefix caching on: after the first request only the own tokens are computed. A decode

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving.engine.scheduler import Scheduler, SchedulerConfig
+from serving.engine.scheduler import MAX_HOLD_STEPS, Scheduler, SchedulerConfig
 from serving.engine.sequence import FinishReason, Sequence, SequenceStatus
 from serving.errors import OverloadedError
 from serving.sampling_params import SamplingParams
@@ -352,44 +352,63 @@ def test_first_tokens_come_in_arrival_order_when_chunks_hold_whole_prompts():
 # ---- staggered starts -------------------------------------------------------------------------------------------
 
 
-def test_requests_arriving_together_start_a_few_per_step_and_finish_apart():
+def test_short_prompts_arriving_together_start_a_few_per_step_and_finish_apart():
     s = sched(num_slots=8, budget=64, stagger=8)
-    qs = [seq(r, n_prompt=4, max_new=3) for r in "abcde"]
+    qs = [seq(r, n_prompt=4, max_new=3) for r in "abcd"]
     for q in qs:
-        s.add([q])  # five requests, each its own add (as five clients' requests are)
+        s.add([q])  # four requests, each its own add (as four clients' requests are)
     out = run_step(s, now=0.0)
-    assert chunks(out) == [("a", 0, 4), ("b", 0, 4)]  # 8 prompt tokens: nothing more starts
+    assert chunks(out) == [("a", 0, 4), ("b", 0, 4)]  # 8 tokens of short prompts: the next one waits
     out = run_step(s, now=1.0)
     assert chunks(out) == [("c", 0, 4), ("d", 0, 4)] and ids(out.decode) == ["a", "b"]
-    out = run_step(s, now=2.0)
-    assert chunks(out) == [("e", 0, 4)] and ids(out.decode) == ["a", "b", "c", "d"]
-    for now in range(3, 10):
+    for now in range(2, 8):
         run_step(s, now=float(now))
-    # Started in three steps, they finished in three: their clients come back apart.
-    assert [q.finish_time for q in qs] == [2.0, 2.0, 3.0, 3.0, 4.0]
+    # Started in two steps, they finished in two: their clients come back apart.
+    assert [q.finish_time for q in qs] == [2.0, 2.0, 3.0, 3.0]
 
 
-def test_a_prompt_over_the_stagger_starts_alone_and_gets_its_whole_chunk():
-    s = sched(num_slots=4, budget=64, chunk=16, stagger=8)
-    s.add([seq("long", n_prompt=38)])
-    s.add([seq("short", n_prompt=2)])
+def test_a_short_prompt_waits_two_steps_at_most():
+    s = sched(num_slots=8, budget=64, stagger=1)
+    for r in "abcde":
+        s.add([seq(r, n_prompt=1, max_new=20)])
+    assert [chunks(run_step(s, now=float(t))) for t in range(3)] == [
+        [("a", 0, 1)], [("b", 0, 1)], [("c", 0, 1), ("d", 0, 1), ("e", 0, 1)]]
+
+
+def test_long_prompts_are_not_held_back_and_do_not_count():
+    """A prompt with more than stagger_tokens to compute starts as the budget allows, as without the stagger."""
+    s = sched(num_slots=8, budget=64, chunk=16, stagger=8)
+    s.add([seq("long1", n_prompt=9)])
+    s.add([seq("long2", n_prompt=30)])
+    s.add([seq("short1", n_prompt=5)])
+    s.add([seq("short2", n_prompt=3)])
+    s.add([seq("long3", n_prompt=12)])
+    s.add([seq("short3", n_prompt=1)])
     out = run_step(s)
-    assert chunks(out) == [("long", 0, 16)]
-    out = run_step(s)  # a prompt in progress counts: its chunk holds 16 >= 8 prompt tokens
-    assert chunks(out) == [("long", 16, 32)]
-    out = run_step(s)
-    assert chunks(out) == [("long", 32, 38), ("short", 0, 2)]  # 6 < 8: one more starts
+    # 8 tokens of short prompts: long3 still starts, short3 waits
+    assert chunks(out) == [("long1", 0, 9), ("long2", 0, 16), ("short1", 0, 5), ("short2", 0, 3), ("long3", 0, 12)]
+    assert chunks(run_step(s)) == [("long2", 16, 30), ("short3", 0, 1)]
+
+
+def test_only_the_tokens_past_a_cached_prefix_make_a_prompt_short():
+    s = Scheduler(SchedulerConfig(num_slots=4, max_waiting=100, max_step_tokens=64, prefill_chunk=64,
+                                  prefix_block=4, prefix_copy=True, stagger_tokens=8))
+    shared = list(range(100, 140))
+    s.add([Sequence("first", shared + [1], SamplingParams(max_new_tokens=1))])
+    run_step(s)  # 41 tokens: long, and now cached
+    for r, own in (("a", [2, 3]), ("b", [4, 5, 6, 7, 8, 9]), ("c", [10])):
+        s.add([Sequence(r, shared + own, SamplingParams(max_new_tokens=5))])
+    assert chunks(run_step(s)) == [("a", 40, 42), ("b", 40, 46)]  # 2 + 6 = 8 short tokens: c waits
+    assert chunks(run_step(s)) == [("c", 40, 41)]
 
 
 def test_the_sequences_of_one_add_start_together_whatever_the_stagger():
     """A request's n completions (or /score's texts) are one add: they start in the same step."""
     s = sched(num_slots=8, budget=64, stagger=4)
-    s.add([seq(f"n{i}", n_prompt=5) for i in range(3)])
+    s.add([seq(f"n{i}", n_prompt=3) for i in range(3)])
     s.add([seq("other", n_prompt=1)])
-    out = run_step(s)
-    assert chunks(out) == [("n0", 0, 5), ("n1", 0, 5), ("n2", 0, 5)]
-    out = run_step(s)
-    assert chunks(out) == [("other", 0, 1)]
+    assert chunks(run_step(s)) == [("n0", 0, 3), ("n1", 0, 3), ("n2", 0, 3)]  # 9 short tokens; `other` waits
+    assert chunks(run_step(s)) == [("other", 0, 1)]
 
 
 def test_stagger_zero_starts_as_many_as_the_budget_allows():
@@ -429,6 +448,7 @@ def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, ti
     for i, q in enumerate(seqs):
         q.request_id = str(i)
     timed_out = set()
+    last_group = None  # the group of the sequence started last
     step = 0
     while step < 100 or s.has_work():
         assert step < 20000, "the workload did not finish"
@@ -470,21 +490,22 @@ def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, ti
                 chunk, out.prefill[-1].seq.num_prompt - out.prefill[-1].start):
             assert step_tokens(out) == budget
         started = [q for q in served if q in still_waiting]
-        prompt = sum(c.end - c.start for c in out.prefill)
-        if len(served) < len(eligible):
+
+        def held_back(q, short, group):
+            # the stagger: a short prompt (nothing cached here: all of it to compute) waits while this step's short
+            # prompts hold `stagger` tokens, unless of the group started last or held MAX_HOLD_STEPS steps already
+            return (stagger > 0 and q.num_prompt <= stagger and short >= stagger and q.group != group
+                    and step + 1 - int(q.arrival_time) <= MAX_HOLD_STEPS)
+
+        short, group = 0, last_group
+        for q in started:
+            assert not held_back(q, short, group)
+            short += q.num_prompt if q.num_prompt <= stagger else 0
+            group = q.group
+        if len(served) < len(eligible):  # left out: the budget is spent, or the next one is held back
             nxt = eligible[len(served)]
-            staggered = (stagger and nxt in still_waiting and prompt >= stagger
-                         and (not started or nxt.group != started[-1].group))
-            assert step_tokens(out) == budget or staggered
-        # A waiting sequence starts only while the step holds fewer than `stagger` prompt tokens, or with the
-        # sequences of its own add.
-        if stagger:
-            held, group = 0, None
-            for c in out.prefill:
-                if c.seq in started:
-                    assert held < stagger or c.seq.group == group
-                    group = c.seq.group
-                held += c.end - c.start
+            assert step_tokens(out) == budget or (nxt in still_waiting and held_back(nxt, short, group))
+        last_group = group
         # A prompt in progress always advances (the budget exceeds the slots).
         if prefilling:
             assert served[:1] == prefilling[:1]

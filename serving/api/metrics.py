@@ -25,7 +25,8 @@ class Metrics(EngineStats):
         self.num_slots = max_batch_size
         self.running = Gauge("gpt2_requests_running", "Requests holding a KV-cache slot (prefilling or decoding).",
                              registry=r)
-        self.waiting = Gauge("gpt2_requests_waiting", "Requests waiting for a KV-cache slot.", registry=r)
+        self.waiting = Gauge("gpt2_requests_waiting", "Requests waiting to start: for a KV-cache slot, "
+                             "or held back a step or two by --stagger-tokens.", registry=r)
         self.slots_used = Gauge("gpt2_kv_cache_slots_used", "KV-cache slots in use.", registry=r)
         self.slots_total = Gauge("gpt2_kv_cache_slots_total", "KV-cache slots.", registry=r)
         self.kv_usage = Gauge("gpt2_kv_cache_usage_ratio", "Fraction of KV-cache slots in use (0-1).", registry=r)
@@ -52,7 +53,7 @@ class Metrics(EngineStats):
                              buckets=_LATENCY, registry=r)
         self.e2e = Histogram("gpt2_e2e_request_latency_seconds", "Time from arrival to the last token.",
                              buckets=_LATENCY, registry=r)
-        self.queue_time = Histogram("gpt2_request_queue_time_seconds", "Time waiting for a KV-cache slot.",
+        self.queue_time = Histogram("gpt2_request_queue_time_seconds", "Time waiting to start (see gpt2_requests_waiting).",
                                     buckets=_LATENCY, registry=r)
         self.prefill_time = Histogram("gpt2_request_prefill_time_seconds",
                                       "Time from getting a slot to the first token.", buckets=_LATENCY, registry=r)

@@ -46,6 +46,7 @@ class Sequence:
     num_cached_prompt: int = 0
     finish_reason: FinishReason | None = None
     group: int = 0  # the scheduler's `add` call that queued it: a request's sequences start together
+    queued_step: int = 0  # the scheduler's step count when it was queued
     # Sampling state: the seed actually used (reported to clients) and this request's own generator.
     seed: int | None = None
     rng: np.random.Generator | None = None
