@@ -37,9 +37,9 @@ class Settings:
     max_batched_tokens: int = 256
     # Most prompt tokens of one request per step: a longer prompt is prefilled in chunks over several steps.
     prefill_chunk: int = 256
-    # Short prompts (at most this many tokens to compute) start at most this many tokens' worth per step, each held
-    # back two steps at most (0: off): requests that start together finish together and closed-loop clients come
-    # back together (serving/engine/scheduler.py; docs/PERFORMANCE.md).
+    # A short prompt (at most this many tokens to compute) starts only while the step's short prompts hold fewer
+    # than this many tokens, and is held back two steps at most (0: off): requests that start together finish
+    # together and closed-loop clients come back together (serving/engine/scheduler.py; docs/PERFORMANCE.md).
     stagger_tokens: int = 32
     warmup: bool = True  # compile the common step shapes before reporting healthy
     # Automatic prefix caching: a prompt that begins with tokens whose K/V some slot still holds starts after them
@@ -172,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="tokens per step, running requests' next tokens and waiting prompts' tokens together (default 256)")
     a("--prefill-chunk", type=int, help="most prompt tokens of one request per step (default 256)")
     a("--stagger-tokens", type=int,
-      help="short prompts (at most this many tokens to compute) start at most this many tokens' worth per step, "
-      "each held back two steps at most, so requests arriving together do not all decode and finish together "
-      "(default 32; 0: off)")
+      help="a short prompt (at most this many tokens to compute) starts only while the step's short prompts hold "
+      "fewer than this many tokens, and is held back two steps at most, so requests arriving together do not all "
+      "decode and finish together (default 32; 0: off)")
     a("--warmup", action=argparse.BooleanOptionalAction, default=None, help="compile common shapes at start")
     a("--prefix-caching", action=argparse.BooleanOptionalAction, default=None,
       help="reuse the K/V of prompt prefixes still in the cache (default on; --no-prefix-caching turns it off)")

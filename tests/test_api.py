@@ -376,6 +376,35 @@ def test_metrics_parse_and_count_requests():
     assert m["gpt2_batch_size_count"] > 0
 
 
+def test_the_waiting_gauge_counts_requests_beyond_the_free_slots():
+    """gpt2_requests_waiting is what the autoscaler scales on: requests the stagger holds back a step or two
+    while slots are free are not waiting for capacity."""
+    from serving.api.metrics import Metrics
+    from serving.engine.scheduler import Scheduler, SchedulerConfig
+    from serving.engine.sequence import Sequence
+    from serving.sampling_params import SamplingParams
+
+    def waiting(m):
+        return next(s.value for f in m.registry.collect() for s in f.samples if s.name == "gpt2_requests_waiting")
+
+    s = Scheduler(SchedulerConfig(num_slots=2, max_waiting=8, max_step_tokens=64, prefill_chunk=64, stagger_tokens=4))
+    m = Metrics(max_batch_size=2)
+    for i in range(3):
+        s.add([Sequence(str(i), [1, 2, 3], SamplingParams(max_new_tokens=4))])
+    m.on_queue(s)
+    assert waiting(m) == 1  # 3 waiting, 2 free slots
+    s.schedule(0.0)  # starts 0 and 1 (the second one's 3 tokens reach the stagger), slots full
+    m.on_queue(s)
+    assert (s.num_waiting, waiting(m)) == (1, 1)
+    s2 = Scheduler(SchedulerConfig(num_slots=8, max_waiting=8, max_step_tokens=64, prefill_chunk=64,
+                                   stagger_tokens=4))
+    for i in range(4):
+        s2.add([Sequence(str(i), [1, 2, 3], SamplingParams(max_new_tokens=4))])
+    s2.schedule(0.0)  # two start, two are held back with six slots free
+    m.on_queue(s2)
+    assert (s2.num_waiting, waiting(m)) == (2, 0)
+
+
 def test_vllm_prompt_logprobs(client):
     r = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 1, "prompt_logprobs": 2})
     assert r.status_code == 200, r.text

@@ -2,7 +2,7 @@
 oldest prompt first), slots, queue bound, timeouts, chunked and score-only prompts."""
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings, target
 from hypothesis import strategies as st
 
 from serving.engine.scheduler import MAX_HOLD_STEPS, Scheduler, SchedulerConfig
@@ -423,24 +423,26 @@ def test_stagger_zero_starts_as_many_as_the_budget_allows():
 
 @settings(max_examples=150, deadline=None)
 @given(
-    num_slots=st.integers(1, 6),
+    num_slots=st.integers(1, 10),
     extra=st.integers(1, 80),
     chunk=st.integers(1, 64),
     timeout=st.sampled_from([None, 3.0, 40.0]),
-    stagger=st.sampled_from([0, 1, 8, 32]),
+    stagger=st.sampled_from([0, 2, 4, 8]),
     reqs=st.lists(
-        st.tuples(st.integers(1, 120), st.integers(0, 6), st.integers(0, 15), st.one_of(st.none(), st.integers(0, 30))),
-        min_size=1, max_size=14,
+        st.tuples(st.one_of(st.integers(1, 6), st.integers(1, 120)), st.integers(0, 6),
+                  st.one_of(st.just(0), st.integers(0, 3), st.integers(0, 15)), st.one_of(st.none(), st.integers(0, 30)),
+                  st.booleans()),
+        min_size=1, max_size=20,
     ),
 )
 def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, timeout, stagger, reqs):
-    """reqs: (prompt tokens, max new tokens (0: score-only), arrival step, abort at step or None). The requests
-    arriving in one step are one add (one group)."""
+    """reqs: (prompt tokens, max new tokens (0: score-only), arrival step, abort at step or None, joins the add
+    of the request before it in the same step: one group, as a request's `n` sequences are)."""
     budget = num_slots + extra
     s = sched(num_slots=num_slots, budget=budget, chunk=chunk, max_waiting=100, queue_timeout=timeout,
               stagger=stagger)
     seqs = [Sequence(str(i), [1] * n, SamplingParams(max_new_tokens=m), arrival_time=float(t))
-            for i, (n, m, t, _) in enumerate(reqs)]
+            for i, (n, m, t, _, _) in enumerate(reqs)]
     # Requests arrive in id order (arrival order = id order).
     order = sorted(range(len(seqs)), key=lambda i: reqs[i][2])
     seqs = [seqs[i] for i in order]
@@ -449,11 +451,20 @@ def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, ti
         q.request_id = str(i)
     timed_out = set()
     last_group = None  # the group of the sequence started last
+    holds = 0  # steps in which the stagger held a sequence back
     step = 0
     while step < 100 or s.has_work():
         assert step < 20000, "the workload did not finish"
         now = float(step)
-        s.add([q for q, r in zip(seqs, reqs) if r[2] == step])
+        groups: list[list[Sequence]] = []
+        for q, r in zip(seqs, reqs):
+            if r[2] == step:
+                if groups and r[4]:
+                    groups[-1].append(q)
+                else:
+                    groups.append([q])
+        for g in groups:
+            s.add(g)
         for q, r in zip(seqs, reqs):
             if r[3] == step and r[2] <= step:
                 s.abort(q.request_id, now)
@@ -505,6 +516,8 @@ def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, ti
         if len(served) < len(eligible):  # left out: the budget is spent, or the next one is held back
             nxt = eligible[len(served)]
             assert step_tokens(out) == budget or (nxt in still_waiting and held_back(nxt, short, group))
+            if step_tokens(out) < budget:
+                holds += 1
         last_group = group
         # A prompt in progress always advances (the budget exceeds the slots).
         if prefilling:
@@ -524,6 +537,8 @@ def test_random_workloads_keep_the_policy_and_finish(num_slots, extra, chunk, ti
         step += 1
 
     assert s.num_free_slots == num_slots and s.num_waiting == 0
+    event(f"stagger held a sequence back: {holds > 0}")
+    target(float(holds))
     for q, r in zip(seqs, reqs):
         assert q.is_finished
         if q.request_id in timed_out:

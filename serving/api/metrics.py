@@ -25,8 +25,8 @@ class Metrics(EngineStats):
         self.num_slots = max_batch_size
         self.running = Gauge("gpt2_requests_running", "Requests holding a KV-cache slot (prefilling or decoding).",
                              registry=r)
-        self.waiting = Gauge("gpt2_requests_waiting", "Requests waiting to start: for a KV-cache slot, "
-                             "or held back a step or two by --stagger-tokens.", registry=r)
+        self.waiting = Gauge("gpt2_requests_waiting", "Requests waiting for a KV-cache slot (waiting requests beyond "
+                             "the free slots).", registry=r)
         self.slots_used = Gauge("gpt2_kv_cache_slots_used", "KV-cache slots in use.", registry=r)
         self.slots_total = Gauge("gpt2_kv_cache_slots_total", "KV-cache slots.", registry=r)
         self.kv_usage = Gauge("gpt2_kv_cache_usage_ratio", "Fraction of KV-cache slots in use (0-1).", registry=r)
@@ -53,8 +53,9 @@ class Metrics(EngineStats):
                              buckets=_LATENCY, registry=r)
         self.e2e = Histogram("gpt2_e2e_request_latency_seconds", "Time from arrival to the last token.",
                              buckets=_LATENCY, registry=r)
-        self.queue_time = Histogram("gpt2_request_queue_time_seconds", "Time waiting to start (see gpt2_requests_waiting).",
-                                    buckets=_LATENCY, registry=r)
+        self.queue_time = Histogram("gpt2_request_queue_time_seconds",
+                                    "Time from arrival to start: waiting for a KV-cache slot, or held back a step "
+                                    "or two by --stagger-tokens.", buckets=_LATENCY, registry=r)
         self.prefill_time = Histogram("gpt2_request_prefill_time_seconds",
                                       "Time from getting a slot to the first token.", buckets=_LATENCY, registry=r)
         self.decode_time = Histogram("gpt2_request_decode_time_seconds", "Time from the first to the last token.",
@@ -80,7 +81,9 @@ class Metrics(EngineStats):
         if running == 0:
             self.batch_current.set(0)  # idle: no step runs to report it
         self.running.set(running)
-        self.waiting.set(scheduler.num_waiting)
+        # Not the whole queue: a short prompt the stagger holds back for a step or two while slots are free is not
+        # waiting for capacity, and this gauge is what the autoscaler scales on (docs/DEPLOY.md).
+        self.waiting.set(max(0, scheduler.num_waiting - scheduler.num_free_slots))
         self.slots_used.set(running)
         self.kv_usage.set(running / self.num_slots)
 

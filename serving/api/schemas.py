@@ -269,8 +269,8 @@ class Info(BaseModel):
     max_client_batch_size: int
     prefill_chunk: int
     max_batched_tokens: int
-    stagger_tokens: int = Field(description="short prompts start at most this many tokens' worth per step "
-                                "(--stagger-tokens; 0: off)")
+    stagger_tokens: int = Field(description="a short prompt starts only while the step's short prompts hold "
+                                "fewer than this many tokens (--stagger-tokens; 0: off)")
     quantize: Literal["int8"] | None = Field(None, description="the weights' quantization (--quantize)")
     prefix_caching: bool = Field(description="automatic prefix caching is on (--no-prefix-caching turns it off)")
     queue_timeout: float | None
