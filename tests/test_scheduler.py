@@ -430,8 +430,8 @@ def test_stagger_zero_starts_as_many_as_the_budget_allows():
     stagger=st.sampled_from([0, 2, 4, 8]),
     reqs=st.lists(
         st.tuples(st.one_of(st.integers(1, 6), st.integers(1, 120)), st.integers(0, 6),
-                  st.one_of(st.just(0), st.integers(0, 3), st.integers(0, 15)), st.one_of(st.none(), st.integers(0, 30)),
-                  st.booleans()),
+                  st.one_of(st.just(0), st.integers(0, 3), st.integers(0, 15)),
+                  st.one_of(st.none(), st.integers(0, 30)), st.booleans()),
         min_size=1, max_size=20,
     ),
 )

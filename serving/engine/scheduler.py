@@ -30,12 +30,13 @@ Why short prompts are staggered: requests that start in one step decode in locks
 lengths, finish in one step; clients that send their next request when one ends then come back together, so a
 burst stays a burst. Short prompts (a cached few-shot prefix and a question of its own, a chat turn) are where
 this costs most: each waits for the whole burst's prompts in one pass, where apart each pass would be mostly the
-running requests' decode. Starting `stagger_tokens` of them per step spreads their finishes over steps and the
-burst does not come back (bench_prefix.py at 16 clients: TTFT p50 0.33x of no caching became 0.21x). A sequence is
-held back two steps at most, which bounds what a large burst's last requests pay (in bench/sim_scheduler.py, 32
-clients of 4-20-token prompts: TTFT p99 0.47 s against 0.75 s unbounded). Long prompts are not held back (their
-own size spreads them over steps), but arrival order is kept: one queued behind a held-back short prompt waits
-with it. The sequences of one `add` (a request's `n`, /score's texts) start together.
+running requests' decode. Starting about `stagger_tokens` tokens of them per step spreads their finishes over
+steps and the burst does not come back (bench_prefix.py at 16 clients: TTFT p50 0.33x of no caching became
+0.21x). A sequence is held back two steps at most, which bounds what a large burst's last requests pay
+(`bench/sim_scheduler.py --budgets 256 --clients 32 --requests-per-client 8 --lo 4 --hi 20 --new-tokens 8
+--stagger 32`: TTFT p99 0.47 s, and 0.75 s with the bound removed). Long prompts are not held back (their own size spreads them over
+steps), but arrival order is kept: one queued behind a held-back short prompt waits with it. The sequences of one
+`add` (a request's `n`, /score's texts) start together.
 """
 
 from __future__ import annotations
