@@ -108,7 +108,6 @@ class Scheduler:
         self.prefix_cache = PrefixCache(config.num_slots, config.prefix_block) if config.prefix_block else None
         self._by_id: dict[str, Sequence] = {}
         self._groups = 0  # `add` calls so far: the sequences of one call start together
-        self._last_group = 0  # the group of the sequence started last
         self._steps = 0  # schedule calls so far
 
     # ---- queries -------------------------------------------------------------------------------------------
@@ -198,16 +197,17 @@ class Scheduler:
         out.decode = list(self.running)
         budget = self.config.max_step_tokens - len(out.decode)
         self._steps += 1
-        short = 0  # tokens to compute of the short prompts this step starts
+        short, group = 0, None  # tokens to compute of the short prompts this step starts; the group started last
         for s in self.prefilling + list(self.waiting)[: len(self._free_slots)]:
             if budget <= 0:
                 break
             if s.status is SequenceStatus.WAITING:
                 best, hit = self._lookup(s)
                 todo = s.num_prompt - hit
-                if self._holds_back(s, todo, short):
+                if self._holds_back(s, todo, short, group):
                     break
                 self._start(s, now, out, best, hit)
+                group = s.group
                 if todo <= self.config.stagger_tokens:
                     short += todo
             n = min(s.prefill_remaining, self.config.prefill_chunk, budget)
@@ -215,13 +215,14 @@ class Scheduler:
             budget -= n
         return out
 
-    def _holds_back(self, s: Sequence, todo: int, short: int) -> bool:
+    def _holds_back(self, s: Sequence, todo: int, short: int, group: int | None) -> bool:
         """Staggered starts: the oldest waiting sequence, if its prompt is short (at most `stagger_tokens` tokens to
         compute), waits for a later step once this one has started `stagger_tokens` or more of short prompts,
-        unless it belongs to the group started last (one `add`) or was queued more than MAX_HOLD_STEPS steps ago.
+        unless it belongs to the group this step started last (one `add`; a group the budget split goes on at the
+        head of the next step, where nothing holds it back) or was queued more than MAX_HOLD_STEPS steps ago.
         Arrival order is kept: whatever waits behind it waits too."""
         stagger = self.config.stagger_tokens
-        return (stagger > 0 and todo <= stagger and short >= stagger and s.group != self._last_group
+        return (stagger > 0 and todo <= stagger and short >= stagger and s.group != group
                 and self._steps - s.queued_step <= MAX_HOLD_STEPS)
 
     def _lookup(self, s: Sequence) -> tuple[int | None, int]:
@@ -259,7 +260,6 @@ class Scheduler:
         s.status = SequenceStatus.PREFILLING
         s.scheduled_time = now
         self.prefilling.append(s)
-        self._last_group = s.group
 
     def prefilled(self, chunk: PrefillChunk) -> None:
         """Record a computed chunk; a fully cached generating prompt starts decoding at the next step."""
