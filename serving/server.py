@@ -31,19 +31,28 @@ log = logging.getLogger("serving.server")
 # What a client that never finishes its headers gets before the connection is closed.
 _TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
 
+# How long a timed-out connection stays half-closed, its input read and dropped, before it is closed (RFC 9112
+# section 9.6, "lingering close"; nginx's lingering_timeout is 5 s). Closing a socket with unread input makes the
+# kernel answer with a reset instead of a FIN, and a reset can reach a client that is still sending (a slowloris)
+# before it has read the 408: it sees "connection reset" and no status.
+LINGER_SECONDS = 2.0
+
 
 def guarded_protocol(header_timeout: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a deadline for each request's headers, from the connection's first byte (or
-    its opening) to the end of the headers; past it the client gets 408 and the connection is closed."""
+    its opening) to the end of the headers; past it the client gets 408 and the connection is closed (a lingering close)."""
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _linger_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._arm()
 
         def data_received(self, data: bytes) -> None:
+            if self._linger_timer is not None:
+                return  # answered 408: what still arrives is dropped
             cycle = self.cycle
             super().data_received(data)
             if self.cycle is not cycle:
@@ -58,6 +67,8 @@ def guarded_protocol(header_timeout: float) -> type[H11Protocol]:
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
             super().connection_lost(exc)
 
         def _arm(self) -> None:
@@ -71,9 +82,17 @@ def guarded_protocol(header_timeout: float) -> type[H11Protocol]:
 
         def _headers_timed_out(self) -> None:
             self._header_timer = None
-            if not self.transport.is_closing():
-                self.transport.write(_TIMEOUT_RESPONSE)
+            if self.transport.is_closing():
+                return
+            self.transport.write(_TIMEOUT_RESPONSE)
+            if not self.transport.can_write_eof():
                 self.transport.close()
+                return
+            # Half-close (a FIN after the 408), keep reading, close when the client does (uvicorn's eof_received
+            # lets asyncio close the transport) or after LINGER_SECONDS.
+            self.transport.write_eof()
+            self.transport.resume_reading()
+            self._linger_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
     return GuardedH11Protocol
 
