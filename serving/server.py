@@ -40,7 +40,7 @@ LINGER_SECONDS = 2.0
 
 def guarded_protocol(header_timeout: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a deadline for each request's headers, from the connection's first byte (or
-    its opening) to the end of the headers; past it the client gets 408 and the connection is closed (a lingering close)."""
+    its opening) to the end of the headers; past it the client gets 408 and a lingering close."""
 
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
