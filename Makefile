@@ -53,18 +53,21 @@ deploy-tools:
 	fi
 
 # tests/test_kernels_cross.py builds the CPU kernels for ARM (aarch64, NEON) and runs them under qemu-user (Debian's
-# gcc-aarch64-linux-gnu and qemu-user: ~50 MB of downloads). Missing, they are installed when we are root; otherwise
-# this says what to install (the ARM tests fail without them, they are never skipped).
+# gcc-aarch64-linux-gnu and qemu-user: ~50 MB of downloads), and builds their AVX-512 branches with SIMDe's
+# definitions of the 512-bit intrinsics (Debian's libsimde-dev, headers only: ~1 MB) where the CPU has no AVX-512.
+# Missing, they are installed when we are root; otherwise this says what to install (those tests fail without them,
+# they are never skipped).
 .PHONY: cross-tools
 cross-tools:
-	@if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then \
+	@if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null \
+	    || [ ! -f /usr/include/simde/x86/avx512.h ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing gcc-aarch64-linux-gnu and qemu-user for tests/test_kernels_cross.py"; \
+	    echo "installing gcc-aarch64-linux-gnu, qemu-user and libsimde-dev for tests/test_kernels_cross.py"; \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	        gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user >/dev/null; } \
-	      || echo "could not install gcc-aarch64-linux-gnu/qemu-user: tests/test_kernels_cross.py will fail"; \
+	        gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user libsimde-dev >/dev/null; } \
+	      || echo "could not install the cross tools or libsimde-dev: tests/test_kernels_cross.py will fail"; \
 	  else \
-	    echo "tests/test_kernels_cross.py needs: sudo apt-get install gcc-aarch64-linux-gnu qemu-user"; \
+	    echo "tests/test_kernels_cross.py needs: sudo apt-get install gcc-aarch64-linux-gnu qemu-user libsimde-dev"; \
 	  fi; \
 	fi
 

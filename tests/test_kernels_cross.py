@@ -1,15 +1,16 @@
 """The CPU kernels built for other CPUs: model/kernels/cpu_kernels.c compiled with tests/kernel_harness.c (which
 calls the ops as MindSpore does, without MindSpore) for ARM (aarch64, NEON; run under qemu-user), for this machine
-with the real build's flags, and portably (x86-64 without AVX: the kernels' portable branch); each run with 1 and
-3 kernel threads.
+with the real build's flags, portably (x86-64 without AVX: the kernels' portable branch), and with its AVX-512
+branches (AVX-512F/BW/VNNI) on any x86-64 machine, each 512-bit intrinsic computed by SIMDe where the CPU lacks it
+(tests/avx512_emulated.h); each run with 1 and 3 kernel threads.
 
 They must match numpy (float64), keep a row's (a token's) bits independent of the rest of the call, compute with
 the calling thread's denormal mode on every thread, give Block the bits of the five ops it replaces, and agree
 bitwise across builds where the arithmetic is the same (Linear and its int8-weight form LinearQ8 everywhere;
 attention and Block between NEON and portable, whose vector sums add lanes in the same order).
 
-The ARM build needs Debian's gcc-aarch64-linux-gnu and qemu-user (`make test` installs them when run as root, as CI
-does); without them the tests fail saying so, never skip.
+The ARM build needs Debian's gcc-aarch64-linux-gnu and qemu-user, the AVX-512 build Debian's libsimde-dev (`make
+test` installs them when run as root, as CI does); without them the tests fail saying so, never skip.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from model_helpers import q8_reference
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS = REPO / "tests" / "kernel_harness.c"
+AVX512_EMULATED = REPO / "tests" / "avx512_emulated.h"
+SIMDE_AVX512 = Path("/usr/include/simde/x86/avx512.h")
 HOST = platform.machine()
-BUILDS = ("aarch64", "native", "portable")
+BUILDS = ("aarch64", "native", "portable", "avx512")
 THREADS = (1, 3)
 # The real build's flags, less those for a shared library.
 FLAGS = [f for f in kernels.CFLAGS if f not in ("-shared", "-fPIC")]
@@ -41,6 +44,16 @@ MISSING_CROSS_TOOLS = (
     "the ARM kernel tests need gcc-aarch64-linux-gnu and qemu-user: `apt-get install gcc-aarch64-linux-gnu "
     "qemu-user` (`make test` does it when run as root)"
 )
+MISSING_SIMDE = "the AVX-512 kernel tests need SIMDe's headers: `apt-get install libsimde-dev` (`make test` does it)"
+
+
+def _avx512_header(out: Path) -> Path:
+    """tests/avx512_emulated.h, then each 512-bit name the kernel source uses mapped to SIMDe's (simde_ + name)."""
+    names = sorted(set(re.findall(r"\b(_mm512_\w+|__m512\w*)\b", kernels.SOURCE.read_text())))
+    lines = [f'#include "{AVX512_EMULATED}"'] + [f"#undef {n}\n#define {n} simde{n}" for n in names]
+    path = out / "avx512_aliases.h"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _march(flags: list[str], arch: str) -> list[str]:
@@ -102,6 +115,13 @@ def _compile(name: str, out: Path) -> Harness:
         if HOST != "x86_64":
             pytest.skip("the portable build is x86-64 without AVX: an x86-64 machine's")
         flags = _march(FLAGS, "x86-64")
+    elif name == "avx512":
+        if HOST != "x86_64":
+            pytest.skip("the AVX-512 build is x86-64's")
+        if not SIMDE_AVX512.exists():
+            pytest.fail(MISSING_SIMDE)
+        # This machine's flags (AVX2 at least, as the AVX-512 branches assume), the 512-bit intrinsics SIMDe's.
+        flags = [*FLAGS, "-Wno-psabi", "-include", str(_avx512_header(out))]
     else:
         flags = _march(FLAGS, "armv8-a")
         if HOST != "aarch64":
@@ -653,6 +673,11 @@ def test_builds_agree_bitwise_where_their_arithmetic_is_the_same(build, tmp_path
             assert np.array_equal(a[-1], b[-1]), (name, linear[name][i].op)
     for a, b in zip(out["aarch64"][n_linear:], out["portable"][n_linear:]):
         assert np.array_equal(a[-1], b[-1])
+
+
+def test_the_avx512_build_takes_the_avx512_branches(build):
+    # Its panels are 32 floats wide (two 16-float vectors), as on a real AVX-512 machine; AVX2's are 16.
+    assert build("avx512").panel_width == 32
 
 
 def test_the_arm_build_multiplies_with_neon_fmas(build):
