@@ -17,7 +17,11 @@
 
 #define __AVX512F__ 1
 #define __AVX512BW__ 1
+#if defined(GPT2_EMULATE_NO_VNNI) /* the "avx512bw" build: AVX-512 without VNNI (Skylake-SP) */
+#undef __AVX512VNNI__
+#else
 #define __AVX512VNNI__ 1
+#endif
 
 /* Intrinsics SIMDe 0.7.4 (Debian 12) lacks, written from Intel's definitions. */
 

@@ -1,8 +1,8 @@
 """The CPU kernels built for other CPUs: model/kernels/cpu_kernels.c compiled with tests/kernel_harness.c (which
 calls the ops as MindSpore does, without MindSpore) for ARM (aarch64, NEON; run under qemu-user), for this machine
 with the real build's flags, portably (x86-64 without AVX: the kernels' portable branch), and with its AVX-512
-branches (AVX-512F/BW/VNNI) on any x86-64 machine, each 512-bit intrinsic computed by SIMDe where the CPU lacks it
-(tests/avx512_emulated.h); each run with 1 and 3 kernel threads.
+branches on any x86-64 machine (AVX-512F/BW with VNNI, and without it as on Skylake-SP), each 512-bit intrinsic
+computed by SIMDe where the CPU lacks it (tests/avx512_emulated.h); each run with 1 and 3 kernel threads.
 
 They must match numpy (float64), keep a row's (a token's) bits independent of the rest of the call, compute with
 the calling thread's denormal mode on every thread, give Block the bits of the five ops it replaces, and agree
@@ -35,7 +35,7 @@ HARNESS = REPO / "tests" / "kernel_harness.c"
 AVX512_EMULATED = REPO / "tests" / "avx512_emulated.h"
 SIMDE_AVX512 = Path("/usr/include/simde/x86/avx512.h")
 HOST = platform.machine()
-BUILDS = ("aarch64", "native", "portable", "avx512")
+BUILDS = ("aarch64", "native", "portable", "avx512", "avx512bw")
 THREADS = (1, 3)
 # The real build's flags, less those for a shared library.
 FLAGS = [f for f in kernels.CFLAGS if f not in ("-shared", "-fPIC")]
@@ -115,13 +115,15 @@ def _compile(name: str, out: Path) -> Harness:
         if HOST != "x86_64":
             pytest.skip("the portable build is x86-64 without AVX: an x86-64 machine's")
         flags = _march(FLAGS, "x86-64")
-    elif name == "avx512":
+    elif name in ("avx512", "avx512bw"):
         if HOST != "x86_64":
-            pytest.skip("the AVX-512 build is x86-64's")
+            pytest.skip("the AVX-512 builds are x86-64's")
         if not SIMDE_AVX512.exists():
             pytest.fail(MISSING_SIMDE)
         # This machine's flags (AVX2 at least, as the AVX-512 branches assume), the 512-bit intrinsics SIMDe's.
         flags = [*FLAGS, "-Wno-psabi", "-include", str(_avx512_header(out))]
+        if name == "avx512bw":
+            flags.append("-DGPT2_EMULATE_NO_VNNI")
     else:
         flags = _march(FLAGS, "armv8-a")
         if HOST != "aarch64":
@@ -675,9 +677,25 @@ def test_builds_agree_bitwise_where_their_arithmetic_is_the_same(build, tmp_path
         assert np.array_equal(a[-1], b[-1])
 
 
-def test_the_avx512_build_takes_the_avx512_branches(build):
-    # Its panels are 32 floats wide (two 16-float vectors), as on a real AVX-512 machine; AVX2's are 16.
-    assert build("avx512").panel_width == 32
+@pytest.mark.parametrize("name", ["avx512", "avx512bw"])
+def test_the_avx512_builds_take_the_avx512_branches(build, name):
+    # Their panels are 32 floats wide (two 16-float vectors), as on a real AVX-512 machine; AVX2's are 16.
+    assert build(name).panel_width == 32
+
+
+def test_the_native_build_multiplies_int8_weights_with_avx512_where_the_cpu_has_it(build):
+    # Only a machine with AVX-512 compiles the 512-bit branches into the real library; there, the Q8 ops' products
+    # are vpdpwssd (VNNI) or vpmaddwd on zmm registers.
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    if "avx512bw" not in flags:
+        pytest.skip("this CPU has no AVX-512 (BW)")
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.fail("objdump (binutils) is needed")
+    text = subprocess.run([objdump, "-d", str(build("native").obj)], capture_output=True, text=True, timeout=60,
+                          check=True).stdout
+    op = "vpdpwssd" if "avx512_vnni" in flags else "vpmaddwd"
+    assert re.search(op + r"\s+.*%zmm", text), f"no {op} on zmm registers in the native build"
 
 
 def test_the_arm_build_multiplies_with_neon_fmas(build):

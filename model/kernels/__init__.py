@@ -31,7 +31,7 @@ Int8 weights (`--quantize int8`): `quantize_int8` rounds each weight row (output
 scale, max |w| / 127, and `pack_panels_int8` lays the int8 out in panels of 16 columns, k's in pairs. The Q8 ops
 (`step_kernels_q8`) take those panels and scales in the weight's place. They quantize each row of x on its own to
 int16 (one scale, max |x| / QMAX, QMAX from 2,621 at K = 6,400 to 32,767 at K <= 512) and compute exact int32
-sums (AVX2 `vpmaddwd`), then y = (sum * sx) * s[n] before the bias: a quarter of the bytes per decode step and about twice float32's
+sums (AVX2 `vpmaddwd`; AVX-512BW the same on a panel's 16 columns at once, with VNNI `vpdpwssd`), then y = (sum * sx) * s[n] before the bias: a quarter of the bytes per decode step and about twice float32's
 multiply-adds per instruction. Integer sums are exact in any order, so a row's bits depend on nothing else in the
 call (batch invariance) and are the same on every machine.
 

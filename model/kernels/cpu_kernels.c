@@ -658,19 +658,25 @@ static void linear_task(void *p, int tid, int nt) {
  * is quantized on its own to int16 with one scale (dynamic, per row: sx = max|x| / QMAX, xq = rint(x / sx)), and
  * each output is an exact int32 sum of xq * q over all of K, then y = ((float)sum * sx) * s[n] before the bias.
  * Integer sums are exact in any order, so a row's bits depend only on that row and the weights: the same for every
- * row count, tiling and thread (batch invariance), and the same on every machine (AVX2 and the portable C give
- * identical bits). QMAX is as large as int32 sums allow for this K (|q| <= 127): 11 to 15 bits of the row's range,
+ * row count, tiling and thread (batch invariance), and the same on every machine (AVX-512, AVX2, NEON and the
+ * portable C give identical bits). QMAX is as large as int32 sums allow for this K (|q| <= 127): 11 to 15 bits of the row's range,
  * finer than the weights' 8: on the default model and random weights the error stayed the weights' (bench/quality.py;
  * a pretrained GPT-2's outlier activations, which cost a per-row scale bits, could not be measured here).
  * Denormals: where the caller flushes them (DAZ/FTZ), a row whose largest value is denormal reads as zeros.
  * Why int16 and not int8 activations: AVX2 has no int8 x int8 multiply without vpmaddubsw's unsigned operand and
  * its saturating pair sums; vpmaddwd (int16 pairs into int32) does the same multiply-adds per instruction as
  * vpmaddubsw + vpmaddwd, exactly, and keeps 4-8 more bits of x.
+ * AVX-512 (BW) does the same vpmaddwd on a whole panel's 16 columns at once, and with VNNI one vpdpwssd adds the
+ * products into the sums too (no saturation: the same wrapping int32 adds as vpaddd, so the same sums).
  * Panels (pack_panels_int8): [P][K / 2][16][2] (16 columns per panel on every machine), each column's k-pair
  * side by side, so that one vpmaddwd of a broadcast (x[k], x[k+1]) against 8 columns' pairs adds both products into
  * each column's int32 sum. */
 #define Q8_NR 16 /* columns per int8 panel, on every machine */
+#if defined(__AVX512BW__)
+#define Q8_MR 12 /* rows per register tile: 12 accumulators (a panel's 16 columns each), the weights, a broadcast */
+#else
 #define Q8_MR 6 /* rows per register tile: AVX2's 12 accumulators (16 columns), 2 weight vectors, 1 broadcast */
+#endif
 #define Q8_RB 48 /* rows per block: their int16 x (K = 3,072: 288 KB) stays in L2 across a chunk of panels */
 
 /* The int16 range for rows of K: the largest q with K * 128 * q < 2^31 (|weights| <= 127, so no int32 sum can
@@ -737,10 +743,46 @@ static float quantize_row(const float *x, int64_t K, int32_t qmax, int16_t *xq, 
     return amax / (float)qmax;
 }
 
+#if defined(__AVX512BW__)
+/* acc + each int32 lane's two int16 products (x's pair times a column's pair) */
+static inline __m512i q8_dot(__m512i acc, __m512i x, __m512i w) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, x, w);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(x, w));
+#endif
+}
+
+/* A panel's k-pair kp: its 16 columns' int8 pairs widened to int16, column j's pair in int32 lane j. */
+static inline __m512i q8_pairs(const int8_t *bp, int64_t kp) {
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(bp + kp * 2 * Q8_NR)));
+}
+#endif
+
 /* c[ROWS][16] = the int32 sums of rows xq (row stride ldx) against an int8 panel (bp) over K2 k-pairs. */
 static inline __attribute__((always_inline)) void q8_rows(const int ROWS, int64_t K2, const int16_t *restrict xq,
                                                           int64_t ldx, const int8_t *restrict bp, int32_t *restrict c) {
-#if defined(__AVX2__)
+#if defined(__AVX512BW__)
+    __m512i c0 = _mm512_setzero_si512(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0, c8 = c0,
+            c9 = c0, c10 = c0, c11 = c0;
+#define Q8_ROW(i) \
+    if (ROWS > i) { \
+        int32_t pair; \
+        memcpy(&pair, xq + i * ldx + 2 * kp, sizeof pair); \
+        c##i = q8_dot(c##i, _mm512_set1_epi32(pair), w); \
+    }
+#define Q8_STORE(i) \
+    if (ROWS > i) _mm512_storeu_si512(c + i * 16, c##i);
+    for (int64_t kp = 0; kp < K2; kp++) {
+        const __m512i w = q8_pairs(bp, kp);
+        Q8_ROW(0) Q8_ROW(1) Q8_ROW(2) Q8_ROW(3) Q8_ROW(4) Q8_ROW(5)
+        Q8_ROW(6) Q8_ROW(7) Q8_ROW(8) Q8_ROW(9) Q8_ROW(10) Q8_ROW(11)
+    }
+    Q8_STORE(0) Q8_STORE(1) Q8_STORE(2) Q8_STORE(3) Q8_STORE(4) Q8_STORE(5)
+    Q8_STORE(6) Q8_STORE(7) Q8_STORE(8) Q8_STORE(9) Q8_STORE(10) Q8_STORE(11)
+#undef Q8_ROW
+#undef Q8_STORE
+#elif defined(__AVX2__)
     /* Named accumulators, not an array: GCC then keeps all twelve in registers (with an array it spilled some). */
     __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
             c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
@@ -786,18 +828,36 @@ static void q8_tile(int rows, int64_t K2, const int16_t *xq, int64_t ldx, const 
 #define Q8_CASE(r) \
     case r: q8_rows(r, K2, xq, ldx, bp, c); break;
         Q8_CASE(1) Q8_CASE(2) Q8_CASE(3) Q8_CASE(4) Q8_CASE(5) Q8_CASE(6)
+#if Q8_MR > 6
+        Q8_CASE(7) Q8_CASE(8) Q8_CASE(9) Q8_CASE(10) Q8_CASE(11) Q8_CASE(12)
+#endif
 #undef Q8_CASE
         default: break;
     }
 }
-_Static_assert(Q8_MR == 6, "q8_tile has a case for each row count up to Q8_MR");
+_Static_assert(Q8_MR == 6 || Q8_MR == 12, "q8_tile has a case for each row count up to Q8_MR");
 
 /* One row against four consecutive panels (bp, the next at + ps bytes) at once (decode): four weight streams in
  * flight instead of one, so that they come at memory speed (one stream left the loads waiting); c[4][16]. The
  * same exact sums as q8_rows(1, ...) per panel. */
 static void q8_row_x4(int64_t K2, const int16_t *restrict xq, const int8_t *restrict bp, int64_t ps,
                       int32_t *restrict c) {
-#if defined(__AVX2__)
+#if defined(__AVX512BW__)
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t kp = 0; kp < K2; kp++) {
+        int32_t pair;
+        memcpy(&pair, xq + 2 * kp, sizeof pair);
+        const __m512i x = _mm512_set1_epi32(pair);
+        a0 = q8_dot(a0, x, q8_pairs(bp, kp));
+        a1 = q8_dot(a1, x, q8_pairs(bp + ps, kp));
+        a2 = q8_dot(a2, x, q8_pairs(bp + 2 * ps, kp));
+        a3 = q8_dot(a3, x, q8_pairs(bp + 3 * ps, kp));
+    }
+    _mm512_storeu_si512(c, a0);
+    _mm512_storeu_si512(c + Q8_NR, a1);
+    _mm512_storeu_si512(c + 2 * Q8_NR, a2);
+    _mm512_storeu_si512(c + 3 * Q8_NR, a3);
+#elif defined(__AVX2__)
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
 #define Q8_PANEL(q, lo, hi) \
     { \
