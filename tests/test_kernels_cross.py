@@ -1,8 +1,9 @@
 """The CPU kernels built for other CPUs: model/kernels/cpu_kernels.c compiled with tests/kernel_harness.c (which
 calls the ops as MindSpore does, without MindSpore) for ARM (aarch64, NEON; run under qemu-user), for this machine
 with the real build's flags, portably (x86-64 without AVX: the kernels' portable branch), and with its AVX-512
-branches on any x86-64 machine (AVX-512F/BW with VNNI, and without it as on Skylake-SP), each 512-bit intrinsic
-computed by SIMDe where the CPU lacks it (tests/avx512_emulated.h); each run with 1 and 3 kernel threads.
+branches on any x86-64 machine (AVX-512F/BW with VNNI and AMX-int8 as on Sapphire Rapids, and without them as on
+Skylake-SP), each 512-bit intrinsic computed by SIMDe and the AMX tiles by an emulator where the CPU lacks them
+(tests/x86_emulated.h); each run with 1 and 3 kernel threads.
 
 They must match numpy (float64), keep a row's (a token's) bits independent of the rest of the call, compute with
 the calling thread's denormal mode on every thread, give Block the bits of the five ops it replaces, and agree
@@ -32,7 +33,7 @@ from model_helpers import q8_reference
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS = REPO / "tests" / "kernel_harness.c"
-AVX512_EMULATED = REPO / "tests" / "avx512_emulated.h"
+X86_EMULATED = REPO / "tests" / "x86_emulated.h"
 SIMDE_AVX512 = Path("/usr/include/simde/x86/avx512.h")
 HOST = platform.machine()
 BUILDS = ("aarch64", "native", "portable", "avx512", "avx512bw")
@@ -48,9 +49,9 @@ MISSING_SIMDE = "the AVX-512 kernel tests need SIMDe's headers: `apt-get install
 
 
 def _avx512_header(out: Path) -> Path:
-    """tests/avx512_emulated.h, then each 512-bit name the kernel source uses mapped to SIMDe's (simde_ + name)."""
+    """tests/x86_emulated.h, then each 512-bit name the kernel source uses mapped to SIMDe's (simde_ + name)."""
     names = sorted(set(re.findall(r"\b(_mm512_\w+|__m512\w*)\b", kernels.SOURCE.read_text())))
-    lines = [f'#include "{AVX512_EMULATED}"'] + [f"#undef {n}\n#define {n} simde{n}" for n in names]
+    lines = [f'#include "{X86_EMULATED}"'] + [f"#undef {n}\n#define {n} simde{n}" for n in names]
     path = out / "avx512_aliases.h"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -325,7 +326,8 @@ def _q8_case(n: int, k: int):
 @pytest.mark.parametrize("threads", THREADS)
 def test_linear_q8_is_its_integer_definition_and_keeps_a_rows_bits(harness, threads, tmp_path):
     calls, cases = [], []
-    for n, k in SHAPES:
+    # K = 192: a multiple of 64, so calls of 16 rows or more take the AMX tiles where the build has them
+    for n, k in (*SHAPES, (100, 192)):
         case = _q8_case(n, k)
         cases.append(case)
         exact, gelu, _, sub = case
@@ -343,9 +345,10 @@ def test_linear_q8_is_its_integer_definition_and_keeps_a_rows_bits(harness, thre
 
 @pytest.mark.parametrize("threads", THREADS)
 def test_linear_q8_over_many_rows_keeps_a_rows_bits(harness, threads, tmp_path):
-    # Many row blocks (48 rows each) for the threads to share, against the definition and in parts.
+    # Many row blocks (48 rows each; 16 on AMX, K being a multiple of 64) for the threads to share, against the
+    # definition and in parts.
     rng = np.random.default_rng(8)
-    m, n, k = 1900, 72, 48
+    m, n, k = 1900, 72, 64
     x = rng.standard_normal((m, k), np.float32)
     q, s = kernels.quantize_int8(rng.standard_normal((n, k), np.float32))
     wq = kernels.pack_panels_int8(q)
@@ -696,6 +699,8 @@ def test_the_native_build_multiplies_int8_weights_with_avx512_where_the_cpu_has_
                           check=True).stdout
     op = "vpdpwssd" if "avx512_vnni" in flags else "vpmaddwd"
     assert re.search(op + r"\s+.*%zmm", text), f"no {op} on zmm registers in the native build"
+    if "amx_int8" in flags:  # and the tile path for 16 rows or more
+        assert "tdpbssd" in text and "tdpbusd" in text
 
 
 def test_the_arm_build_multiplies_with_neon_fmas(build):

@@ -25,7 +25,8 @@ later; Linux grants the tile state per process), for the tile unit (`pack_weight
 `Linear` then runs every call there, summing hi.hi + hi.lo + lo.hi in float32, "bf16x3", with errors of ~5e-6 of
 the output's scale against 1-2e-6 for float32). Either copy costs as much memory as the weights and is not
 updated when they change, so only sessions that ask for it have one; without it `Linear` packs panels per call
-(same arithmetic, slower for few rows). GPT2_AMX=0 turns the AMX form off.
+(same arithmetic, slower for few rows). GPT2_AMX=0 turns the AMX form off, and the int8 ops' tile path (read once
+per process).
 
 Int8 weights (`--quantize int8`): `quantize_int8` rounds each weight row (output channel) to int8 with one float32
 scale, max |w| / 127, and `pack_panels_int8` lays the int8 out in panels of 16 columns, k's in pairs. The Q8 ops

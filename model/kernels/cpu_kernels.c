@@ -392,6 +392,9 @@ typedef struct {
     const float *scale;  /* with q8: (N,) each column's scale */
     int16_t *xq;         /* with q8: x's rows quantized (M, K), their scales sx (M,) and ex (M,) (quantize_row) */
     float *sx, *ex;
+    int8_t *xh;          /* with q8 on AMX: xq's high bytes (signed) and low bytes (unsigned), (Mp, K) each, Mp: */
+                         /* M rounded up to 16 */
+    uint8_t *xl;
     float *y;
     int64_t M, K, N;
     int epi;
@@ -658,10 +661,11 @@ static void linear_task(void *p, int tid, int nt) {
  * is quantized on its own to int16 with one scale (dynamic, per row: sx = max|x| / QMAX, xq = rint(x / sx)), and
  * each output is an exact int32 sum of xq * q over all of K, then y = ((float)sum * sx) * s[n] before the bias.
  * Integer sums are exact in any order, so a row's bits depend only on that row and the weights: the same for every
- * row count, tiling and thread (batch invariance), and the same on every machine (AVX-512, AVX2, NEON and the
- * portable C give identical bits). QMAX is as large as int32 sums allow for this K (|q| <= 127): 11 to 15 bits of the row's range,
- * finer than the weights' 8: on the default model and random weights the error stayed the weights' (bench/quality.py;
- * a pretrained GPT-2's outlier activations, which cost a per-row scale bits, could not be measured here).
+ * row count, tiling and thread (batch invariance), and the same on every machine (AMX, AVX-512, AVX2, NEON and the
+ * portable C give identical bits). QMAX is as large as int32 sums allow for this K (|q| <= 127): 11 to 15 bits of
+ * the row's range, finer than the weights' 8: on the default model and random weights the error stayed the
+ * weights' (bench/quality.py; a pretrained GPT-2's outlier activations, which cost a per-row scale bits, could not
+ * be measured here).
  * Denormals: where the caller flushes them (DAZ/FTZ), a row whose largest value is denormal reads as zeros.
  * Why int16 and not int8 activations: AVX2 has no int8 x int8 multiply without vpmaddubsw's unsigned operand and
  * its saturating pair sums; vpmaddwd (int16 pairs into int32) does the same multiply-adds per instruction as
@@ -928,24 +932,180 @@ static void q8_quantize_task(void *p, int tid, int nt) {
     const int32_t qmax = q8_qmax(a->K);
     int64_t lo, hi;
     split(a->M, tid, nt, &lo, &hi);
-    for (int64_t i = lo; i < hi; i++)
+    for (int64_t i = lo; i < hi; i++) {
+        const int16_t *xq = a->xq + i * a->K;
         a->sx[i] = quantize_row(a->x + i * a->K, a->K, qmax, a->xq + i * a->K, a->ex + i);
+        if (a->xh)
+            for (int64_t k = 0; k < a->K; k++) {
+                a->xh[i * a->K + k] = (int8_t)(xq[k] >> 8); /* arithmetic shift (GCC, Clang): floor(xq / 256) */
+                a->xl[i * a->K + k] = (uint8_t)(xq[k] & 255);
+            }
+    }
 }
 
-/* x quantized into the caller's buffer (rows split between the threads), then the panels. */
+/* ---- AMX: the tile state ---------------------------------------------------------------------------------------
+ * Used where the build has AMX (-march=native on Sapphire Rapids and later) and Linux grants the tile state to the
+ * process; GPT2_AMX=0 turns every AMX path off. tests/x86_emulated.h emulates the tiles (GPT2_EMULATED_AMX). */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define AMX_BF16 1
+#else
+#define AMX_BF16 0
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__)
+#define AMX_INT8 1
+#else
+#define AMX_INT8 0
+#endif
+#if defined(__AMX_TILE__)
+static int amx_ok = 0; /* the kernels may use the tile registers (set by amx_enable) */
+
+static void amx_enable(void) {
+    const char *env = getenv("GPT2_AMX");
+    if (env && (!strcmp(env, "0") || !strcasecmp(env, "false") || !strcasecmp(env, "no") || !strcasecmp(env, "off")))
+        return;
+#if defined(GPT2_EMULATED_AMX)
+    amx_ok = 1;
+#else
+    /* Linux hands out the tile state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA). */
+    amx_ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#endif
+}
+
+static int amx_usable(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, amx_enable);
+    return amx_ok;
+}
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* All eight tiles 16 rows of 64 bytes. */
+static void amx_tiles_16x64(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+#else
+static int amx_usable(void) { return 0; }
+#endif
+
+/* ---- int8 weights on AMX ---------------------------------------------------------------------------------------
+ * The tiles multiply int8 by int8 (TDPBSSD; TDPBUSD with the first operand unsigned), so each int16 xq is taken as
+ * hi * 256 + lo, hi = xq >> 8 signed and lo = xq & 255 unsigned, and sum = (sum(hi * q) << 8) + sum(lo * q): the
+ * exact int32 sums of the other paths (both parts fit; the shift and add wrap as int32 and end at the true sum, which
+ * fits), so the same bits, with two tile products per tile of sums. Used for calls of at least Q8_AMX_ROWS rows
+ * (fewer would be mostly padding; decode reads weights, which the vector path does at memory speed) and K a
+ * multiple of 64 (a tile's depth; every GPT-2 size). Each thread repacks two int8 panels at a time into the tile
+ * unit's B layout ([K / 4][16][4]: a column's four consecutive k's side by side) in its scratch buffer, then runs
+ * every 16-row block of x against them: tiles 0-1 the hi sums and 2-3 the lo sums of 16 rows x 32 columns, 4-5 x's
+ * hi and lo bytes, 6-7 the two panels. */
+#define Q8_AMX_ROWS 16
+#if AMX_INT8
+static void q8_amx_repack(const linear_args *a, int64_t p, int8_t *b) {
+    /* out int16 2n = pair row 2kq's column n, 2n + 1 = pair row 2kq + 1's column n */
+    static const int16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const int64_t K = a->K, P = (a->N + Q8_NR - 1) / Q8_NR;
+    const __m512i idx = _mm512_loadu_si512(order);
+    for (int q = 0; q < 2; q++) {
+        int8_t *dst = b + q * K * Q8_NR;
+        if (p + q >= P) {
+            memset(dst, 0, (size_t)K * Q8_NR);
+            continue;
+        }
+        const int8_t *src = a->q8 + (p + q) * K * Q8_NR;
+        for (int64_t kq = 0; kq < K / 4; kq++)
+            _mm512_storeu_si512(dst + kq * 64, _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(src + kq * 64)));
+    }
+}
+
+static void q8_amx_task(void *p, int tid, int nt) {
+    linear_args *a = p;
+    const int64_t M = a->M, K = a->K, N = a->N, Mp = (M + 15) & ~(int64_t)15;
+    const int64_t pairs = ((N + Q8_NR - 1) / Q8_NR + 1) / 2;
+    (void)tid;
+    int8_t *b = (int8_t *)scratch((size_t)K * 2 * Q8_NR / sizeof(float)); /* two panels, K x 16 bytes each */
+    if (!b) {
+        atomic_store(&a->failed, 1);
+        return;
+    }
+    amx_tiles_16x64();
+    int32_t hs[2][16][16], ls[2][16][16];
+    float t[16 * 32];
+    int64_t lo, hi;
+    while (claim(&a->next, pairs, nt, 1, &lo, &hi))
+        for (int64_t pp = lo; pp < hi; pp++) {
+            q8_amx_repack(a, 2 * pp, b);
+            const int64_t n0 = pp * 32, nn = N - n0 < 32 ? N - n0 : 32;
+            for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t k = 0; k < K; k += 64) {
+                    _tile_loadd(4, a->xh + m0 * K + k, K);
+                    _tile_loadd(5, a->xl + m0 * K + k, K);
+                    _tile_loadd(6, b + k * 16, 64);
+                    _tile_loadd(7, b + K * Q8_NR + k * 16, 64);
+                    _tile_dpbssd(0, 4, 6);
+                    _tile_dpbssd(1, 4, 7);
+                    _tile_dpbusd(2, 5, 6);
+                    _tile_dpbusd(3, 5, 7);
+                }
+                _tile_stored(0, hs[0], 64);
+                _tile_stored(1, hs[1], 64);
+                _tile_stored(2, ls[0], 64);
+                _tile_stored(3, ls[1], 64);
+                const int64_t mm = M - m0 < 16 ? M - m0 : 16;
+                for (int64_t i = 0; i < mm; i++)
+                    for (int64_t j = 0; j < 32; j++) {
+                        const uint32_t h = (uint32_t)hs[j / 16][i][j % 16], l = (uint32_t)ls[j / 16][i][j % 16];
+                        const int32_t c = (int32_t)((h << 8) + l);
+                        t[i * 32 + j] = (float)c * a->sx[m0 + i] * a->ex[m0 + i];
+                    }
+                epilogue_from(a, t, 32, m0, mm, n0, nn);
+            }
+        }
+    _tile_release();
+}
+#else
+static void q8_amx_task(void *p, int tid, int nt) { (void)p; (void)tid; (void)nt; }
+#endif
+
+/* x quantized into the caller's buffer (rows split between the threads), then the panels (on AMX: see above). */
 static int run_q8(linear_args *a) {
     static __thread float *xbuf;
     static __thread size_t xcap;
     if (a->M == 0) return 0;
-    const size_t n16 = (size_t)(a->M * a->K), nf = (n16 + 1) / 2 + 2 * (size_t)a->M;
+    const int amx = AMX_INT8 && a->M >= Q8_AMX_ROWS && a->K % 64 == 0 && amx_usable();
+    const size_t Mp = (size_t)(a->M + 15) & ~(size_t)15, planes = amx ? 2 * Mp * (size_t)a->K : 0;
+    const size_t n16 = (size_t)(a->M * a->K), nf = (n16 + 1) / 2 + 2 * (size_t)a->M + (planes + 3) / 4;
     float *buf = grow(&xbuf, &xcap, nf);
     if (!buf) return 1;
     a->sx = buf;
     a->ex = buf + a->M;
     a->xq = (int16_t *)(buf + 2 * a->M);
+    a->xh = NULL;
+    a->xl = NULL;
+    if (amx) {
+        a->xh = (int8_t *)(a->xq + n16);
+        a->xl = (uint8_t *)(a->xh + Mp * a->K);
+        /* the padding rows of the last 16-row block: zeros (their sums are dropped) */
+        memset(a->xh + n16, 0, (Mp - a->M) * a->K);
+        memset(a->xl + n16, 0, (Mp - a->M) * a->K);
+    }
     if (a->M <= Q8_MR) q8_quantize_task(a, 0, 1); /* decode: not worth waking the workers */
     else run_parallel(q8_quantize_task, a);
-    run_parallel(q8_task, a);
+    run_parallel(amx ? q8_amx_task : q8_task, a);
     return atomic_load(&a->failed);
 }
 
@@ -961,21 +1121,8 @@ static int run_q8(linear_args *a) {
  * by model.kernels.pack_weight_amx. x is split per call into the thread's scratch buffer. Each output element's
  * sums depend only on its row of x and the weights: not on M, the row's position or the thread count.
  * Rows are taken 32 at a time and a last 16 (zero-padded). */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if AMX_BF16
 #define AMX_PREFETCH 2 /* k-steps ahead */
-
-static int amx_ok = 0; /* the kernel may use the tile registers (set by amx_enable) */
-
-static void amx_enable(void) {
-    /* Linux hands out the tile state per process on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA). */
-    amx_ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
-}
-
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
 
 /* x rows [0, M) -> hi, lo bf16 (Mp x K each, rows past M zero). */
 static void split_x(const float *x, int64_t M, int64_t Mp, int64_t K, uint16_t *hi, uint16_t *lo) {
@@ -1021,14 +1168,7 @@ static void amx_task(void *p, int tid, int nt) {
     }
     uint16_t *xl = xh + (size_t)Mp * K;
     split_x(a->x, M, Mp, K, xh, xl);
-    tile_config cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette_id = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
+    amx_tiles_16x64();
     /* 32-row blocks, tiles: 0-3 a 32 x 32 block of sums over all of K, 4-5 two 16-row x tiles, 6-7 two 16-column
      * W tiles. A last block of 16 rows (and decode's 1-16 rows, zero-padded to 16): 0-1 its 16 x 32 sums, 4-5 x's
      * hi and lo, 6-7 and 2-3 W's hi and lo. Either way each sum takes hi.hi, hi.lo, lo.hi per 32-deep step, in that
@@ -1109,17 +1249,11 @@ static void amx_task(void *p, int tid, int nt) {
     _tile_release(); /* so a context switch need not save 8 KB of tile state */
 }
 #else
-static const int amx_ok = 0;
-static void amx_enable(void) {}
 static void amx_task(void *p, int tid, int nt) { (void)p; (void)tid; (void)nt; }
 #endif
 
 /* 1 if Linear uses AMX with pre-packed weights in this process (model.kernels asks once, at session set-up). */
-int AmxAvailable(void) {
-    static pthread_once_t once = PTHREAD_ONCE_INIT;
-    pthread_once(&once, amx_enable);
-    return amx_ok;
-}
+int AmxAvailable(void) { return AMX_BF16 && amx_usable(); }
 
 /* The call on the path for its row count (each computes a row the same way); a's inputs are checked. */
 static int run_linear(linear_args *a) {
