@@ -77,8 +77,11 @@ class Harness:
         self.name, self.argv, self.obj = name, argv, obj
         out = subprocess.run([*argv, "--panel-width"], capture_output=True, text=True, timeout=60, check=True)
         self.panel_width = int(out.stdout)
+        self.stderr = ""  # the last run's
 
-    def run(self, calls: list[Call], threads: int, tmp: Path) -> list[list[np.ndarray]]:
+    def run(self, calls: list[Call], threads: int, tmp: Path, env: dict | None = None) -> list[list[np.ndarray]]:
+        """env: variables for this run; GPT2_AMX is unset otherwise, so that no setting of the caller's turns the
+        emulated AMX path off unseen."""
         blob = bytearray()
         for c in calls:
             blob += struct.pack("<q", len(c.op)) + c.op.encode() + struct.pack("<qq", c.flush, len(c.tensors))
@@ -87,9 +90,11 @@ class Harness:
                 blob += struct.pack(f"<qq{t.ndim}q", DTYPE_CODES[t.dtype], t.ndim, *t.shape) + t.tobytes()
         blob += struct.pack("<q", 0)
         (tmp / "calls.bin").write_bytes(bytes(blob))
-        env = {**os.environ, "GPT2_KERNEL_THREADS": str(threads)}
+        env = {**{k: v for k, v in os.environ.items() if k != "GPT2_AMX"}, "GPT2_KERNEL_THREADS": str(threads),
+               **(env or {})}
         proc = subprocess.run([*self.argv, str(tmp / "calls.bin"), str(tmp / "results.bin")], env=env,
                               capture_output=True, text=True, timeout=300)
+        self.stderr = proc.stderr
         assert proc.returncode == 0, proc.stderr[-2000:]
         data, at, results = (tmp / "results.bin").read_bytes(), 0, []
         for c in calls:
@@ -326,8 +331,9 @@ def _q8_case(n: int, k: int):
 @pytest.mark.parametrize("threads", THREADS)
 def test_linear_q8_is_its_integer_definition_and_keeps_a_rows_bits(harness, threads, tmp_path):
     calls, cases = [], []
-    # K = 192: a multiple of 64, so calls of 16 rows or more take the AMX tiles where the build has them
-    for n, k in (*SHAPES, (100, 192)):
+    # K = 192 and 128: multiples of 64, so calls of 16 rows or more take the AMX tiles where the build has them (they
+    # take two panels at a time: 7 panels, the last partial; 8, the last partial)
+    for n, k in (*SHAPES, (100, 192), (120, 128)):
         case = _q8_case(n, k)
         cases.append(case)
         exact, gelu, _, sub = case
@@ -344,11 +350,12 @@ def test_linear_q8_is_its_integer_definition_and_keeps_a_rows_bits(harness, thre
 
 
 @pytest.mark.parametrize("threads", THREADS)
-def test_linear_q8_over_many_rows_keeps_a_rows_bits(harness, threads, tmp_path):
-    # Many row blocks (48 rows each; 16 on AMX, K being a multiple of 64) for the threads to share, against the
+@pytest.mark.parametrize("k", [48, 64])
+def test_linear_q8_over_many_rows_keeps_a_rows_bits(harness, threads, k, tmp_path):
+    # Many row blocks (48 rows each; 16 on AMX, where K = 64 takes it) for the threads to share, against the
     # definition and in parts.
     rng = np.random.default_rng(8)
-    m, n, k = 1900, 72, 64
+    m, n = 1900, 72
     x = rng.standard_normal((m, k), np.float32)
     q, s = kernels.quantize_int8(rng.standard_normal((n, k), np.float32))
     wq = kernels.pack_panels_int8(q)
@@ -678,6 +685,26 @@ def test_builds_agree_bitwise_where_their_arithmetic_is_the_same(build, tmp_path
             assert np.array_equal(a[-1], b[-1]), (name, linear[name][i].op)
     for a, b in zip(out["aarch64"][n_linear:], out["portable"][n_linear:]):
         assert np.array_equal(a[-1], b[-1])
+
+
+def test_the_emulated_amx_build_takes_the_tiles_exactly_where_it_should(build, tmp_path):
+    # Its outputs are the vector path's bits, so only a count of the emulated tile products shows which path ran:
+    # calls of 16 rows or more with K a multiple of 64, unless GPT2_AMX=0.
+    h = build("avx512")
+    rng = np.random.default_rng(3)
+
+    def products(m: int, k: int, env: dict | None = None) -> int:
+        q, s = kernels.quantize_int8(rng.standard_normal((40, k), np.float32))
+        x = rng.standard_normal((m, k), np.float32)
+        h.run([Call("LinearQ8", (x, kernels.pack_panels_int8(q), s, np.zeros((m, 40), np.float32)))], 1, tmp_path,
+              env={"GPT2_EMULATED_AMX_COUNT": "1", **(env or {})})
+        return int(re.search(r"emulated tile products: (\d+)", h.stderr).group(1))
+
+    # 16 rows: one block of 16; K = 128: two 64-deep steps; 40 columns: two pairs of panels; 4 products each
+    assert products(16, 128) == 1 * 2 * 2 * 4
+    assert products(33, 64) == 3 * 1 * 2 * 4
+    assert products(15, 128) == 0 and products(16, 48) == 0
+    assert products(16, 128, {"GPT2_AMX": " off "}) == 0
 
 
 @pytest.mark.parametrize("name", ["avx512", "avx512bw"])

@@ -85,15 +85,32 @@ static inline simde__m512 simde_mm512_roundscale_ps(simde__m512 a, int imm) {
  * (#UD) aborts. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdatomic.h>
 static __thread uint8_t emu_tile[8][16][64];
 static __thread uint16_t emu_colsb[8];
 static __thread uint8_t emu_rows[8];
+static __thread int emu_configured; /* tile instructions without a configuration: #UD on the hardware */
+static _Atomic long emu_products;   /* tile products computed, printed at exit with GPT2_EMULATED_AMX_COUNT=1 */
+
+static void emu_report(void) { fprintf(stderr, "emulated tile products: %ld\n", (long)emu_products); }
+
+__attribute__((constructor)) static void emu_report_at_exit(void) {
+    if (getenv("GPT2_EMULATED_AMX_COUNT")) atexit(emu_report);
+}
+
+static void emu_check_configured(void) {
+    if (!emu_configured) {
+        fprintf(stderr, "x86_emulated.h: a tile instruction without a tile configuration\n");
+        abort();
+    }
+}
 
 static inline void emu_tile_loadconfig(const void *config) {
     const uint8_t *c = config;
     memcpy(emu_colsb, c + 16, sizeof emu_colsb);
     memcpy(emu_rows, c + 48, sizeof emu_rows);
     memset(emu_tile, 0, sizeof emu_tile);
+    emu_configured = 1;
     for (int t = 0; t < 8; t++)
         if (c[0] != 1 || emu_rows[t] > 16 || emu_colsb[t] > 64) {
             fprintf(stderr, "x86_emulated.h: tile config not valid\n");
@@ -102,23 +119,31 @@ static inline void emu_tile_loadconfig(const void *config) {
 }
 
 static inline void emu_tile_release(void) {
+    emu_configured = 0;
     memset(emu_colsb, 0, sizeof emu_colsb);
     memset(emu_rows, 0, sizeof emu_rows);
 }
 
 static inline void emu_tile_loadd(int t, const void *base, long stride) {
+    emu_check_configured();
     for (int r = 0; r < emu_rows[t]; r++) memcpy(emu_tile[t][r], (const char *)base + r * stride, emu_colsb[t]);
 }
 
 static inline void emu_tile_stored(int t, void *base, long stride) {
+    emu_check_configured();
     for (int r = 0; r < emu_rows[t]; r++) memcpy((char *)base + r * stride, emu_tile[t][r], emu_colsb[t]);
 }
 
-static inline void emu_tile_zero(int t) { memset(emu_tile[t], 0, sizeof emu_tile[t]); }
+static inline void emu_tile_zero(int t) {
+    emu_check_configured();
+    memset(emu_tile[t], 0, sizeof emu_tile[t]);
+}
 
 /* TDPB{S,U}{S,U}D: d's int32 [m][n] += the four products a.byte[m][4k + i] * b.byte[k][4n + i] for every k, each
  * operand signed or unsigned as the instruction says, the adds wrapping. */
 static inline void emu_tile_dp(int d, int a, int b, int a_signed, int b_signed) {
+    emu_check_configured();
+    emu_products++;
     if (emu_rows[d] != emu_rows[a] || emu_colsb[d] != emu_colsb[b] || emu_rows[b] * 4 != emu_colsb[a] ||
         emu_colsb[d] % 4) {
         fprintf(stderr, "x86_emulated.h: tile shapes do not agree\n");

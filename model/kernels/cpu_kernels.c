@@ -945,7 +945,8 @@ static void q8_quantize_task(void *p, int tid, int nt) {
 
 /* ---- AMX: the tile state ---------------------------------------------------------------------------------------
  * Used where the build has AMX (-march=native on Sapphire Rapids and later) and Linux grants the tile state to the
- * process; GPT2_AMX=0 turns every AMX path off. tests/x86_emulated.h emulates the tiles (GPT2_EMULATED_AMX). */
+ * process; GPT2_AMX=0 turns every AMX path off (read once per process). tests/x86_emulated.h emulates the tiles
+ * (GPT2_EMULATED_AMX). */
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define AMX_BF16 1
 #else
@@ -960,9 +961,15 @@ static void q8_quantize_task(void *p, int tid, int nt) {
 static int amx_ok = 0; /* the kernels may use the tile registers (set by amx_enable) */
 
 static void amx_enable(void) {
+    /* as model/kernels/__init__.py reads it ("0", "false", "no", "off", any case, blanks around), once */
     const char *env = getenv("GPT2_AMX");
-    if (env && (!strcmp(env, "0") || !strcasecmp(env, "false") || !strcasecmp(env, "no") || !strcasecmp(env, "off")))
-        return;
+    char v[8] = "";
+    if (env) {
+        while (*env == ' ' || *env == '\t' || *env == '\n') env++;
+        size_t n = strcspn(env, " \t\n");
+        if (n < sizeof v) memcpy(v, env, n), v[n] = 0;
+    }
+    if (!strcmp(v, "0") || !strcasecmp(v, "false") || !strcasecmp(v, "no") || !strcasecmp(v, "off")) return;
 #if defined(GPT2_EMULATED_AMX)
     amx_ok = 1;
 #else
@@ -983,7 +990,8 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* All eight tiles 16 rows of 64 bytes. */
+/* All eight tiles 16 rows of 64 bytes. (GCC's tile intrinsics are asm statements that do not say they read
+ * memory: the barriers here and after the repacking keep the stores before them where they are.) */
 static void amx_tiles_16x64(void) {
     tile_config cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -992,6 +1000,7 @@ static void amx_tiles_16x64(void) {
         cfg.rows[t] = 16;
         cfg.colsb[t] = 64;
     }
+    __asm__ volatile("" ::: "memory");
     _tile_loadconfig(&cfg);
 }
 #else
@@ -1045,6 +1054,7 @@ static void q8_amx_task(void *p, int tid, int nt) {
     while (claim(&a->next, pairs, nt, 1, &lo, &hi))
         for (int64_t pp = lo; pp < hi; pp++) {
             q8_amx_repack(a, 2 * pp, b);
+            __asm__ volatile("" ::: "memory");
             const int64_t n0 = pp * 32, nn = N - n0 < 32 ? N - n0 : 32;
             for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
                 _tile_zero(0);
