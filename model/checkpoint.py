@@ -20,7 +20,7 @@ import os
 import shutil
 import threading
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import mindspore as ms
@@ -267,7 +267,7 @@ def find_weights(path: str) -> str:
 # ---- model directories -------------------------------------------------------------------------------------
 
 def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2LMHeadModel,
-                   pack: str | None = None) -> GPT2LMHeadModel:
+                   pack: str | None = None, defer_packing: bool = False) -> GPT2LMHeadModel:
     """Build `cls` (GPT2LMHeadModel or a subclass, such as textgen's) from a model directory; strict (see
     load_state_dict).
 
@@ -277,7 +277,10 @@ def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2
     GB of weights). "panels" or "amx" (model.kernels.packed_form): the projections go to
     `model.packed_weights[name]`, each packed from the file's [in, out] layout; "int8": the quantized tensors
     (model.quantize: the projections and the token embedding) to `model.int8_weights[name]` as (q, scale), the
-    file's own or quantized as read. The session must then use that same form (InferenceSession checks)."""
+    file's own or quantized as read. The session must then use that same form (InferenceSession checks).
+
+    defer_packing: with pack="panels", return once the packed Parameters exist, their memory not yet written,
+    and pack into it on a background thread: `model.packing` is its Future (see load_packed)."""
     if pack not in (None, "panels", "amx", "int8"):
         raise ValueError(f"pack must be None, 'panels', 'amx' or 'int8', got {pack!r}")
     path = os.fspath(path)
@@ -288,7 +291,8 @@ def load_model_dir(path: str | os.PathLike, *, compute_dtype="float32", cls=GPT2
     with weights_loaded_later():
         model = cls(cfg, compute_dtype=compute_dtype)
     if pack is not None and weights.endswith(".safetensors"):
-        load_packed(model, LazyWeights(weights, quantized=is_quantized(cfg)), pack, source=weights)
+        load_packed(model, LazyWeights(weights, quantized=is_quantized(cfg)), pack, source=weights,
+                    defer=defer_packing)
         return model
     if weights.endswith(".safetensors"):  # read tensor by tensor: no second copy of the weights in memory
         lazy = LazyWeights(weights, quantized=is_quantized(cfg))
@@ -318,17 +322,24 @@ def _empty(p) -> None:
 
 
 def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: str = "state dict",
-                int8: dict | None = None) -> None:
+                int8: dict | None = None, defer: bool = False) -> None:
     """Load `state` (Hugging Face layout and names: a LazyWeights or a dict of arrays) into `model` as
     load_model_dir(pack=) does: the weights a session packs in `pack` go straight to `model.packed_weights`
     (panels, amx) or `model.int8_weights` (int8), their float parameters left empty; the rest as usual. int8: a
-    dict state's stored int8 weights (name -> (q, scale), a quantized .ckpt's), used as they are."""
+    dict state's stored int8 weights (name -> (q, scale), a quantized .ckpt's), used as they are.
+
+    defer (panels): the packed Parameters are made over memory not yet written, and the projections are packed
+    into it on a background thread, `model.packing` (a Future; wait_packed waits for it and raises its error).
+    The server compiles its step graphs meanwhile (compiling reads no weights; the warm-up steps it runs compute
+    from whatever the memory holds, and their outputs are dropped): a cold start of GPT-2 1.5B spends ~20 s
+    compiling and 15-60 s loading on a 2-core VM, one after the other otherwise. The rest of the weights (the
+    token embedding, which the session packs for the LM head, included) are loaded before this returns."""
     from . import kernels
 
     if pack not in ("panels", "amx", "int8"):
         raise ValueError(f"pack must be 'panels', 'amx' or 'int8', got {pack!r}")
-    check_shapes({k: np.shape(state[k]) for k in state} if isinstance(state, dict) else state.shapes, model.config,
-                 source=source)
+    shapes = {k: np.shape(state[k]) for k in state} if isinstance(state, dict) else state.shapes
+    check_shapes(shapes, model.config, source=source)
     model.packed_form, model.packed_weights = pack, {}
     if pack == "int8":
         model.int8_weights = {}
@@ -360,10 +371,33 @@ def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: st
             log.warning("packed cache for %s does not match the weights file: packing the weights", state.path)
             packed_cache.release(key, cached)
             cached = None
+    model.packing = None
     if cached is not None:
         for p in projections:
             model.packed_weights[p.name] = kernels.parameter_over(cached[f"{p.name}.{pack}"], f"{p.name}.{pack}")
             _empty(p)
+    elif defer and pack == "panels" and projections:
+        # np.empty: pages not touched until the packing writes them (parameter_over shares the array's memory)
+        arrays = {p.name: np.empty(kernels.packed_shape(*shapes[p.name], pack), np.float32) for p in projections}
+        for p in projections:
+            model.packed_weights[p.name] = kernels.parameter_over(arrays[p.name], f"{p.name}.{pack}")
+            _empty(p)
+
+        done = model.packing = Future()
+
+        def pack_all() -> None:  # two threads, as below
+            try:
+                with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+                    list(pool.map(lambda name: kernels.pack_panels_kn(read(name), out=arrays[name]), arrays))
+            except BaseException as e:
+                done.set_exception(e)
+            else:
+                done.set_result(None)
+
+        threading.Thread(target=pack_all, name="packing", daemon=True).start()
+        if key is not None:
+            model.packed_cache_pending = packed_cache.Pending(
+                key, {f"{name}.{pack}": a for name, a in arrays.items()}, list(model.packed_weights.values()))
     else:
         # Two threads: most of the time goes to the first touch of the packed weights' new pages, which the kernel
         # serves for two threads at once (measured on a 2-core VM: 0.85 against 0.50 GB/s); numpy's copies and
@@ -382,6 +416,15 @@ def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: st
             _empty(p)
         elif p.name not in model.packed_weights:
             p.set_data(ms.Tensor(np.ascontiguousarray(np.asarray(state[p.name], np.float32))))
+
+
+def wait_packed(model) -> None:
+    """Wait until a deferred load's projections are packed (load_model_dir(defer_packing=True)); raises what the
+    packing raised. Returns at once for any other model."""
+    packing = getattr(model, "packing", None)
+    if packing is not None:
+        packing.result()
+        model.packing = None
 
 
 def _matches_file(cached: dict, state: LazyWeights, names: list[str], pack: str) -> bool:

@@ -250,3 +250,55 @@ def test_the_servers_loader_leaves_the_packed_cache_to_background_work(dirs, tmp
     ids = np.array([5, 6, 7], np.int32)
     args = (ids, np.arange(3, dtype=np.int32), np.zeros(3, np.int32), None)
     np.testing.assert_array_equal(again.runner.session.step_flat(*args), parts.runner.session.step_flat(*args))
+
+
+def test_a_deferred_load_packs_while_the_session_compiles_and_runs_and_then_computes_the_same_bits(
+        dirs, tmp_path, monkeypatch):
+    # The server's cold start: the packed Parameters exist before their memory is written, the session compiles
+    # and runs warm-up steps meanwhile (held here until that has happened: packing waits for an event), and once
+    # wait_packed returns, its steps are those of a model loaded the usual way. The cache file written afterwards
+    # holds the packed bytes, not what the memory held when the load returned.
+    import threading
+
+    from model import InferenceSession, kernels, packed_cache
+    from model.checkpoint import load_model_dir, wait_packed
+
+    monkeypatch.setenv(packed_cache.ENV, str(tmp_path / "cache"))
+    model_dir, full, form = _model_copy(dirs, tmp_path)
+    if form != "panels":
+        pytest.skip("deferred packing is for the float32 panels (this machine packs for AMX)")
+    go, real = threading.Event(), kernels.pack_panels_kn
+    monkeypatch.setattr(kernels, "pack_panels_kn", lambda w, out=None: (go.wait(60), real(w, out=out))[1])
+    lean = load_model_dir(model_dir, pack=form, defer_packing=True)
+    assert not lean.packing.done()
+    ids, pos, slots = np.arange(7, 30, dtype=np.int32), np.arange(23, dtype=np.int32), np.zeros(23, np.int32)
+    session = InferenceSession(lean, **SESSION_KW, packed_weights=True)
+    session.step_flat(ids, pos, slots, None)  # compiled and run before any projection is packed
+    assert not lean.packing.done()
+    go.set()
+    wait_packed(lean)
+    assert lean.packing is None
+    want = _logits(full)
+    np.testing.assert_array_equal(session.step_flat(ids, pos, slots, None), want)
+    packed_cache.write_pending(lean).join()
+    second = load_model_dir(model_dir, pack=form, defer_packing=True)
+    assert second.packing is None  # from the cache file: nothing to pack
+    np.testing.assert_array_equal(_logits(second), want)
+
+
+def test_a_deferred_loads_error_is_raised_by_wait_packed(dirs, tmp_path, monkeypatch):
+    from model import kernels, packed_cache
+    from model.checkpoint import load_model_dir, wait_packed
+
+    monkeypatch.setenv(packed_cache.ENV, "0")
+    model_dir, _, form = _model_copy(dirs, tmp_path)
+    if form != "panels":
+        pytest.skip("deferred packing is for the float32 panels (this machine packs for AMX)")
+
+    def broken(w, out=None):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(kernels, "pack_panels_kn", broken)
+    model = load_model_dir(model_dir, pack=form, defer_packing=True)
+    with pytest.raises(OSError, match="disk gone"):
+        wait_packed(model)

@@ -167,10 +167,13 @@ def load_session(
     compute_dtype: str = "float32",
     compile_cache_dir: str | None = None,
     quantize: str | None = None,
+    defer_packing: bool = False,
 ):
     """Build the MindSpore model and its compiled KV-cache session from a model directory; with
     `compile_cache_dir`, the step graph is cached there (in a subdirectory for this architecture and layout);
-    quantize: None or "int8" (InferenceSession's)."""
+    quantize: None or "int8" (InferenceSession's); defer_packing: load_model_dir's (the caller then compiles
+    while the weights are packed, and must `wait_packed(session.model)` before the session's steps mean
+    anything)."""
     import os
 
     import mindspore as ms
@@ -192,7 +195,7 @@ def load_session(
     # packed copy are never both in memory.
     cfg = GPT2Config.from_json(os.path.join(model_dir, CONFIG_NAME))
     pack = "int8" if quantize == "int8" else kernels.packed_form(cfg, getattr(ms, compute_dtype))
-    model = load_model_dir(model_dir, compute_dtype=compute_dtype, pack=pack)
+    model = load_model_dir(model_dir, compute_dtype=compute_dtype, pack=pack, defer_packing=defer_packing)
     session = InferenceSession(
         model,
         num_slots=num_slots,
