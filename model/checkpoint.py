@@ -383,14 +383,31 @@ def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: st
             model.packed_weights[p.name] = kernels.parameter_over(arrays[p.name], f"{p.name}.{pack}")
             _empty(p)
 
+        # Two daemon threads, as below, not a ThreadPoolExecutor: Python's exit waits for an executor's queued work,
+        # and a server that fails or is stopped while loading must not wait for the rest of the packing.
         done = model.packing = Future()
+        todo, lock, errors = iter(list(arrays)), threading.Lock(), []
 
-        def pack_all() -> None:  # two threads, as below
-            try:
-                with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-                    list(pool.map(lambda name: kernels.pack_panels_kn(read(name), out=arrays[name]), arrays))
-            except BaseException as e:
-                done.set_exception(e)
+        def pack_some() -> None:
+            while not errors:
+                with lock:
+                    name = next(todo, None)
+                if name is None:
+                    return
+                try:
+                    kernels.pack_panels_kn(read(name), out=arrays[name])
+                except BaseException as e:
+                    errors.append(e)
+
+        def pack_all() -> None:
+            workers = [threading.Thread(target=pack_some, name=f"packing-{i}", daemon=True)
+                       for i in range(min(2, os.cpu_count() or 1))]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            if errors:
+                done.set_exception(errors[0])
             else:
                 done.set_result(None)
 
