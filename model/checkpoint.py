@@ -400,11 +400,15 @@ def load_packed(model, state: Mapping[str, np.ndarray], pack: str, *, source: st
                     errors.append(e)
 
         def pack_all() -> None:
-            workers = [threading.Thread(target=pack_some, name=f"packing-{i}", daemon=True)
-                       for i in range(min(2, os.cpu_count() or 1))]
-            for t in workers:
-                t.start()
-            for t in workers:
+            started = []
+            try:  # the Future is always set, or wait_packed would wait for ever
+                for i in range(min(2, os.cpu_count() or 1)):
+                    t = threading.Thread(target=pack_some, name=f"packing-{i}", daemon=True)
+                    t.start()
+                    started.append(t)
+            except BaseException as e:
+                errors.append(e)
+            for t in started:
                 t.join()
             if errors:
                 done.set_exception(errors[0])

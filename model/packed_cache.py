@@ -204,6 +204,9 @@ def write_pending(model, pause: Callable[[], None] | None = None) -> threading.T
     pending = getattr(model, "packed_cache_pending", None)
     if pending is None:
         return None
+    packing = getattr(model, "packing", None)  # a deferred load's (model.checkpoint): its arrays are complete only then
+    if packing is not None:
+        packing.result()
     model.packed_cache_pending = None
     # At the process's CPU priority, not lower: a thread at nice 19 that the kernel preempts while it holds the GIL
     # (a nice-0 thread waking up preempts it at once) stalls every Python thread until it runs again.

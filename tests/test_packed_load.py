@@ -259,6 +259,7 @@ def test_a_deferred_load_packs_while_the_session_compiles_and_runs_and_then_comp
     # wait_packed returns, its steps are those of a model loaded the usual way. The cache file written afterwards
     # holds the packed bytes, not what the memory held when the load returned.
     import threading
+    import time
 
     from model import InferenceSession, kernels, packed_cache
     from model.checkpoint import load_model_dir, wait_packed
@@ -268,17 +269,26 @@ def test_a_deferred_load_packs_while_the_session_compiles_and_runs_and_then_comp
     if form != "panels":
         pytest.skip("deferred packing is for the float32 panels (this machine packs for AMX)")
     go, real = threading.Event(), kernels.pack_panels_kn
-    monkeypatch.setattr(kernels, "pack_panels_kn", lambda w, out=None: (go.wait(60), real(w, out=out))[1])
-    lean = load_model_dir(model_dir, pack=form, defer_packing=True)
-    assert not lean.packing.done()
-    ids, pos, slots = np.arange(7, 30, dtype=np.int32), np.arange(23, dtype=np.int32), np.zeros(23, np.int32)
-    session = InferenceSession(lean, **SESSION_KW, packed_weights=True)
-    session.step_flat(ids, pos, slots, None)  # compiled and run before any projection is packed
-    assert not lean.packing.done()
-    go.set()
-    wait_packed(lean)
-    assert lean.packing is None
     want = _logits(full)
+
+    def slow_pack(w, out=None):
+        assert go.wait(120), "the step did not run in time"
+        time.sleep(0.05)  # so that wait_packed has something to wait for
+        return real(w, out=out)
+
+    monkeypatch.setattr(kernels, "pack_panels_kn", slow_pack)
+    lean = load_model_dir(model_dir, pack=form, defer_packing=True)
+    fut = lean.packing
+    assert not fut.done()
+    ids, pos, slots = np.arange(7, 30, dtype=np.int32), np.arange(23, dtype=np.int32), np.zeros(23, np.int32)
+    try:
+        session = InferenceSession(lean, **SESSION_KW, packed_weights=True)
+        session.step_flat(ids, pos, slots, None)  # compiled and run before any projection is packed
+        assert not fut.done()
+    finally:
+        go.set()
+    wait_packed(lean)
+    assert fut.done() and fut.exception() is None and lean.packing is None
     np.testing.assert_array_equal(session.step_flat(ids, pos, slots, None), want)
     packed_cache.write_pending(lean).join()
     second = load_model_dir(model_dir, pack=form, defer_packing=True)
